@@ -1,0 +1,263 @@
+"""One streaming onnxruntime pass that collects :class:`ReluStats` for every top-level Relu.
+
+How each Relu is observed (chosen per site, cheapest exact form first):
+
+* ``pooled`` (float32 tensors of rank >= 3 with channels on axis 1, i.e. Conv outputs): reduce the Relu
+  *output* ``y`` in the graph with ``GlobalMaxPool(y)``, ``GlobalAveragePool(y)`` and
+  ``GlobalAveragePool(Clip(DepthwiseConv(y, 2**127), 0, 1))`` (the last is 1 exactly where ``y`` is a
+  positive normal float, so its mean times the spatial size is the positive count). These ops stay in
+  onnxruntime's blocked NCHWc layout and leave the Conv+Relu fusion intact, which is what keeps the pass
+  near plain inference speed; only ``(batch, channels)`` values cross into Python.
+* ``direct`` (everything else: Gemm/MatMul outputs, float16, unknown shapes): the pre-activation is a
+  graph output and is reduced in numpy; for 2-D outputs that is already ``(batch, channels)``.
+
+Batches stream through; only per-channel accumulators are kept, so memory does not grow with samples.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from ..errors import CalibrationDataError
+from ..model_io import ModelContext, session_source, to_model_proto
+from .data_source import CalibrationSource, input_specs
+from .relu_stats import ReluStats, StatsSet
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+_BIG = float(2.0**127)
+_CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool",
+                      "AveragePool", "Resize", "Upsample", "Concat"}
+_PASS_THROUGH_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Clip", "Relu", "LeakyRelu", "Neg"}
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    batch_size: int = 16
+    threads: int = 0  # 0: onnxruntime's default
+    mode: Literal["auto", "pre"] = "auto"  # "pre": always observe the pre-activation (exact min/max, slower)
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.mode not in ("auto", "pre"):
+            raise ValueError(f"mode must be 'auto' or 'pre', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class _Site:
+    relu: str
+    pre: str
+    post: str
+    kind: Literal["pooled", "direct"]
+    channel_axis: int
+    outputs: tuple[str, ...]
+
+
+def subgraph_relus(graph: gs.Graph) -> list[tuple[str, str]]:
+    """Relus inside If/Loop/Scan bodies: reported as not analysed, never touched."""
+    found = []
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, gs.Graph):
+                    for inner in sub.nodes:
+                        if inner.op == "Relu":
+                            found.append((inner.name, f"inside the subgraph of {node.op} '{node.name}'"))
+                    found.extend(subgraph_relus(sub))
+    return found
+
+
+def channel_axis_of(tensor: gs.Tensor, rank: int | None) -> int:
+    """Channel axis of a pre-activation: 1 for Conv-like producers, last for Gemm/MatMul."""
+    seen = 0
+    t = tensor
+    while t.inputs and seen < 16:
+        op = t.inputs[0].op
+        if op in _CHANNEL_FIRST_OPS:
+            return 1
+        if op in ("MatMul", "Gemm", "Einsum"):
+            return -1 if rank is None else rank - 1
+        if op == "Transpose":
+            perm = t.inputs[0].attrs.get("perm")
+            if perm is not None and rank is not None and list(perm) == [0] + list(range(2, rank)) + [1]:
+                return rank - 1
+            break
+        if op not in _PASS_THROUGH_OPS:
+            break
+        nxt = [i for i in t.inputs[0].inputs if isinstance(i, gs.Variable)]
+        if not nxt:
+            break
+        t = nxt[0]
+        seen += 1
+    return 1
+
+
+def _value_infos(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    infos = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            infos[vi.name] = (tt.elem_type, None)
+            continue
+        infos[vi.name] = (tt.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim])
+    return infos
+
+
+def plan_sites(graph: gs.Graph, model: onnx.ModelProto, mode: str) -> list[_Site]:
+    infos = _value_infos(model)
+    sites = []
+    for node in graph.nodes:
+        if node.op != "Relu" or node.domain not in (None, "", "ai.onnx"):
+            continue
+        pre, post = node.inputs[0].name, node.outputs[0].name
+        elem, shape = infos.get(pre, (None, None))
+        rank = None if shape is None else len(shape)
+        axis = channel_axis_of(node.inputs[0], rank)
+        pooled = (mode == "auto" and elem == TensorProto.FLOAT and rank is not None and rank >= 3 and axis == 1
+                  and shape[1] is not None)
+        if pooled:
+            base = f"__lincomp_{len(sites)}"
+            sites.append(_Site(node.name, pre, post, "pooled", 1,
+                               (f"{base}_max", f"{base}_mean", f"{base}_rate", f"{base}_shape")))
+        else:
+            sites.append(_Site(node.name, pre, post, "direct", axis, (pre,)))
+    return sites
+
+
+def augment(model: onnx.ModelProto, sites: list[_Site], opset: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose extra outputs carry what each site needs."""
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    g = aug.graph
+    infos = _value_infos(model)
+    existing = {o.name for o in g.output}
+    for site in sites:
+        if site.kind == "direct":
+            if site.pre not in existing:
+                g.output.append(helper.make_empty_tensor_value_info(site.pre))
+                existing.add(site.pre)
+            continue
+        shape = infos[site.pre][1]
+        channels, rank = shape[1], len(shape)
+        big = f"{site.outputs[0]}_big"
+        g.initializer.append(helper.make_tensor(big, TensorProto.FLOAT, [channels, 1] + [1] * (rank - 2),
+                                                np.full(channels, _BIG, np.float32)))
+        mx, mean, rate, shp = site.outputs
+        scaled, clipped = f"{rate}_scaled", f"{rate}_clipped"
+        g.node.extend([
+            helper.make_node("GlobalMaxPool", [site.post], [mx]),
+            helper.make_node("GlobalAveragePool", [site.post], [mean]),
+            helper.make_node("Conv", [site.post, big], [scaled], group=channels, kernel_shape=[1] * (rank - 2)),
+        ])
+        if opset >= 11:
+            lo, hi = f"{rate}_lo", f"{rate}_hi"
+            g.initializer.extend([helper.make_tensor(lo, TensorProto.FLOAT, [], [0.0]),
+                                  helper.make_tensor(hi, TensorProto.FLOAT, [], [1.0])])
+            g.node.append(helper.make_node("Clip", [scaled, lo, hi], [clipped]))
+        else:
+            g.node.append(helper.make_node("Clip", [scaled], [clipped], min=0.0, max=1.0))
+        g.node.extend([helper.make_node("GlobalAveragePool", [clipped], [rate]),
+                       helper.make_node("Shape", [site.post], [shp])])
+        g.output.extend(helper.make_empty_tensor_value_info(n) for n in site.outputs)
+    return aug
+
+
+def _batch_stats(site: _Site, values: list[np.ndarray]) -> ReluStats:
+    if site.kind == "direct":
+        z = values[0]
+        if z.ndim < 2:
+            z = z.reshape(1, -1)
+        axis = site.channel_axis if site.channel_axis >= 0 else z.ndim + site.channel_axis
+        return ReluStats.from_pre_activation(site.relu, site.pre, z, axis)
+    mx, mean, rate, shp = values
+    spatial = int(np.prod(shp[2:]))
+    return ReluStats.from_pooled(site.relu, site.pre, mx, mean, rate, spatial)
+
+
+def _session(model: onnx.ModelProto, workdir: str, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(session_source(model, workdir), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise CalibrationDataError(f"onnxruntime cannot load the model for calibration: {str(exc).splitlines()[0]}") from exc
+
+
+def fixed_batch(graph: gs.Graph) -> int | None:
+    """The batch size a model with a static leading input dimension accepts, if any."""
+    for t in graph.inputs:
+        if t.shape is not None and len(t.shape) > 0 and isinstance(t.shape[0], int) and t.shape[0] > 0:
+            return int(t.shape[0])
+    return None
+
+
+def model_feeds(graph: gs.Graph, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs of one batch as onnxruntime wants them (labels dropped, rank-0 inputs squeezed)."""
+    feeds = {}
+    for t in graph.inputs:
+        value = batch[t.name]
+        if t.shape is not None and len(t.shape) == 0:
+            value = value.reshape(-1)[0].reshape(())
+        feeds[t.name] = value
+    return feeds
+
+
+def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int):
+    """(feeds, batch) pairs; models with a fixed batch dimension are fed exactly that many samples."""
+    fixed = fixed_batch(graph)
+    step = fixed if fixed is not None else batch_size
+    if any(t.shape is not None and len(t.shape) == 0 for t in graph.inputs):
+        step = 1
+    dropped = 0
+    for batch in source.batches(step):
+        n = len(next(iter(batch.values())))
+        if fixed is not None and n != fixed:
+            dropped += n
+            continue
+        yield model_feeds(graph, batch), batch
+    if dropped:
+        logger.warning("dropped %d trailing samples that do not fill the model's fixed batch of %d", dropped, fixed)
+
+
+def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSource,
+                       options: CollectOptions = CollectOptions(), progress: Progress | None = None) -> StatsSet:
+    """Run ``source`` through the model once and return statistics of every top-level Relu."""
+    model = to_model_proto(graph, ctx, infer_shapes=True)
+    sites = plan_sites(graph, model, options.mode)
+    not_analysed = tuple(subgraph_relus(graph))
+    if not sites:
+        return StatsSet((), source.description, source.is_random, not_analysed)
+    aug = augment(model, sites, ctx.default_opset)
+    names = [n for s in sites for n in s.outputs]
+    totals: dict[str, ReluStats] = {}
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="lincomp-calib-") as workdir:
+        sess = _session(aug, workdir, options.threads)
+        for feeds, _ in iterate_feeds(graph, source, options.batch_size):
+            try:
+                values = dict(zip(names, sess.run(names, feeds)))
+            except Exception as exc:  # onnxruntime's own errors: bad shapes or values in the data
+                raise CalibrationDataError(f"{source.description}: onnxruntime rejected a calibration batch: {str(exc).splitlines()[0]}") from exc
+            for site in sites:
+                stats = _batch_stats(site, [values[n] for n in site.outputs])
+                totals[site.relu] = totals[site.relu].merge(stats) if site.relu in totals else stats
+            done += len(next(iter(feeds.values()))) if feeds else 1
+            if progress is not None:
+                progress(done, len(source))
+    if not totals:
+        raise CalibrationDataError(f"{source.description}: no calibration batch could be run")
+    return StatsSet(tuple(totals[s.relu] for s in sites), source.description, source.is_random, not_analysed)
+
+

@@ -1,0 +1,276 @@
+"""One normalised view of a linear layer: Gemm, MatMul(+Add) with a constant 2-D weight, and Conv.
+
+``weight`` always has output channels on axis 0: ``(out, in)`` for Gemm/MatMul and
+``(out, in/group, *kernel)`` for Conv; ``bias`` has shape ``(out,)`` with Gemm's ``beta`` applied and
+zeros when absent, and Gemm's ``alpha`` folded into the weight. Reading a layer is
+:func:`match_linear_layer`; writing new parameters back is :func:`write_linear_layer` (one branch per
+kind). Patterns that cannot be rewritten safely are reported as a :class:`Skip` with a reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph_edit import NameSource, constant_value, is_graph_output, only_consumer
+
+LayerKind = Literal["gemm", "matmul", "conv"]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Why a node was not taken as (or a rewrite of) a linear layer."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class LinearLayer:
+    kind: LayerKind
+    weight: np.ndarray
+    bias: np.ndarray
+    input: gs.Variable
+    output: gs.Variable
+    nodes: tuple[gs.Node, ...]
+    has_bias: bool
+    conv_attrs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.nodes[0].name or self.output.name
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def group(self) -> int:
+        return int(self.conv_attrs.get("group", 1))
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1]) * self.group
+
+    @property
+    def kernel_size(self) -> int:
+        return int(np.prod(self.weight.shape[2:], dtype=np.int64)) if self.kind == "conv" else 1
+
+    @property
+    def is_pointwise(self) -> bool:
+        """A layer that maps each position independently (Gemm/MatMul or a plain 1x1 Conv)."""
+        if self.kind != "conv":
+            return True
+        a = self.conv_attrs
+        return (self.kernel_size == 1 and self.group == 1 and not any(a.get("pads", []))
+                and all(s == 1 for s in a.get("strides", [1])))
+
+    @property
+    def param_count(self) -> int:
+        return int(self.weight.size + (self.bias.size if self.has_bias else 0))
+
+
+def _weight_constant(graph: gs.Graph, node: gs.Node, index: int) -> gs.Constant | Skip:
+    if len(node.inputs) <= index:
+        return Skip(node.name, "missing weight input")
+    w = node.inputs[index]
+    if not isinstance(w, gs.Constant):
+        return Skip(node.name, f"weight '{w.name}' is not a constant (graph input or computed)")
+    if len(w.outputs) > 1:
+        return Skip(node.name, f"weight '{w.name}' is shared by {len(w.outputs)} nodes")
+    if not np.issubdtype(np.asarray(w.values).dtype, np.floating):
+        return Skip(node.name, f"weight '{w.name}' is not floating point")
+    return w
+
+
+def _bias_vector(values: np.ndarray, out: int) -> np.ndarray | None:
+    """A bias tensor as a ``(out,)`` vector, when it broadcasts along the last axis only."""
+    v = np.asarray(values)
+    if v.size == 1:
+        return np.full(out, float(v.reshape(-1)[0]), dtype=np.float64)
+    if v.size == out and (v.ndim == 1 or all(d == 1 for d in v.shape[:-1])):
+        return v.reshape(out).astype(np.float64)
+    return None
+
+
+def _match_gemm(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
+    a = node.attrs
+    if int(a.get("transA", 0)):
+        return Skip(node.name, "Gemm with transA=1")
+    w = _weight_constant(graph, node, 1)
+    if isinstance(w, Skip):
+        return w
+    wv = np.asarray(w.values).astype(np.float64)
+    if wv.ndim != 2:
+        return Skip(node.name, "Gemm weight is not 2-D")
+    weight = (wv if int(a.get("transB", 0)) else wv.T) * float(a.get("alpha", 1.0))
+    out = weight.shape[0]
+    bias = np.zeros(out)
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name != ""
+    if has_bias:
+        c = node.inputs[2]
+        if not isinstance(c, gs.Constant) or len(c.outputs) > 1:
+            return Skip(node.name, "Gemm bias C is not an unshared constant")
+        vec = _bias_vector(c.values, out)
+        if vec is None:
+            return Skip(node.name, f"Gemm bias of shape {np.shape(c.values)} does not broadcast per output")
+        bias = vec * float(a.get("beta", 1.0))
+    return LinearLayer("gemm", weight, bias, node.inputs[0], node.outputs[0], (node,), has_bias)
+
+
+def _match_matmul(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
+    if isinstance(node.inputs[0], gs.Constant):
+        return Skip(node.name, "MatMul with a constant left operand")
+    w = _weight_constant(graph, node, 1)
+    if isinstance(w, Skip):
+        return w
+    wv = np.asarray(w.values).astype(np.float64)
+    if wv.ndim != 2:
+        return Skip(node.name, "MatMul weight is not 2-D")
+    weight = wv.T
+    out = weight.shape[0]
+    mm_out = node.outputs[0]
+    add = only_consumer(graph, mm_out)
+    if add is not None and add.op == "Add":
+        other = add.inputs[1] if add.inputs[0] is mm_out else add.inputs[0]
+        vec = _bias_vector(other.values, out) if isinstance(other, gs.Constant) and len(other.outputs) == 1 else None
+        if vec is not None:
+            return LinearLayer("matmul", weight, vec, node.inputs[0], add.outputs[0], (node, add), True)
+    return LinearLayer("matmul", weight, np.zeros(out), node.inputs[0], mm_out, (node,), False)
+
+
+def _match_conv(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
+    a = node.attrs
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return Skip(node.name, f"Conv with auto_pad={a.get('auto_pad')}")
+    w = _weight_constant(graph, node, 1)
+    if isinstance(w, Skip):
+        return w
+    weight = np.asarray(w.values).astype(np.float64)
+    out = weight.shape[0]
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name != ""
+    bias = np.zeros(out)
+    if has_bias:
+        b = node.inputs[2]
+        if not isinstance(b, gs.Constant) or len(b.outputs) > 1:
+            return Skip(node.name, "Conv bias is not an unshared constant")
+        bias = np.asarray(b.values).astype(np.float64).reshape(out)
+    nd = weight.ndim - 2
+    attrs = {
+        "group": int(a.get("group", 1)),
+        "pads": list(a.get("pads", [0] * 2 * nd)),
+        "strides": list(a.get("strides", [1] * nd)),
+        "dilations": list(a.get("dilations", [1] * nd)),
+        "kernel_shape": list(weight.shape[2:]),
+    }
+    return LinearLayer("conv", weight, bias, node.inputs[0], node.outputs[0], (node,), has_bias, attrs)
+
+
+_MATCHERS = {"Gemm": _match_gemm, "MatMul": _match_matmul, "Conv": _match_conv}
+
+
+def match_linear_layer(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip | None:
+    """The linear-layer view of ``node``; None when the op is not a linear layer at all."""
+    matcher = _MATCHERS.get(node.op)
+    if matcher is None or node.domain not in (None, "", "ai.onnx"):
+        return None
+    return matcher(graph, node)
+
+
+def producer_layer(graph: gs.Graph, tensor: gs.Tensor) -> LinearLayer | Skip | None:
+    """The linear layer whose output is ``tensor`` (through MatMul+Add), if any."""
+    if not tensor.inputs:
+        return None
+    node = tensor.inputs[0]
+    if node.op == "Add" and node.inputs and any(i.inputs and i.inputs[0].op == "MatMul" for i in node.inputs):
+        mm = next(i.inputs[0] for i in node.inputs if i.inputs and i.inputs[0].op == "MatMul")
+        layer = match_linear_layer(graph, mm)
+        if isinstance(layer, LinearLayer) and layer.output is tensor:
+            return layer
+        return layer if isinstance(layer, Skip) else None
+    layer = match_linear_layer(graph, node)
+    if isinstance(layer, LinearLayer) and layer.output is not tensor:
+        return Skip(layer.name, "MatMul output is read by more than its bias Add")
+    return layer
+
+
+def write_linear_layer(graph: gs.Graph, names: NameSource, layer: LinearLayer, weight: np.ndarray,
+                       bias: np.ndarray, keep_bias: bool | None = None) -> LinearLayer:
+    """Replace ``layer``'s parameters with ``weight`` (out-major) and ``bias``; returns the new view.
+
+    The dtype of the original weight is kept. A bias input is added when the new bias is non-zero.
+    """
+    head = layer.nodes[0]
+    dtype = np.asarray(head.inputs[1].values).dtype
+    need_bias = layer.has_bias or bool(np.any(bias != 0)) if keep_bias is None else keep_bias
+    w_const = gs.Constant(names.fresh(head.inputs[1].name), np.ascontiguousarray(weight.astype(dtype)))
+    b_values = np.ascontiguousarray(bias.astype(dtype))
+    nodes = layer.nodes
+    if layer.kind == "gemm":
+        head.inputs[1] = w_const
+        head.attrs.update({"transA": 0, "transB": 1, "alpha": 1.0, "beta": 1.0})
+        b_const = gs.Constant(names.fresh(f"{head.name or 'gemm'}_bias"), b_values)
+        if len(head.inputs) > 2:
+            head.inputs[2] = b_const
+        else:
+            head.inputs.append(b_const)
+        need_bias = True
+    elif layer.kind == "conv":
+        head.inputs[1] = w_const
+        if need_bias:
+            b_const = gs.Constant(names.fresh(f"{head.name or 'conv'}_bias"), b_values)
+            if len(head.inputs) > 2:
+                head.inputs[2] = b_const
+            else:
+                head.inputs.append(b_const)
+    else:
+        head.inputs[1] = gs.Constant(names.fresh(head.inputs[1].name), np.ascontiguousarray(weight.T.astype(dtype)))
+        if len(nodes) == 2:
+            add = nodes[1]
+            idx = 1 if add.inputs[0] is head.outputs[0] else 0
+            add.inputs[idx] = gs.Constant(names.fresh(f"{head.name or 'matmul'}_bias"), b_values)
+            need_bias = True
+        elif need_bias:
+            out = layer.output
+            mid = gs.Variable(names.fresh(f"{out.name}_mm"), dtype=out.dtype)
+            head.outputs[0] = mid
+            add = gs.Node("Add", names.fresh(f"{head.name or 'matmul'}_bias_add"),
+                          inputs=[mid, gs.Constant(names.fresh(f"{head.name or 'matmul'}_bias"), b_values)],
+                          outputs=[out])
+            graph.nodes.append(add)
+            nodes = (head, add)
+    return replace(layer, weight=weight, bias=bias, nodes=nodes, has_bias=need_bias)
+
+
+def new_linear_node(graph: gs.Graph, names: NameSource, x: gs.Tensor, weight: np.ndarray,
+                    bias: np.ndarray | None, out: gs.Variable, dtype, like: LinearLayer | None = None) -> gs.Node:
+    """Append a new layer computing ``out = x W^T (+ b)`` (or a Conv with ``like``'s attributes)."""
+    w = np.ascontiguousarray(weight.astype(dtype))
+    if like is not None and like.kind == "conv":
+        inputs = [x, gs.Constant(names.fresh("conv_w"), w)]
+        if bias is not None:
+            inputs.append(gs.Constant(names.fresh("conv_b"), np.ascontiguousarray(bias.astype(dtype))))
+        attrs = {k: v for k, v in like.conv_attrs.items()}
+        attrs["kernel_shape"] = list(weight.shape[2:])
+        node = gs.Node("Conv", names.fresh("lincomp_conv"), attrs=attrs, inputs=inputs, outputs=[out])
+        graph.nodes.append(node)
+        return node
+    if bias is None:
+        node = gs.Node("MatMul", names.fresh("lincomp_matmul"),
+                       inputs=[x, gs.Constant(names.fresh("matmul_w"), np.ascontiguousarray(w.T))], outputs=[out])
+        graph.nodes.append(node)
+        return node
+    mid = gs.Variable(names.fresh(f"{out.name}_mm"), dtype=out.dtype)
+    mm = gs.Node("MatMul", names.fresh("lincomp_matmul"),
+                 inputs=[x, gs.Constant(names.fresh("matmul_w"), np.ascontiguousarray(w.T))], outputs=[mid])
+    add = gs.Node("Add", names.fresh("lincomp_add"),
+                  inputs=[mid, gs.Constant(names.fresh("matmul_b"), np.ascontiguousarray(bias.astype(dtype)))],
+                  outputs=[out])
+    graph.nodes.extend([mm, add])
+    return mm
+
+
+__all__ = ["LinearLayer", "Skip", "match_linear_layer", "producer_layer", "write_linear_layer",
+           "new_linear_node", "is_graph_output"]

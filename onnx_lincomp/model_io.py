@@ -1,0 +1,234 @@
+"""Load and save ONNX models as onnx-graphsurgeon graphs, keeping what graphsurgeon drops.
+
+The working representation of every pass is a ``gs.Graph``. Model-level fields that graphsurgeon does
+not carry (metadata_props, model_version, doc strings, opset imports, external-data layout) live in a
+frozen :class:`ModelContext` and are put back by :func:`to_model_proto`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError, EncodeError
+
+from .errors import InvalidModelError, LincompError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialise a message of 2 GiB or more; above this we always use external data.
+PROTO_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = 1024  # tensors larger than this go to the data file when saving externally
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """Model-level fields carried around the graph between load and save."""
+
+    source: str | None
+    ir_version: int
+    producer_name: str
+    producer_version: str
+    domain: str
+    model_version: int
+    doc_string: str
+    metadata_props: tuple[tuple[str, str], ...]
+    opset_imports: tuple[tuple[str, int], ...]
+    external_data: bool
+    graph_doc_string: str = ""
+    extra_metadata: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def default_opset(self) -> int:
+        return dict(self.opset_imports).get("", dict(self.opset_imports).get("ai.onnx", 1))
+
+    def with_metadata(self, items: dict[str, str]) -> "ModelContext":
+        """A copy whose saved model gets these metadata_props too (overriding same keys)."""
+        merged = dict(self.extra_metadata)
+        merged.update(items)
+        return ModelContext(**{**self.__dict__, "extra_metadata": tuple(sorted(merged.items()))})
+
+
+@dataclass
+class LoadedModel:
+    graph: gs.Graph
+    ctx: ModelContext
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def read_model_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, turning every failure into a one-line :class:`InvalidModelError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidModelError(f"{p}: no such model file")
+    try:
+        return onnx.load(str(p), load_external_data=load_external_data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise InvalidModelError(f"{p}: not a valid ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    except FileNotFoundError as exc:
+        raise InvalidModelError(f"{p}: external data file missing ({exc.filename})") from exc
+
+
+def context_from_proto(model: onnx.ModelProto, source: str | None) -> ModelContext:
+    return ModelContext(
+        source=source,
+        ir_version=int(model.ir_version),
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=int(model.model_version),
+        doc_string=model.doc_string,
+        metadata_props=tuple((p.key, p.value) for p in model.metadata_props),
+        opset_imports=tuple((o.domain, int(o.version)) for o in model.opset_import),
+        external_data=_uses_external_data(model),
+        graph_doc_string=model.graph.doc_string,
+    )
+
+
+def graph_from_proto(model: onnx.ModelProto) -> gs.Graph:
+    try:
+        return gs.import_onnx(model)
+    except Exception as exc:  # graphsurgeon raises plain exceptions on malformed graphs
+        raise InvalidModelError(f"cannot import graph: {exc}") from exc
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load a model file (external data included) into a graph and its context."""
+    model = read_model_proto(path)
+    if len(model.graph.node) == 0:
+        raise InvalidModelError(f"{path}: the graph has no nodes")
+    ctx = context_from_proto(model, str(path))
+    return LoadedModel(graph=graph_from_proto(with_inferred_shapes(model)), ctx=ctx)
+
+
+def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with intermediate shapes inferred where onnx can (left as is otherwise)."""
+    if tensor_bytes(model) >= PROTO_LIMIT_BYTES:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # shape inference is a refinement; loading must not depend on it
+        logger.warning("shape inference failed on load: %s", exc)
+        return model
+
+
+def model_from_proto(model: onnx.ModelProto, source: str | None = None) -> LoadedModel:
+    return LoadedModel(graph=graph_from_proto(with_inferred_shapes(model)), ctx=context_from_proto(model, source))
+
+
+def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool = True) -> onnx.ModelProto:
+    """Export a graph and restore every model-level field the context carries."""
+    opsets = dict(ctx.opset_imports)
+    model = gs.export_onnx(graph, do_type_check=False)
+    for imp in model.opset_import:  # domains a pass may have added
+        opsets.setdefault(imp.domain, int(imp.version))
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    # IR < 4 requires every initializer to be a graph input; canonical graphs do not list them.
+    model.ir_version = max(ctx.ir_version, 4)
+    model.producer_name = ctx.producer_name
+    model.producer_version = ctx.producer_version
+    model.domain = ctx.domain
+    model.model_version = ctx.model_version
+    model.doc_string = ctx.doc_string
+    model.graph.doc_string = ctx.graph_doc_string
+    meta = dict(ctx.metadata_props)
+    meta.update(dict(ctx.extra_metadata))
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    if infer_shapes:
+        model = refresh_value_info(model)
+    return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else int(np.prod(t.dims, dtype=np.int64)) * 4
+    return total
+
+
+def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop stale intermediate shapes (passes change widths) and infer them again when possible."""
+    del model.graph.value_info[:]
+    return with_inferred_shapes(model)
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of a model (data included) without serialising over the protobuf limit."""
+    if tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2:
+        return tensor_bytes(model)
+    return model.ByteSize()
+
+
+def save_model_proto(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    overwrite_input: str | None = None,
+    check: bool = True,
+) -> Path:
+    """Write ``model`` atomically: temporary files in the target folder, checked, then renamed.
+
+    ``external_data=None`` chooses external data when the source used it or the model is too large
+    for one protobuf. ``overwrite_input`` is the path the model was loaded from: writing over it is
+    refused unless the caller passes it as ``path`` explicitly through ``allow_overwrite``.
+    """
+    out = Path(path).resolve()
+    if overwrite_input is not None and Path(overwrite_input).resolve() == out:
+        raise LincompError(f"{out}: refusing to overwrite the input model (pass --overwrite to allow)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    use_external = external_data if external_data is not None else tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2
+    tmpdir = tempfile.mkdtemp(prefix=".lincomp-", dir=out.parent)
+    tmp_model = Path(tmpdir) / out.name
+    data_name = out.name + ".data"
+    try:
+        if use_external:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        if check:
+            onnx.checker.check_model(str(tmp_model))
+        if use_external and (Path(tmpdir) / data_name).exists():
+            os.replace(Path(tmpdir) / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+    except (ValueError, EncodeError) as exc:
+        raise LincompError(f"{out}: cannot serialise model ({exc}); try external data") from exc
+    except onnx.checker.ValidationError as exc:
+        raise LincompError(f"{out}: result failed the ONNX checker, nothing written: {str(exc).splitlines()[0]}") from exc
+    finally:
+        for leftover in Path(tmpdir).iterdir():
+            leftover.unlink()
+        os.rmdir(tmpdir)
+    return out
+
+
+def save_model(graph: gs.Graph, ctx: ModelContext, path: str | os.PathLike, *, overwrite: bool = False,
+               external_data: bool | None = None) -> Path:
+    """Export and write a graph atomically; the input model is never overwritten unless ``overwrite``."""
+    model = to_model_proto(graph, ctx)
+    if external_data is None and ctx.external_data:
+        external_data = True
+    return save_model_proto(model, path, external_data=external_data,
+                            overwrite_input=None if overwrite else ctx.source)
+
+
+def session_source(model: onnx.ModelProto, workdir: str) -> str | bytes:
+    """What to hand onnxruntime: bytes for normal models, a file path for models near 2 GiB."""
+    if tensor_bytes(model) < PROTO_LIMIT_BYTES // 2:
+        return model.SerializeToString()
+    path = Path(workdir) / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=EXTERNAL_DATA_THRESHOLD)
+    return str(path)
