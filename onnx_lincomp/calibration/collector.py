@@ -214,14 +214,15 @@ def model_feeds(graph: gs.Graph, batch: dict[str, np.ndarray]) -> dict[str, np.n
     return feeds
 
 
-def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int):
+def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int, start: int = 0,
+                  stop: int | None = None):
     """(feeds, batch) pairs; models with a fixed batch dimension are fed exactly that many samples."""
     fixed = fixed_batch(graph)
     step = fixed if fixed is not None else batch_size
     if any(t.shape is not None and len(t.shape) == 0 for t in graph.inputs):
         step = 1
     dropped = 0
-    for batch in source.batches(step):
+    for batch in source.batches(step, start, stop):
         n = len(next(iter(batch.values())))
         if fixed is not None and n != fixed:
             dropped += n
@@ -232,7 +233,8 @@ def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int):
 
 
 def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSource,
-                       options: CollectOptions = CollectOptions(), progress: Progress | None = None) -> StatsSet:
+                       options: CollectOptions = CollectOptions(), progress: Progress | None = None,
+                       stop: int | None = None) -> StatsSet:
     """Run ``source`` through the model once and return statistics of every top-level Relu."""
     model = to_model_proto(graph, ctx, infer_shapes=True)
     sites = plan_sites(graph, model, options.mode)
@@ -245,7 +247,8 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
     done = 0
     with tempfile.TemporaryDirectory(prefix="lincomp-calib-") as workdir:
         sess = _session(aug, workdir, options.threads)
-        for feeds, _ in iterate_feeds(graph, source, options.batch_size):
+        total = len(source) if stop is None else min(stop, len(source))
+        for feeds, _ in iterate_feeds(graph, source, options.batch_size, 0, stop):
             try:
                 values = dict(zip(names, sess.run(names, feeds)))
             except Exception as exc:  # onnxruntime's own errors: bad shapes or values in the data
@@ -255,7 +258,7 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
                 totals[site.relu] = totals[site.relu].merge(stats) if site.relu in totals else stats
             done += len(next(iter(feeds.values()))) if feeds else 1
             if progress is not None:
-                progress(done, len(source))
+                progress(done, total)
     if not totals:
         raise CalibrationDataError(f"{source.description}: no calibration batch could be run")
     return StatsSet(tuple(totals[s.relu] for s in sites), source.description, source.is_random, not_analysed)

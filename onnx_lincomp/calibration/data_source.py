@@ -235,32 +235,36 @@ class CalibrationSource:
     def __len__(self) -> int:
         return self.random_samples if self.is_random else self.num_samples
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Yield input dicts of at most ``batch_size`` samples (labels included when asked for)."""
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield input dicts of at most ``batch_size`` samples from samples ``[start, stop)``.
+
+        Labels are included when asked for. For a random source, ``start`` selects a different but
+        reproducible stream (held-out random samples differ from calibration ones).
+        """
         if batch_size <= 0:
             raise CalibrationDataError(f"batch size must be positive, got {batch_size}")
+        stop = len(self) if stop is None else min(stop, len(self))
         if self.is_random:
-            rng = np.random.default_rng(self.seed)
-            done = 0
-            while done < self.random_samples:
-                n = min(batch_size, self.random_samples - done)
+            rng = np.random.default_rng([self.seed, start])
+            done = start
+            while done < stop:
+                n = min(batch_size, stop - done)
                 yield self._random_batch(rng, n)
                 done += n
             return
-        remaining = len(self)
+        offset = 0  # global index of the current file's first sample
         for path in self.files:
+            if offset >= stop:
+                return
             readers = self._readers_for(path)
             n = len(next(iter(readers.values())))
-            for start in range(0, n, batch_size):
-                if remaining <= 0:
-                    break
-                stop = min(n, start + batch_size, start + remaining)
-                yield {name: self._validated(path, name, r.rows(start, stop), start) for name, r in readers.items()}
-                remaining -= stop - start
+            lo, hi = max(start - offset, 0), min(stop - offset, n)
+            for first in range(lo, hi, batch_size):
+                last = min(first + batch_size, hi)
+                yield {name: self._validated(path, name, r.rows(first, last), first) for name, r in readers.items()}
             for r in readers.values():
                 r.close()
-            if remaining <= 0:
-                return
+            offset += n
 
     def _validated(self, path: Path, name: str, rows: np.ndarray, start: int) -> np.ndarray:
         spec = next((s for s in self.specs if s.name == name), None)

@@ -87,6 +87,10 @@ class ReluStats:
             pre_sum=self.pre_sum + other.pre_sum,
         )
 
+    def subset(self, keep: np.ndarray) -> "ReluStats":
+        """Statistics of the units ``keep`` (indices), after a pass removed the others."""
+        return replace(self, **{name: getattr(self, name)[keep] for name in _ARRAYS})
+
     @staticmethod
     def from_pre_activation(relu: str, tensor: str, z: np.ndarray, channel_axis: int) -> "ReluStats":
         """Exact statistics of one batch of pre-activations (used for dumped tensors and as the reference)."""
@@ -135,6 +139,13 @@ class StatsSet:
             raise CalibrationDataError("cannot merge statistics of different models (Relu names differ)")
         merged = tuple(s.merge(other.get(s.relu)) for s in self.layers)
         return StatsSet(merged, f"{self.source}+{other.source}", self.random or other.random, self.not_analysed)
+
+    def subset(self, kept: dict[str, np.ndarray]) -> "StatsSet":
+        """The statistics after passes removed units (``kept``: Relu name -> remaining indices)."""
+        if not kept:
+            return self
+        layers = tuple(s.subset(kept[s.relu]) if s.relu in kept else s for s in self.layers)
+        return replace(self, layers=layers)
 
     def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {}

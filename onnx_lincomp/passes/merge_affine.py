@@ -1,0 +1,101 @@
+"""merge-affine: merge two affine layers with nothing nonlinear between them, when that is cheaper.
+
+Gemm/MatMul: ``W2 (W1 x + b1) + b2 = (W2 W1) x + (W2 b1 + b2)``; merged when
+``out2*in1 < out1*in1 + out2*out1`` (weights only).
+
+Conv: exact when one side is a plain 1x1 convolution (group 1, stride 1, no padding, dilation 1):
+* ``Conv_kxk -> Conv_1x1``: ``W[o, i, ...] = sum_m W2[o, m] W1[m, i, ...]`` with the first conv's stride,
+  padding and dilation, ``b = W2 b1 + b2``;
+* ``Conv_1x1 -> Conv_kxk``: ``W[o, i, ...] = sum_m W2[o, m, ...] W1[m, i]`` with the second conv's
+  attributes and ``b = b2 + sum_{m, taps} W2[o, m, ...] b1[m]``. If the second conv pads and ``b1 != 0``,
+  border positions would see ``b1`` where the original saw zero padding: skipped with that reason.
+Two kxk convolutions are never merged (the merged kernel is larger).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph_edit import NameSource, only_consumer
+from ..linear_layer import LinearLayer, match_linear_layer, producer_layer, write_linear_layer
+from .base import PassContext, PassResult
+
+
+def _plain_1x1(layer: LinearLayer) -> bool:
+    a = layer.conv_attrs
+    return (layer.kind == "conv" and layer.kernel_size == 1 and layer.group == 1 and not any(a["pads"])
+            and all(s == 1 for s in a["strides"]) and all(d == 1 for d in a["dilations"]))
+
+
+def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarray, np.ndarray, str] | str:
+    """(weight, bias, which layer's attributes to keep) of the merged layer, or a skip reason."""
+    if first.kind != "conv" and second.kind != "conv":
+        return second.weight @ first.weight, second.weight @ first.bias + second.bias, "second"
+    if first.kind != "conv" or second.kind != "conv":
+        return "Conv and Gemm/MatMul without a flatten are not merged"
+    if first.group != 1 or second.group != 1:
+        return "grouped Conv"
+    if _plain_1x1(second):
+        w2 = second.weight[:, :, *([0] * (second.weight.ndim - 2))]
+        return np.einsum("om,mi...->oi...", w2, first.weight), w2 @ first.bias + second.bias, "first"
+    if _plain_1x1(first):
+        w1 = first.weight[:, :, *([0] * (first.weight.ndim - 2))]
+        if any(second.conv_attrs["pads"]) and np.any(first.bias):
+            return "second Conv pads while the first has a bias (border values would change)"
+        bias = second.bias + np.einsum("om...,m->o", second.weight, first.bias)
+        return np.einsum("om...,mi->oi...", second.weight, w1), bias, "second"
+    return "neither Conv is a plain 1x1 (merged kernel would be larger)"
+
+
+def _cheaper(first: LinearLayer, second: LinearLayer, weight: np.ndarray) -> bool:
+    return weight.size < first.weight.size + second.weight.size
+
+
+def merge_pair(graph: gs.Graph, names: NameSource, first: LinearLayer, second: LinearLayer) -> str | None:
+    """Merge ``first -> second`` in place; returns a skip reason or None when merged."""
+    merged = merged_parameters(first, second)
+    if isinstance(merged, str):
+        return merged
+    weight, bias, keep = merged
+    if not _cheaper(first, second, weight):
+        return "merged layer would not be smaller"
+    if keep == "second":
+        new = write_linear_layer(graph, names, second, weight, bias, keep_bias=True)
+        new.nodes[0].inputs[0] = first.input
+    else:
+        new = write_linear_layer(graph, names, first, weight, bias, keep_bias=True)
+        out = second.output
+        second.nodes[-1].outputs.clear()
+        new.nodes[-1].outputs[0] = out
+    return None
+
+
+class MergeAffine:
+    name = "merge-affine"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        names = NameSource(graph)
+        skipped: Counter = Counter()
+        merged = matched = 0
+        for node in list(graph.nodes):
+            if not node.inputs and not node.outputs:
+                continue  # removed by an earlier merge in this run
+            second = match_linear_layer(graph, node)
+            if not isinstance(second, LinearLayer) or not isinstance(second.input, gs.Variable):
+                continue
+            first = producer_layer(graph, second.input)
+            if not isinstance(first, LinearLayer) or only_consumer(graph, first.output) is not node:
+                continue
+            if second.kind == "gemm" and first.kind == "matmul" and (first.input.shape is None or len(first.input.shape) != 2):
+                skipped["Gemm after a MatMul whose input rank is not 2"] += 1
+                continue
+            matched += 1
+            reason = merge_pair(graph, names, first, second)
+            if reason:
+                skipped[reason] += 1
+                continue
+            merged += 1
+            graph.cleanup(remove_unused_graph_inputs=False)
+        return PassResult(self.name, changed=merged > 0, matched=matched, rewritten=merged, skipped=dict(skipped))

@@ -1,0 +1,121 @@
+"""remove-dead: delete Relu units that are never active.
+
+If unit ``i`` of a Relu layer is never positive (``positive == 0`` on the calibration data, or at most a
+fraction ``dead_rate`` of samples when asked), then ``relu(z_i) = 0`` and it contributes nothing to the
+consumers: delete row ``i`` of the producer's weight and bias and the matching input column(s) of every
+consumer (for ``Conv -> ... -> Flatten -> Gemm`` channel ``i`` owns the feature block
+``[i*HW, (i+1)*HW)``). With ``dead_rate = 0`` this is exact on the calibration data.
+
+With ``dead_rate > 0`` a removed unit is not exactly zero: its mean output ``m_i`` (per position) is folded
+into the consumer bias, ``b' = b + W[:, cols(i)] @ m_i`` (summed over the kernel for a Conv consumer),
+which is exact in expectation for a non-padding consumer; across a padding Conv the fold would be wrong
+at the borders, so such channels are kept and the reason is reported.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph_edit import NameSource
+from ..linear_layer import Skip, write_linear_layer
+from ..relu_sites import ConsumerLink, ReluSite, find_relu_site, relu_nodes
+from .base import PassContext, PassResult
+
+
+@dataclass(frozen=True)
+class RemoveDeadOptions:
+    keep_at_least: int = 1  # a layer never goes below this width (its output stays well-formed)
+
+
+def dead_mask(ctx: PassContext, relu: str, width: int) -> np.ndarray | None:
+    stats = ctx.stats.get(relu) if ctx.stats else None
+    if stats is None or stats.channels != width:
+        return None
+    if ctx.dead_rate <= 0:
+        return stats.dead.copy()
+    return stats.sample_rate <= ctx.dead_rate
+
+
+def _columns(link: ConsumerLink, channels: np.ndarray) -> np.ndarray:
+    if link.block == 1:
+        return channels
+    return (channels[:, None] * link.block + np.arange(link.block)[None, :]).reshape(-1)
+
+
+def _consumer_bias_shift(link: ConsumerLink, dead: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """Bias change that replaces removed channels by their mean output (None when not exact to do so)."""
+    w = link.layer.weight
+    if not np.any(mean[dead]):
+        return np.zeros(w.shape[0])
+    if link.layer.kind == "conv":
+        if any(link.layer.conv_attrs.get("pads", [])):
+            return None
+        return np.einsum("oi...,i->o", w[:, dead], mean[dead])
+    cols = _columns(link, np.flatnonzero(dead))
+    return w[:, cols] @ np.repeat(mean[dead], link.block)
+
+
+def _shrink_reshape(graph: gs.Graph, names: NameSource, link: ConsumerLink, kept: int) -> None:
+    node = link.reshape
+    if node is None or node.op != "Reshape":
+        return
+    target = np.asarray(node.inputs[1].values).copy()
+    target[1] = kept * link.block if target[1] != -1 else -1
+    node.inputs[1] = gs.Constant(names.fresh(node.inputs[1].name), target)
+
+
+class RemoveDeadNeurons:
+    name = "remove-dead"
+
+    def __init__(self, options: RemoveDeadOptions = RemoveDeadOptions()):
+        self.options = options
+
+    def _apply(self, graph: gs.Graph, names: NameSource, site: ReluSite, dead: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        keep = ~dead
+        if keep.sum() < self.options.keep_at_least:
+            keep[np.flatnonzero(dead)[: self.options.keep_at_least - keep.sum()]] = True
+        p = site.producer
+        write_linear_layer(graph, names, p, p.weight[keep], p.bias[keep])
+        removed_cols = np.flatnonzero(~keep)
+        shifts = [_consumer_bias_shift(link, ~keep, mean) for link in site.consumers]
+        for link, shift in zip(site.consumers, shifts):
+            c = link.layer
+            cols = np.setdiff1d(np.arange(c.in_features), _columns(link, removed_cols))
+            new_w = c.weight[:, cols]
+            write_linear_layer(graph, names, c, new_w, c.bias + shift)
+            _shrink_reshape(graph, names, link, int(keep.sum()))
+        return keep
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        names = NameSource(graph)
+        skipped: Counter = Counter()
+        removed = rewritten = matched = 0
+        approximate = False
+        kept: dict[str, np.ndarray] = {}
+        for relu in relu_nodes(graph):
+            site = find_relu_site(graph, relu)  # fresh view: earlier rewrites changed neighbouring weights
+            if isinstance(site, Skip):
+                skipped[site.reason] += 1
+                continue
+            matched += 1
+            dead = dead_mask(ctx, relu.name, site.width)
+            if dead is None:
+                skipped["no statistics for this Relu"] += 1
+                continue
+            if not dead.any():
+                continue
+            stats = ctx.stats.get(relu.name)
+            mean = stats.act_mean if ctx.dead_rate > 0 else np.zeros(site.width)
+            if any(_consumer_bias_shift(link, dead, mean) is None for link in site.consumers):
+                skipped["removed units are not always zero and a consumer Conv pads (bias fold inexact)"] += 1
+                continue
+            keep = self._apply(graph, names, site, dead, mean)
+            kept[relu.name] = np.flatnonzero(keep)
+            removed += int((~keep).sum())
+            rewritten += 1
+            approximate |= ctx.dead_rate > 0 and bool(np.any(stats.positive[~keep]))
+        return PassResult(self.name, changed=rewritten > 0, matched=matched, rewritten=rewritten,
+                          neurons_removed=removed, approximate=approximate, skipped=dict(skipped), kept=kept)
