@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph_edit import NameSource, is_graph_output, only_consumer
+from .model_io import ModelContext
 from .linear_layer import LinearLayer, Skip, producer_layer, write_linear_layer
 
 
@@ -147,10 +148,14 @@ def name_nodes(graph: gs.Graph) -> None:
         seen.add(node.name)
 
 
-def canonicalize(graph: gs.Graph, fold_bn: bool = True) -> CanonicalizeReport:
-    """Bring ``graph`` (mutated in place) into the canonical form the analyses and passes expect."""
+def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None = None) -> CanonicalizeReport:
+    """Bring ``graph`` (mutated in place) into the canonical form the analyses and passes expect.
+
+    ``ctx`` (when given) reports initializers that the source listed as graph inputs; the importer
+    already dropped them from the graph's inputs.
+    """
     name_nodes(graph)
     lifted = lift_constant_nodes(graph)
-    dropped = drop_initializer_inputs(graph)
+    dropped = drop_initializer_inputs(graph) + (ctx.initializer_inputs if ctx is not None else 0)
     folded, skipped = fold_batchnorms(graph) if fold_bn else (0, Counter())
     return CanonicalizeReport(lifted, dropped, folded, dict(skipped))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 
@@ -56,9 +57,24 @@ def reroute_consumers(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
             graph.outputs[i] = new
 
 
-def forget_shapes(graph: gs.Graph) -> None:
-    """Clear shapes of intermediate tensors after a rewrite changed widths (they are re-inferred on save)."""
+def refresh_shapes(graph: gs.Graph) -> None:
+    """Re-infer intermediate shapes after a rewrite changed widths (cleared where inference fails)."""
     keep = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and id(tensor) not in keep:
-            tensor.shape = None
+    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and id(t) not in keep]
+    for tensor in variables:
+        tensor.shape = None
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+        if model.ByteSize() >= 2**31 - 1:
+            return
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # shapes are a refinement: passes skip sites whose shapes are unknown
+        return
+    shapes = {}
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    for tensor in variables:
+        if tensor.name in shapes:
+            tensor.shape = shapes[tensor.name]

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # Protobuf cannot serialise a message of 2 GiB or more; above this we always use external data.
 PROTO_LIMIT_BYTES = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024  # tensors larger than this go to the data file when saving externally
+_EXTERNAL_MARK = "__onnx_lincomp_loaded_external_data__"  # set on read, consumed by context_from_proto
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ModelContext:
     opset_imports: tuple[tuple[str, int], ...]
     external_data: bool
     graph_doc_string: str = ""
+    initializer_inputs: int = 0  # initializers also listed as graph inputs in the source (dropped on import)
     extra_metadata: tuple[tuple[str, str], ...] = field(default=())
 
     @property
@@ -70,7 +72,11 @@ def read_model_proto(path: str | os.PathLike, load_external_data: bool = True) -
     if not p.is_file():
         raise InvalidModelError(f"{p}: no such model file")
     try:
-        return onnx.load(str(p), load_external_data=load_external_data)
+        model = onnx.load(str(p), load_external_data=False)
+        if load_external_data and _uses_external_data(model):
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+            model.metadata_props.add(key=_EXTERNAL_MARK, value="1")
+        return model
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise InvalidModelError(f"{p}: not a valid ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     except FileNotFoundError as exc:
@@ -78,6 +84,13 @@ def read_model_proto(path: str | os.PathLike, load_external_data: bool = True) -
 
 
 def context_from_proto(model: onnx.ModelProto, source: str | None) -> ModelContext:
+    props = [(p.key, p.value) for p in model.metadata_props]
+    external = any(k == _EXTERNAL_MARK for k, _ in props) or _uses_external_data(model)
+    if any(k == _EXTERNAL_MARK for k, _ in props):
+        kept = [p for p in model.metadata_props if p.key != _EXTERNAL_MARK]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    init_names = {t.name for t in model.graph.initializer}
     return ModelContext(
         source=source,
         ir_version=int(model.ir_version),
@@ -86,10 +99,11 @@ def context_from_proto(model: onnx.ModelProto, source: str | None) -> ModelConte
         domain=model.domain,
         model_version=int(model.model_version),
         doc_string=model.doc_string,
-        metadata_props=tuple((p.key, p.value) for p in model.metadata_props),
+        metadata_props=tuple((k, v) for k, v in props if k != _EXTERNAL_MARK),
         opset_imports=tuple((o.domain, int(o.version)) for o in model.opset_import),
-        external_data=_uses_external_data(model),
+        external_data=external,
         graph_doc_string=model.graph.doc_string,
+        initializer_inputs=sum(1 for i in model.graph.input if i.name in init_names),
     )
 
 
@@ -194,6 +208,7 @@ def save_model_proto(
     data_name = out.name + ".data"
     try:
         if use_external:
+            model = _copy(model)  # saving with external data rewrites the tensors of the proto it is given
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD)
         else:
@@ -214,6 +229,12 @@ def save_model_proto(
     return out
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def save_model(graph: gs.Graph, ctx: ModelContext, path: str | os.PathLike, *, overwrite: bool = False,
                external_data: bool | None = None) -> Path:
     """Export and write a graph atomically; the input model is never overwritten unless ``overwrite``."""
@@ -229,6 +250,6 @@ def session_source(model: onnx.ModelProto, workdir: str) -> str | bytes:
     if tensor_bytes(model) < PROTO_LIMIT_BYTES // 2:
         return model.SerializeToString()
     path = Path(workdir) / "model.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(_copy(model), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=EXTERNAL_DATA_THRESHOLD)
     return str(path)

@@ -136,7 +136,7 @@ def prepare(model: str | Path | onnx.ModelProto, calib: str | Path, options: Opt
     else:
         loaded, name = load_model(model), str(model)
     original = to_model_proto(loaded.graph, loaded.ctx)
-    canon = canonicalize(loaded.graph)
+    canon = canonicalize(loaded.graph, ctx=loaded.ctx)
     source = open_calibration(calib, input_specs(loaded.graph), labels=options.labels,
                               max_samples=options.max_samples, shape_overrides=dict(options.input_shapes))
     n = len(source)

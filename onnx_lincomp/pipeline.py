@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import LincompError, PassError
-from .graph_edit import forget_shapes
+from .graph_edit import refresh_shapes
 from .passes import PASSES, FoldLinearOptions, FoldLinearRelu, MergeAffine, PassContext, PassResult, RemoveDeadNeurons
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def run_passes(graph: gs.Graph, names: tuple[str, ...], ctx: PassContext, layer_
             except Exception as exc:  # a bug or an unforeseen pattern: name the pass, never half-apply silently
                 done = [r.result.name for r in records]
                 raise PassError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); passes already run: {', '.join(done) or 'none'}") from exc
-            forget_shapes(graph)
+            if result.changed:
+                refresh_shapes(graph)
             if ctx.stats is not None and result.kept:
                 ctx = replace(ctx, stats=ctx.stats.subset(result.kept))
             if result.changed or round_no == 0:
