@@ -66,8 +66,8 @@ def mlp_model(rng: np.random.Generator, widths: list[int], *, kind: str = "gemm"
               linear: dict | None = None, input_name: str = "x") -> onnx.ModelProto:
     """Gemm/MatMul+Add + Relu chain. ``dead``/``linear``: layer index -> unit indices to plant.
 
-    Dead units get bias -100 (never positive for inputs in [0, 1]); linear units get non-negative
-    weights and bias +100 (always positive for non-negative inputs).
+    Dead units get non-positive weights and bias -1, linear units non-negative weights and bias +1: for
+    non-negative inputs (x in [0, 1], Relu outputs) they are never / always active.
     """
     nodes, inits, x = [], [], input_name
     dead, linear = dead or {}, linear or {}
@@ -75,10 +75,11 @@ def mlp_model(rng: np.random.Generator, widths: list[int], *, kind: str = "gemm"
         w = rng.normal(0, 1 / np.sqrt(widths[i]), (widths[i + 1], widths[i])).astype(np.float32)
         b = rng.normal(0, 0.1, widths[i + 1]).astype(np.float32)
         for u in dead.get(i, []):
-            b[u] = -100.0
+            w[u] = -np.abs(w[u])
+            b[u] = -1.0
         for u in linear.get(i, []):
             w[u] = np.abs(w[u])
-            b[u] = 100.0
+            b[u] = 1.0
         out = f"z{i}" if i < len(widths) - 2 else "y"
         if kind == "gemm":
             inits += [init(f"w{i}", w), init(f"b{i}", b)]

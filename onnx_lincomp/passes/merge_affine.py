@@ -44,7 +44,8 @@ def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarr
         w1 = first.weight[:, :, *([0] * (first.weight.ndim - 2))]
         if any(second.conv_attrs["pads"]) and np.any(first.bias):
             return "second Conv pads while the first has a bias (border values would change)"
-        bias = second.bias + np.einsum("om...,m->o", second.weight, first.bias)
+        taps = tuple(range(2, second.weight.ndim))
+        bias = second.bias + second.weight.sum(axis=taps) @ first.bias
         return np.einsum("om...,mi->oi...", second.weight, w1), bias, "second"
     return "neither Conv is a plain 1x1 (merged kernel would be larger)"
 

@@ -53,7 +53,7 @@ def _consumer_bias_shift(link: ConsumerLink, dead: np.ndarray, mean: np.ndarray)
     if link.layer.kind == "conv":
         if any(link.layer.conv_attrs.get("pads", [])):
             return None
-        return np.einsum("oi...,i->o", w[:, dead], mean[dead])
+        return w[:, dead].sum(axis=tuple(range(2, w.ndim))) @ mean[dead]
     cols = _columns(link, np.flatnonzero(dead))
     return w[:, cols] @ np.repeat(mean[dead], link.block)
 
@@ -112,6 +112,8 @@ class RemoveDeadNeurons:
             if any(_consumer_bias_shift(link, dead, mean) is None for link in site.consumers):
                 skipped["removed units are not always zero and a consumer Conv pads (bias fold inexact)"] += 1
                 continue
+            if min(int(dead.sum()), site.width - self.options.keep_at_least) <= 0:
+                continue  # nothing removable (a layer keeps at least keep_at_least units)
             keep = self._apply(graph, names, site, dead, mean)
             kept[relu.name] = np.flatnonzero(keep)
             removed += int((~keep).sum())
