@@ -107,7 +107,8 @@ def _open(tmp_path, model, **arrays):
 @pytest.mark.parametrize("arrays,message", [
     ({"wrong": np.zeros((3, 4), np.float32), "other": np.zeros((3, 4), np.float32)}, "no array for input 'x'"),
     ({"x": np.zeros((3, 5), np.float32)}, "expects float32[Nx4], found shape (3, 5)"),
-    ({"x": np.zeros((3, 4, 1), np.float32)}, "expects rank 2"),
+    ({"x": np.zeros((3, 4, 1, 1), np.float32)}, "expects rank 2"),
+    ({"x": np.zeros((3, 4, 1), np.float32)}, "found shape (3, 4, 1) (axis 2)"),
     ({"x": np.zeros((3, 4), np.int64)}, "expects float32, found int64"),
     ({"x": np.zeros((0, 4), np.float32)}, "empty"),
 ])

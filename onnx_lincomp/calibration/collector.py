@@ -195,31 +195,35 @@ def _session(model: onnx.ModelProto, workdir: str, threads: int) -> ort.Inferenc
         raise CalibrationDataError(f"onnxruntime cannot load the model for calibration: {str(exc).splitlines()[0]}") from exc
 
 
-def fixed_batch(graph: gs.Graph) -> int | None:
+def fixed_batch(graph: gs.Graph, per_sample: set[str] = frozenset()) -> int | None:
     """The batch size a model with a static leading input dimension accepts, if any."""
     for t in graph.inputs:
+        if t.name in per_sample:
+            continue
         if t.shape is not None and len(t.shape) > 0 and isinstance(t.shape[0], int) and t.shape[0] > 0:
             return int(t.shape[0])
     return None
 
 
-def model_feeds(graph: gs.Graph, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs of one batch as onnxruntime wants them (labels dropped, rank-0 inputs squeezed)."""
+def model_feeds(graph: gs.Graph, batch: dict[str, np.ndarray], per_sample: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Inputs of one batch as onnxruntime wants them (labels dropped, per-sample inputs unwrapped)."""
     feeds = {}
     for t in graph.inputs:
         value = batch[t.name]
-        if t.shape is not None and len(t.shape) == 0:
-            value = value.reshape(-1)[0].reshape(())
+        if t.name in per_sample:
+            value = value[0] if value.ndim > (len(t.shape) if t.shape is not None else 0) else value.reshape(t.shape or ())
         feeds[t.name] = value
     return feeds
 
 
 def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int, start: int = 0,
                   stop: int | None = None):
-    """(feeds, batch) pairs; models with a fixed batch dimension are fed exactly that many samples."""
-    fixed = fixed_batch(graph)
+    """(feeds, batch) pairs; models with a fixed batch dimension are fed exactly that many samples,
+    and inputs that hold one whole model input per sample are fed one sample a run."""
+    per_sample = source.per_sample
+    fixed = fixed_batch(graph, per_sample)
     step = fixed if fixed is not None else batch_size
-    if any(t.shape is not None and len(t.shape) == 0 for t in graph.inputs):
+    if per_sample:
         step = 1
     dropped = 0
     for batch in source.batches(step, start, stop):
@@ -227,7 +231,7 @@ def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int, s
         if fixed is not None and n != fixed:
             dropped += n
             continue
-        yield model_feeds(graph, batch), batch
+        yield model_feeds(graph, batch, per_sample), batch
     if dropped:
         logger.warning("dropped %d trailing samples that do not fill the model's fixed batch of %d", dropped, fixed)
 

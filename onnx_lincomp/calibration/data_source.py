@@ -157,6 +157,9 @@ class CalibrationSource:
         self.max_samples = max_samples
         self.description = description
         self.is_random = not self.files
+        # inputs whose arrays carry one extra leading axis: each sample is a whole model input
+        # (e.g. a recurrent state [2, batch, 128] or a scalar), so the model is fed one sample a run
+        self.per_sample: set[str] = {s.name for s in specs if s.shape is not None and len(s.shape) == 0}
         if self.is_random and random_samples <= 0:
             raise CalibrationDataError("random calibration needs a positive sample count (random:N)")
         if not self.is_random:
@@ -189,23 +192,29 @@ class CalibrationSource:
                 raise CalibrationDataError(f"{path}: arrays have different sample counts: {lengths}")
             n = next(iter(lengths.values()))
             for spec in self.specs:
-                self._check_static(path, spec, readers[spec.name])
+                if self._check_static(path, spec, readers[spec.name]):
+                    self.per_sample.add(spec.name)
             total += n
         if total == 0:
             raise CalibrationDataError(f"{self.description or self.files[0]}: calibration data is empty (0 samples)")
         self.num_samples = min(total, self.max_samples) if self.max_samples else total
 
     @staticmethod
-    def _check_static(path: Path, spec: InputSpec, reader: _ArrayReader) -> None:
+    def _check_static(path: Path, spec: InputSpec, reader: _ArrayReader) -> bool:
+        """Validate an array against its input; True when it holds one whole input per sample."""
         found_kind, want_kind = reader.dtype.kind, spec.dtype.kind
         if (found_kind in "fc") != (want_kind in "fc") or (want_kind == "b") != (found_kind == "b"):
             raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.dtype.name}, found {reader.dtype.name}")
-        if spec.shape is not None:
-            if len(reader.shape) != len(spec.shape):
-                raise CalibrationDataError(f"{path}: input '{spec.name}' expects rank {len(spec.shape)} ({spec.describe()}), found shape {tuple(reader.shape)}")
-            for axis, (want, got) in enumerate(zip(spec.shape[1:], reader.shape[1:]), start=1):
-                if isinstance(want, int) and want != got:
-                    raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.describe()}, found shape {tuple(reader.shape)} (axis {axis})")
+        if spec.shape is None:
+            return False
+        per_sample = len(reader.shape) == len(spec.shape) + 1
+        if len(reader.shape) != len(spec.shape) and not per_sample:
+            raise CalibrationDataError(f"{path}: input '{spec.name}' expects rank {len(spec.shape)} ({spec.describe()}), found shape {tuple(reader.shape)}")
+        found = tuple(reader.shape[1:]) if per_sample else tuple(reader.shape)
+        for axis, (want, got) in enumerate(zip(spec.shape, found)):
+            if isinstance(want, int) and want != got and (per_sample or axis > 0):
+                raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.describe()}, found shape {tuple(reader.shape)} (axis {axis + per_sample})")
+        return per_sample
 
     # ---- random source -------------------------------------------------------------------------
     def random_shape(self, spec: InputSpec, batch: int) -> tuple[int, ...]:

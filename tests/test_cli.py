@@ -1,0 +1,127 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import assert_same_outputs, mlp_model
+from onnx_lincomp.cli import main
+from onnx_lincomp.examples import example_paths
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, *args):
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_analyze_example_json(runner, tmp_path):
+    result = invoke(runner, "analyze", "--example", "digits-mlp", "--json", tmp_path / "a.json", "--save-stats", tmp_path / "s.npz")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert [l["relu"] for l in data["layers"]] == ["relu0", "relu1"]
+    assert data["params_after_exact_passes"] < data["params"]
+    assert sum(l["dead"] for l in data["layers"]) > 0
+    # the saved statistics give the same analysis without calibrating again
+    again = invoke(runner, "analyze", "--example", "digits-mlp", "--stats", tmp_path / "s.npz", "--json", "-")
+    assert json.loads(again.stdout)["layers"] == data["layers"]
+
+
+def test_analyze_plot(runner, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = invoke(runner, "analyze", "--example", "digits-cnn", "--plot", tmp_path / "rates.png")
+    assert result.exit_code == 0 and (tmp_path / "rates.png").stat().st_size > 1000
+
+
+def test_optimize_example_writes_smaller_equal_model(runner, tmp_path):
+    out = tmp_path / "small.onnx"
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--json", tmp_path / "r.json", "--no-latency")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["after"]["params"] < report["before"]["params"]
+    assert report["verification_calibration"]["max_abs"] <= 1e-5
+    held = report["verification_heldout"]
+    assert held["accuracy_after"] == held["accuracy_before"]
+    model, calib = example_paths("digits-mlp")
+    x = np.load(calib)["input"]
+    assert_same_outputs(onnx.load(model), onnx.load(out), {"input": x})
+
+
+def test_gate_failure_exit_code_and_no_output(runner, tmp_path):
+    out = tmp_path / "never.onnx"
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--linear-rate", "0.05",
+                    "--max-abs-error", "1e-9", "--no-latency")
+    assert result.exit_code == 4
+    assert "exceeds --max-abs-error" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_accuracy_budget_search(runner, tmp_path):
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", tmp_path / "s.onnx", "--max-accuracy-drop", "1",
+                    "--json", "-", "--no-latency")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["search"]) == 20
+    held = report["verification_heldout"]
+    assert 100 * (held["accuracy_before"] - held["accuracy_after"]) <= 1.0
+    chosen = [r for r in report["search"] if r["linear_rate"] == report["linear_rate"]][0]
+    assert chosen["within_budget"]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["optimize", "missing.onnx", "--calib", "random", "-o", "x.onnx"], 3, "no such model file"),
+    (["analyze", "MODEL", "--calib", "nothere.npz"], 3, "no such calibration file"),
+    (["analyze", "MODEL", "--calib", "BAD"], 3, "no array for input 'x'"),
+    (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--passes", "nope"], 1, "unknown pass 'nope'"),
+    (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--linear-rate", "2"], 2, "linear-rate"),
+    (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--layer-threshold", "abc"], 2, "layer-threshold"),
+])
+def test_bad_input_exit_codes(runner, tmp_path, rng, args, code, message):
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp_model(rng, [4, 5, 2]), model)
+    np.savez(tmp_path / "bad.npz", a=np.zeros((3, 4), np.float32), b=np.zeros((3, 4), np.float32))
+    args = [str(model) if a == "MODEL" else str(tmp_path / "bad.npz") if a == "BAD" else a for a in args]
+    with runner.isolated_filesystem(temp_dir=tmp_path):
+        result = runner.invoke(main, args)
+        assert result.exit_code == code, result.output
+        assert message in result.output + (result.stderr or "")
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bench_and_report(runner, tmp_path):
+    model, _ = example_paths("digits-cnn")
+    result = invoke(runner, "bench", model, model, "--runs", "5", "--batch-size", "4", "--json", "-")
+    rows = json.loads(result.stdout)["results"]
+    assert len(rows) == 2 and all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in rows)
+    rep = json.loads(invoke(runner, "report", model, "--json", "-", "--per-node").stdout)
+    # conv1 8*8*8*9 + conv2 16*4*4*72 + fc 10*256
+    assert rep["macs"] == 8 * 64 * 9 + 16 * 16 * 72 + 10 * 256
+    assert rep["params"] == 8 * 9 + 8 + 16 * 72 + 16 + 2560 + 10
+    assert rep["op_histogram"]["Conv"] == 2
+
+
+def test_sweep_csv_and_plot(runner, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = invoke(runner, "sweep", "--example", "digits-mlp", "--csv", tmp_path / "s.csv", "--plot", tmp_path / "s.png",
+                    "--no-latency", "--json", "-")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["threshold"] for r in rows] == [round(0.05 * i, 2) for i in range(1, 21)]
+    assert rows[0]["params"] < rows[-1]["params"]
+    assert (tmp_path / "s.png").stat().st_size > 1000 and len((tmp_path / "s.csv").read_text().splitlines()) == 21
+
+
+def test_no_relu_model_message(runner, tmp_path, rng):
+    from onnx import helper
+
+    from conftest import init, make_model, vinfo
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vinfo("x", ["N", 3])], [vinfo("y", ["N", 2])],
+                       [init("w", rng.normal(size=(3, 2)).astype(np.float32))])
+    onnx.save(model, tmp_path / "m.onnx")
+    result = invoke(runner, "optimize", tmp_path / "m.onnx", "--calib", "random:8", "-o", tmp_path / "o.onnx", "--no-latency")
+    assert result.exit_code == 0 and "no Relu" in result.output
+    assert_same_outputs(model, onnx.load(tmp_path / "o.onnx"), {"x": rng.random((2, 3), dtype=np.float32)})
