@@ -113,7 +113,7 @@ def plot_rates(stats: StatsSet, path: str) -> None:
                                        ("position rate (active positions)", "position_rate"))):
         data = [getattr(s, attr) for s in stats.layers]
         if data:
-            ax[k].boxplot(data, vert=False, showfliers=True)
+            ax[k].boxplot(data, orientation="horizontal", showfliers=True)
             ax[k].set_yticks(range(1, n + 1), [s.relu[:28] for s in stats.layers], fontsize=7)
         ax[k].set_xlim(-0.02, 1.02)
         ax[k].set_title(title)

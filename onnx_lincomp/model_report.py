@@ -113,11 +113,17 @@ def model_report(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     float_inits = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                                       onnx.TensorProto.BFLOAT16)}
+    # Constant-node values reach nodes through outputs, so they are counted once at the Constant
     counted: set[str] = set()
     nodes = []
     total_macs, unknown = 0, 0
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     for node in inferred.graph.node:
         params = 0
+        if node.op_type == "Constant":  # exporters such as Paddle keep weights in Constant nodes
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type in float_types:
+                    params += int(np.prod(attr.t.dims, dtype=np.int64))
         for name in node.input:
             if name in float_inits and name not in counted:
                 params += float_inits[name]

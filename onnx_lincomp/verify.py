@@ -24,6 +24,11 @@ class OutputError:
     mean_abs: float
     rel_max: float
     top1_agreement: float | None
+    scale: float = 0.0
+
+    def within(self, tol: float) -> bool:
+        """Max error at most ``tol`` relative to the output scale (floored at 1 for near-zero outputs)."""
+        return self.max_abs <= tol * max(self.scale, 1.0)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class Verification:
     @property
     def rel_max(self) -> float:
         return max((o.rel_max for o in self.outputs), default=0.0)
+
+    def within(self, tol: float) -> bool:
+        return all(o.within(tol) for o in self.outputs)
 
     def as_dict(self) -> dict:
         return {"samples": self.samples, "max_abs": self.max_abs, "rel_max": self.rel_max,
@@ -104,7 +112,7 @@ class _Accumulator:
     def result(self) -> Verification:
         outs = tuple(OutputError(n, self.max_abs[n], self.sum_abs[n] / max(self.count[n], 1),
                                  self.max_abs[n] / self.scale[n] if self.scale[n] > 0 else self.max_abs[n],
-                                 self.agree[n] / self.rows[n] if self.rows[n] else None) for n in self.names)
+                                 self.agree[n] / self.rows[n] if self.rows[n] else None, self.scale[n]) for n in self.names)
         acc = (self.correct[0] / self.labelled, self.correct[1] / self.labelled) if self.labelled else (None, None)
         return Verification(self.samples, outs, *acc)
 

@@ -211,7 +211,7 @@ def model_feeds(graph: gs.Graph, batch: dict[str, np.ndarray], per_sample: set[s
     for t in graph.inputs:
         value = batch[t.name]
         if t.name in per_sample:
-            value = value[0] if value.ndim > (len(t.shape) if t.shape is not None else 0) else value.reshape(t.shape or ())
+            value = np.asarray(value[0]) if value.ndim > (len(t.shape) if t.shape is not None else 0) else value.reshape(t.shape or ())
         feeds[t.name] = value
     return feeds
 
