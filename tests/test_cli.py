@@ -80,16 +80,16 @@ def test_accuracy_budget_search(runner, tmp_path):
     (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--linear-rate", "2"], 2, "linear-rate"),
     (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--layer-threshold", "abc"], 2, "layer-threshold"),
 ])
-def test_bad_input_exit_codes(runner, tmp_path, rng, args, code, message):
+def test_bad_input_exit_codes(runner, tmp_path, rng, monkeypatch, args, code, message):
     model = tmp_path / "m.onnx"
     onnx.save(mlp_model(rng, [4, 5, 2]), model)
     np.savez(tmp_path / "bad.npz", a=np.zeros((3, 4), np.float32), b=np.zeros((3, 4), np.float32))
     args = [str(model) if a == "MODEL" else str(tmp_path / "bad.npz") if a == "BAD" else a for a in args]
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        result = runner.invoke(main, args)
-        assert result.exit_code == code, result.output
-        assert message in result.output + (result.stderr or "")
-        assert not (tmp_path / "o.onnx").exists()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, args)
+    assert result.exit_code == code, result.output
+    assert message in result.output + (result.stderr or "")
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "x.onnx").exists()
 
 
 def test_bench_and_report(runner, tmp_path):
