@@ -61,6 +61,7 @@ class _Site:
     kind: Literal["pooled", "direct"]
     channel_axis: int
     outputs: tuple[str, ...]
+    spatial: int | None = None  # positions per channel when static (else read from a Shape output)
 
 
 def subgraph_relus(graph: gs.Graph) -> list[tuple[str, str]]:
@@ -127,8 +128,11 @@ def plan_sites(graph: gs.Graph, model: onnx.ModelProto, mode: str) -> list[_Site
                   and shape[1] is not None)
         if pooled:
             base = f"__lincomp_{len(sites)}"
-            sites.append(_Site(node.name, pre, post, "pooled", 1,
-                               (f"{base}_max", f"{base}_mean", f"{base}_rate", f"{base}_shape")))
+            spatial = shape[2:]
+            static = all(isinstance(d, int) for d in spatial)
+            outputs = (f"{base}_pooled",) if static else (f"{base}_pooled", f"{base}_shape")
+            sites.append(_Site(node.name, pre, post, "pooled", 1, outputs,
+                               int(np.prod(spatial)) if static else None))
         else:
             sites.append(_Site(node.name, pre, post, "direct", axis, (pre,)))
     return sites
@@ -152,7 +156,8 @@ def augment(model: onnx.ModelProto, sites: list[_Site], opset: int) -> onnx.Mode
         big = f"{site.outputs[0]}_big"
         g.initializer.append(helper.make_tensor(big, TensorProto.FLOAT, [channels, 1] + [1] * (rank - 2),
                                                 np.full(channels, _BIG, np.float32)))
-        mx, mean, rate, shp = site.outputs
+        pooled = site.outputs[0]
+        mx, mean, rate = f"{pooled}_max", f"{pooled}_mean", f"{pooled}_rate"
         scaled, clipped = f"{rate}_scaled", f"{rate}_clipped"
         g.node.extend([
             helper.make_node("GlobalMaxPool", [site.post], [mx]),
@@ -166,8 +171,11 @@ def augment(model: onnx.ModelProto, sites: list[_Site], opset: int) -> onnx.Mode
             g.node.append(helper.make_node("Clip", [scaled, lo, hi], [clipped]))
         else:
             g.node.append(helper.make_node("Clip", [scaled], [clipped], min=0.0, max=1.0))
+        # one Concat: a single small output per site leaves onnxruntime's blocked layout once
         g.node.extend([helper.make_node("GlobalAveragePool", [clipped], [rate]),
-                       helper.make_node("Shape", [site.post], [shp])])
+                       helper.make_node("Concat", [mx, mean, rate], [pooled], axis=1)])
+        if site.spatial is None:  # dynamic spatial size: read it at run time
+            g.node.append(helper.make_node("Shape", [site.post], [site.outputs[1]]))
         g.output.extend(helper.make_empty_tensor_value_info(n) for n in site.outputs)
     return aug
 
@@ -179,9 +187,9 @@ def _batch_stats(site: _Site, values: list[np.ndarray]) -> ReluStats:
             z = z.reshape(1, -1)
         axis = site.channel_axis if site.channel_axis >= 0 else z.ndim + site.channel_axis
         return ReluStats.from_pre_activation(site.relu, site.pre, z, axis)
-    mx, mean, rate, shp = values
-    spatial = int(np.prod(shp[2:]))
-    return ReluStats.from_pooled(site.relu, site.pre, mx, mean, rate, spatial)
+    pooled = values[0].reshape(values[0].shape[0], 3, -1)
+    spatial = site.spatial if site.spatial is not None else int(np.prod(values[1][2:]))
+    return ReluStats.from_pooled(site.relu, site.pre, pooled[:, 0], pooled[:, 1], pooled[:, 2], spatial)
 
 
 def _session(model: onnx.ModelProto, workdir: str, threads: int) -> ort.InferenceSession:
