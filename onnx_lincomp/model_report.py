@@ -103,12 +103,50 @@ def _node_macs(node: onnx.NodeProto, shapes: dict, inits: dict[str, tuple[int, .
     return 0
 
 
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``names`` from one onnxruntime run on random batch-1 inputs (when inference could not tell)."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    init_names = {t.name for t in m.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in m.graph.input:
+        if inp.name in init_names:
+            continue
+        tt = inp.type.tensor_type
+        dims = list(input_shapes.get(inp.name, [d.dim_value if d.dim_value > 0 else 1 for d in tt.shape.dim]))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception:  # shapes stay unknown; the report counts those nodes
+        return {}
+    return {n: tuple(v.shape) for n, v in zip(names, values)}
+
+
 def model_report(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                  size_bytes: int | None = None) -> ModelReport:
     """Parameters, per-sample MACs, size and op histogram of a model."""
     big = tensor_bytes(model) >= PROTO_LIMIT_BYTES
     inferred = model if big else _with_static_batch(model, input_shapes or {})
     shapes = _shape_table(inferred)
+    init_names = {t.name for t in model.graph.initializer}
+    unknown_names = sorted({n for node in inferred.graph.node if node.op_type in _MAC_OPS
+                            for n in list(node.input[:2]) + list(node.output[:1])
+                            if n and n not in init_names and shapes.get(n) is None})
+    if unknown_names and not big:
+        shapes.update(_runtime_shapes(inferred, unknown_names, input_shapes or {}))
     init_shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     float_inits = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -135,6 +173,24 @@ def model_report(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
             total_macs += macs
         nodes.append(NodeCost(node.name, node.op_type, macs, params))
     hist = Counter(n.op_type for n in model.graph.node)
-    return ModelReport(params=sum(n.params for n in nodes), macs=total_macs, nodes_without_shapes=unknown,
+    sub_params = _subgraph_params(model.graph)
+    return ModelReport(params=sum(n.params for n in nodes) + sub_params, macs=total_macs, nodes_without_shapes=unknown,
                        size_bytes=size_bytes if size_bytes is not None else model_size_bytes(model),
                        op_histogram=dict(sorted(hist.items(), key=lambda kv: -kv[1])), nodes=tuple(nodes))
+
+
+def _subgraph_params(graph: onnx.GraphProto) -> int:
+    """Floating-point initializers and Constant values inside If/Loop/Scan bodies (counted as parameters)."""
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    total = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                total += sum(int(np.prod(t.dims, dtype=np.int64)) for t in sub.initializer if t.data_type in float_types)
+                for inner in sub.node:
+                    if inner.op_type == "Constant":
+                        total += sum(int(np.prod(a.t.dims, dtype=np.int64)) for a in inner.attribute
+                                     if a.name == "value" and a.t.data_type in float_types)
+                total += _subgraph_params(sub)
+    return total

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from .calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
-from .calibration.collector import Progress, iterate_feeds
+from .calibration.collector import Progress, fixed_batch, iterate_feeds
 from .calibration.data_source import CalibrationSource
 from .canonicalize import CanonicalizeReport, canonicalize
 from .errors import LincompError, VerificationGateError
@@ -186,7 +186,8 @@ def _latencies(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions)
     if not options.latency:
         return None, None
     feeds_b = next(iter(iterate_feeds(prep.loaded.graph, prep.source, options.batch_size, 0, options.batch_size)))[0]
-    feeds_1 = {k: (v[:1] if v.ndim > 0 else v) for k, v in feeds_b.items()}
+    fixed = prep.source.per_sample or fixed_batch(prep.loaded.graph) is not None
+    feeds_1 = feeds_b if fixed else {k: v[:1] for k, v in feeds_b.items()}
     results = []
     with tempfile.TemporaryDirectory(prefix="lincomp-lat-") as workdir:
         sess = make_session(model, workdir, options.threads)

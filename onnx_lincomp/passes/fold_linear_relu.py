@@ -29,7 +29,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph_edit import NameSource, reroute_consumers
-from ..linear_layer import Skip, write_linear_layer
+from ..linear_layer import LinearLayer, Skip, match_linear_layer, write_linear_layer
+from .merge_affine import merge_pair
 from ..relu_sites import ReluSite, find_relu_site, relu_nodes
 from .base import PassContext, PassResult
 
@@ -183,11 +184,25 @@ class FoldLinearRelu:
         book.keep_rows(p.output, keep)
         return keep, len(d_u), "dependent"
 
+    @staticmethod
+    def _merge_whole_layer(graph, names, book: _SkipBook, site: ReluSite) -> int:
+        """Merge a fully linear layer into its consumer now (so later folds skip from the narrower input).
+
+        Skips pending into the layer's output are carried through the consumer: ``S -> W2 S``.
+        """
+        p = site.producer
+        c = match_linear_layer(graph, site.consumers[0].layer.nodes[0])
+        if not isinstance(c, LinearLayer) or merge_pair(graph, names, p, c) is not None:
+            return 0
+        for u, s in book.into.pop(p.output.name, []):
+            book.add(c.output, u, c.weight @ s)
+        return 1
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         names = NameSource(graph)
         book = _SkipBook()
         skipped: Counter = Counter()
-        folded = rewritten = matched = relus_removed = 0
+        folded = rewritten = matched = relus_removed = merged_into_next = 0
         kept: dict[str, np.ndarray] = {}
         dtype = np.float32
         for relu in relu_nodes(graph):
@@ -205,6 +220,8 @@ class FoldLinearRelu:
             dtype = np.asarray(site.producer.nodes[0].inputs[1].values).dtype
             if lin.all():
                 remove_relu(graph, relu)
+                if site.is_chain:
+                    merged_into_next += self._merge_whole_layer(graph, names, book, site)
                 relus_removed += 1
                 folded += site.width
                 rewritten += 1
@@ -220,7 +237,8 @@ class FoldLinearRelu:
             elif how == "":
                 skipped["folding the linear units would not save parameters"] += 1
         skip_params = book.materialise(graph, names, dtype)
-        notes = (f"{relus_removed} fully linear Relu layers replaced by the identity",) if relus_removed else ()
+        notes = (f"{relus_removed} fully linear Relu layers replaced by the identity"
+                 f" ({merged_into_next} merged into the next layer)",) if relus_removed else ()
         if skip_params:
             notes += (f"{skip_params} skip-path parameters added",)
         return PassResult(self.name, changed=rewritten > 0, matched=matched, rewritten=rewritten,
