@@ -163,6 +163,15 @@ def _print_analysis(model: str, a) -> None:
                f"with the exact passes (remove-dead, fold-linear, merge-affine at rates 0 and 1)")
 
 
+exact_options = [
+    click.option("--exact", is_flag=True, help="Prove stability over --input-range (bounds + MILP) instead of using statistics."),
+    click.option("--input-range", "input_range", multiple=True, help="Domain: LO,HI for every feature, NAME=LO,HI, bounds.npz (lower/upper), or from-calib."),
+    click.option("--milp-time-limit", default=240.0, show_default=True, type=click.FloatRange(min=1), help="Seconds for the MILP stage in total."),
+    click.option("--no-milp", is_flag=True, help="Stop after the bound stages (sound, possibly incomplete)."),
+    click.option("--check-points", default=10000, show_default=True, type=click.IntRange(1), help="Random points of the box to compare outputs on before saving."),
+]
+
+
 @main.command(epilog="Example: onnx-lincomp optimize --example digits-mlp -o small.onnx\n\n" + EXIT_CODES_HELP)
 @click.argument("model", required=False)
 @_with(common_calib)
@@ -180,10 +189,17 @@ def _print_analysis(model: str, a) -> None:
 @click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False), help="Reuse statistics saved earlier.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
+@_with(exact_options)
 def optimize(model, calib, batch_size, max_samples, input_shape, threads, example, output, passes, dead_rate, linear_rate,
              layer_threshold, verify_split, labels, max_accuracy_drop, max_abs_error, json_out, save_stats, stats_file,
-             no_latency, overwrite):
-    """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save."""
+             no_latency, overwrite, exact, input_range, milp_time_limit, no_milp, check_points):
+    """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
+
+    With --exact the dead and linear sets are proven over the --input-range box instead of observed.
+    """
+    if exact:
+        return _optimize_exact(model, calib, example, output, passes, layer_threshold, input_range, milp_time_limit,
+                               no_milp, check_points, input_shape, json_out, overwrite)
     from .calibration import StatsSet
     from .model_io import save_model_proto
     from .optimize import OptimizeOptions, optimize as run_optimize
@@ -218,6 +234,62 @@ def optimize(model, calib, batch_size, max_samples, input_shape, threads, exampl
         if json_out == "-":
             return
     _print_optimize(result.report, output)
+
+
+def _certify_options(milp_time_limit: float, no_milp: bool):
+    from .exact import CertifyOptions
+
+    return CertifyOptions(milp=not no_milp, time_limit=milp_time_limit, solve_limit=min(60.0, milp_time_limit))
+
+
+def _optimize_exact(model, calib, example, output, passes, layer_threshold, input_range, milp_time_limit, no_milp,
+                    check_points, input_shape, json_out, overwrite):
+    from .exact.compress import compress_exact
+    from .model_io import load_model, save_model_proto
+    from .model_report import model_report
+    from .passes.fold_linear_relu import parse_layer_threshold
+
+    model, calib = _resolve(model, calib, example)
+    result = compress_exact(load_model(model), tuple(input_range), calib=calib,
+                            options=_certify_options(milp_time_limit, no_milp),
+                            passes=tuple(p.strip() for p in passes.split(",") if p.strip()),
+                            layer_threshold=parse_layer_threshold(layer_threshold), check_points=check_points,
+                            input_shapes=dict(_shapes(input_shape)))
+    save_model_proto(result.model, output, overwrite_input=None if overwrite else model)
+    before, after = model_report(result.original), model_report(result.model)
+    payload = dict(result.as_dict(), model=model, output=output, before=before.as_dict(), after=after.as_dict(),
+                   passes=[p.as_dict() for p in result.passes])
+    if json_out:
+        _write_json(json_out, payload)
+        if json_out == "-":
+            return
+    click.echo(f"{model} -> {output}")
+    _print_certificate(result.certificate)
+    w = result.witness_check
+    click.echo(f"witnesses: {w.confirmed}/{w.channels_claimed_unstable} claimed-unstable channels confirmed in onnxruntime")
+    for p in result.passes:
+        click.echo(f"{p.result.name:<14} removed {p.result.neurons_removed:>5}  folded {p.result.neurons_folded:>5}  "
+                   f"params {p.params_before:,} -> {p.params_after:,}")
+    click.echo(f"parameters {before.params:,} -> {after.params:,}; MACs/sample {before.macs:,} -> {after.macs:,}")
+    b = result.box_check
+    click.echo(f"check on {b.samples} random points of the box: max abs error {b.max_abs:.3g} (relative {b.rel_max:.3g})")
+
+
+def _print_certificate(cert) -> None:
+    click.echo(f"domain: {cert.domain.description}")
+    click.echo(f"{'relu':<20} {'units':>6} {'sampled':>8} {'search':>7} {'interval a/i':>13} {'relax a/i':>10} {'milp a/i':>9} "
+               f"{'milp unst':>9} {'open':>5} {'stable a/i ch':>14}")
+    for l in cert.layers:
+        click.echo(f"{l.relu[:20]:<20} {l.units:>6} {l.sampled_unstable:>8} {l.search_unstable:>7} "
+                   f"{l.interval_active:>6}/{l.interval_inactive:<6} {l.relaxed_active:>4}/{l.relaxed_inactive:<5} "
+                   f"{l.milp_active:>4}/{l.milp_inactive:<4} {l.milp_unstable:>9} {l.unproven:>5} "
+                   f"{int(l.stably_active.sum()):>6}/{int(l.stably_inactive.sum()):<7}")
+    for r in cert.not_certified:
+        click.echo(f"{r[:20]:<20} not certified: {cert.stop_reason}")
+    t = cert.seconds
+    click.echo(f"verdict: {'COMPLETE (every unit decided)' if cert.complete else 'INCOMPLETE (open units are kept)'}; "
+               f"{cert.milp_solves} MILP solves; seconds: bounds {t['bounds']:.2f}, search {t['search']:.2f}, "
+               f"milp {t['milp']:.2f}, total {t['total']:.2f}")
 
 
 def _lat(l) -> str:
@@ -260,6 +332,39 @@ def _print_optimize(r, output: str) -> None:
         click.echo(m)
     for name, why in r.not_analysed:
         click.echo(f"not analysed: {name} ({why})")
+
+
+@main.command(epilog="Example: onnx-lincomp certify model.onnx --input-range 0,1 --json -\n\n" + EXIT_CODES_HELP)
+@click.argument("model")
+@click.option("--input-range", "input_range", multiple=True, required=True, help="Domain: LO,HI, NAME=LO,HI, bounds.npz, or from-calib.")
+@click.option("--calib", help="Calibration data: its points disprove stability cheaply (and give from-calib ranges).")
+@click.option("--input-shape", multiple=True, help="NAME=D1,D2,... for dynamic dimensions.")
+@click.option("--milp-time-limit", default=240.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--no-milp", is_flag=True, help="Stop after the bound stages.")
+@click.option("--json", "json_out", help="Write the certificate as JSON ('-' for stdout).")
+def certify(model, input_range, calib, input_shape, milp_time_limit, no_milp, json_out):
+    """Prove which ReLU units are stable on an input box; report only (writes no model)."""
+    from .calibration import input_specs, open_calibration
+    from .canonicalize import canonicalize
+    from .exact import certify as run_certify, parse_domain
+    from .exact.witness_check import check_witnesses
+    from .model_io import load_model
+
+    loaded = load_model(model)
+    canonicalize(loaded.graph, ctx=loaded.ctx)
+    shapes = dict(_shapes(input_shape))
+    specs = input_specs(loaded.graph)
+    source = open_calibration(calib, specs, shape_overrides=shapes) if calib else None
+    domain = parse_domain(input_range, specs, calib=source, overrides=shapes)
+    cert = run_certify(loaded.graph, loaded.ctx, domain, source, _certify_options(milp_time_limit, no_milp))
+    witness = check_witnesses(loaded.graph, loaded.ctx, cert)
+    if json_out:
+        _write_json(json_out, dict(cert.as_dict(), model=model, witness_check=witness.as_dict()))
+        if json_out == "-":
+            return
+    click.echo(model)
+    _print_certificate(cert)
+    click.echo(f"witnesses: {witness.confirmed}/{witness.channels_claimed_unstable} claimed-unstable channels confirmed in onnxruntime")
 
 
 @main.command(epilog="Example: onnx-lincomp bench a.onnx b.onnx --batch-size 8\n\n" + EXIT_CODES_HELP)

@@ -147,9 +147,11 @@ class CalibrationSource:
 
     def __init__(self, specs: list[InputSpec], *, files: list[Path] | None = None, random_samples: int = 0,
                  shape_overrides: dict[str, tuple[int, ...]] | None = None, labels: str | None = None,
-                 seed: int = 0, max_samples: int | None = None, description: str = ""):
+                 seed: int = 0, max_samples: int | None = None, description: str = "",
+                 arrays: dict[str, np.ndarray] | None = None):
         self.specs = specs
-        self.files = files or []
+        self.arrays = arrays
+        self.files = files or ([Path(description or "<arrays>")] if arrays is not None else [])
         self.random_samples = random_samples
         self.shape_overrides = shape_overrides or {}
         self.labels = labels
@@ -167,7 +169,10 @@ class CalibrationSource:
 
     # ---- file sources -------------------------------------------------------------------------
     def _readers_for(self, path: Path) -> dict[str, _ArrayReader]:
-        found = _open_file(path)
+        if self.arrays is not None:
+            found = {k: _ArrayReader(f"{path}:{k}", array=np.asarray(v)) for k, v in self.arrays.items()}
+        else:
+            found = _open_file(path)
         names = [s.name for s in self.specs]
         if "" in found or (len(found) == 1 and len(names) == 1 and names[0] not in found):
             if len(names) != 1:

@@ -1,0 +1,238 @@
+"""Certify ReLU stability over an input box, cheapest stage first, each stage on what is still open.
+
+1. samples (calibration data and random points of the box) disprove stability: a unit seen both
+   positive and negative is unstable; a unit never seen positive is a candidate for *stably inactive*,
+   one never seen negative a candidate for *stably active*;
+2. interval bounds, then the linear relaxation (:mod:`.bounds`), prove candidates;
+3. the MILP (:mod:`.milp`) proves or disproves (with a witness input) the rest, within time limits.
+
+A Conv channel is stable when every position of it is. The result converts to statistics that the
+ordinary passes consume (``positive == 0``: stably inactive, ``positive == positions``: stably active),
+so exact and statistical modes share one set of rewrites.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..calibration.data_source import CalibrationSource
+from ..calibration.relu_stats import ReluStats, StatsSet
+from ..model_io import ModelContext
+from .bounds import relaxed_bounds
+from .chain import AffineChain, extract_chain
+from .domain import Domain
+from .milp import MilpOutcome, decide_candidates
+from .search import search_witness
+
+
+@dataclass(frozen=True)
+class CertifyOptions:
+    random_points: int = 2048
+    milp: bool = True
+    time_limit: float = 240.0  # total seconds for the MILP stage
+    solve_limit: float = 60.0  # seconds per MILP solve
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.random_points < 0 or self.time_limit <= 0 or self.solve_limit <= 0:
+            raise ValueError("random_points must be >= 0 and time limits positive")
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCertificate:
+    relu: str
+    units: int
+    channels: int
+    sampled_unstable: int
+    interval_active: int
+    interval_inactive: int
+    relaxed_active: int  # proven by the relaxation on top of interval bounds
+    relaxed_inactive: int
+    milp_active: int
+    milp_inactive: int
+    milp_unstable: int  # disproven by a MILP witness
+    unproven: int
+    search_unstable: int = 0
+    active_units: np.ndarray = field(repr=False, default=None)
+    inactive_units: np.ndarray = field(repr=False, default=None)
+    channel_of: np.ndarray = field(repr=False, default=None)
+    open_units: tuple[int, ...] = field(repr=False, default=())  # candidates left undecided (time limit)
+
+    @property
+    def stably_active(self) -> np.ndarray:
+        """Channel mask: every unit of the channel proven active."""
+        return np.bincount(self.channel_of, self.active_units, self.channels) == np.bincount(self.channel_of, minlength=self.channels)
+
+    @property
+    def stably_inactive(self) -> np.ndarray:
+        return np.bincount(self.channel_of, self.inactive_units, self.channels) == np.bincount(self.channel_of, minlength=self.channels)
+
+    def as_dict(self) -> dict:
+        return {"relu": self.relu, "units": self.units, "channels": self.channels,
+                "sampled_unstable": self.sampled_unstable,
+                "interval": {"active": self.interval_active, "inactive": self.interval_inactive},
+                "relaxation": {"active": self.relaxed_active, "inactive": self.relaxed_inactive},
+                "search": {"unstable": self.search_unstable},
+                "milp": {"active": self.milp_active, "inactive": self.milp_inactive, "unstable": self.milp_unstable},
+                "unproven": self.unproven, "stably_active_channels": int(self.stably_active.sum()),
+                "stably_inactive_channels": int(self.stably_inactive.sum())}
+
+
+@dataclass(frozen=True, eq=False)
+class Certificate:
+    domain: Domain
+    layers: tuple[LayerCertificate, ...]
+    not_certified: tuple[str, ...]
+    stop_reason: str
+    complete: bool
+    seconds: dict
+    milp_solves: int
+    witnesses: tuple[np.ndarray, ...] = field(repr=False, default=())
+    witness_flips: tuple[tuple[str, int, str, int], ...] = field(repr=False, default=())  # relu, unit, kind, witness
+    evidence: np.ndarray = field(repr=False, default=None)  # inputs showing every claimed-unstable unit's two signs
+
+    def stats_set(self) -> StatsSet:
+        """Statistics that make the passes remove exactly the proven-inactive and fold the proven-active channels."""
+        layers = []
+        for lc in self.layers:
+            c = lc.channels
+            positive = np.ones(c, np.int64)
+            positive[lc.stably_active] = 2
+            positive[lc.stably_inactive] = 0
+            zeros = np.zeros(c)
+            layers.append(ReluStats(lc.relu, lc.relu, 1, "pre", 1, 2, positive, (positive > 0).astype(np.int64),
+                                    (positive == 2).astype(np.int64), zeros, zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()))
+        return StatsSet(tuple(layers), f"proof over {self.domain.description}", False,
+                        tuple((r, "not certified: " + self.stop_reason) for r in self.not_certified))
+
+    def as_dict(self) -> dict:
+        return {"domain": self.domain.as_dict(), "complete": self.complete, "seconds": self.seconds,
+                "milp_solves": self.milp_solves, "witnesses": len(self.witnesses),
+                "layers": [l.as_dict() for l in self.layers], "not_certified": list(self.not_certified),
+                "stop_reason": self.stop_reason}
+
+
+@dataclass
+class _Signs:
+    """Per unit: seen positive / negative, and the point that came closest to each sign."""
+
+    pos: list[np.ndarray]
+    neg: list[np.ndarray]
+    best_pos: list[np.ndarray]  # index of the point with the largest z
+    best_neg: list[np.ndarray]  # index of the point with the smallest z
+
+
+def _sample_signs(chain: AffineChain, points: np.ndarray) -> _Signs:
+    widths = [l.width for l in chain.layers]
+    pos = [np.zeros(w, bool) for w in widths]
+    neg = [np.zeros(w, bool) for w in widths]
+    hi_val = [np.full(w, -np.inf) for w in widths]
+    lo_val = [np.full(w, np.inf) for w in widths]
+    hi_idx = [np.zeros(w, int) for w in widths]
+    lo_idx = [np.zeros(w, int) for w in widths]
+    for start in range(0, len(points), 512):
+        for k, z in enumerate(chain.forward(points[start:start + 512])):
+            pos[k] |= (z > 0).any(axis=0)
+            neg[k] |= (z < 0).any(axis=0)
+            mx, mn = z.max(axis=0), z.min(axis=0)
+            up, down = mx > hi_val[k], mn < lo_val[k]
+            hi_idx[k][up] = start + z.argmax(axis=0)[up]
+            lo_idx[k][down] = start + z.argmin(axis=0)[down]
+            hi_val[k], lo_val[k] = np.maximum(hi_val[k], mx), np.minimum(lo_val[k], mn)
+    return _Signs(pos, neg, hi_idx, lo_idx)
+
+
+def _search_flips(chain: AffineChain, domain: Domain, points: np.ndarray, signs: _Signs, cands, sign: float):
+    """Witnesses for candidates found by local search: {(layer, unit): input}."""
+    found = {}
+    for k, i in sorted(cands):
+        start = points[(signs.best_pos if sign > 0 else signs.best_neg)[k][i]]
+        x = search_witness(chain, domain.lower, domain.upper, k, i, sign, start)
+        if x is not None:
+            found[(k, i)] = x
+    return found
+
+
+def _points(domain: Domain, calib: CalibrationSource | None, n_random: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    parts = [domain.sample(rng, n_random).reshape(n_random, -1)] if n_random else []
+    parts += [domain.lower[None, :], domain.upper[None, :]]
+    if calib is not None:
+        for batch in calib.batches(256):
+            x = batch[domain.input].reshape(len(batch[domain.input]), -1).astype(np.float64)
+            inside = np.all((x >= domain.lower) & (x <= domain.upper), axis=1)
+            parts.append(x[inside])  # only points of the domain disprove stability on it
+    return np.concatenate(parts)
+
+
+def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: CalibrationSource | None = None,
+            options: CertifyOptions = CertifyOptions()) -> Certificate:
+    """Prove which Relu units of ``graph`` are stable on ``domain``."""
+    t0 = time.perf_counter()
+    chain = extract_chain(graph, domain.shape, ctx.default_opset)
+    t_chain = time.perf_counter()
+    points = _points(domain, calib, options.random_points, options.seed)
+    signs = _sample_signs(chain, points)
+    pos, neg = signs.pos, signs.neg
+    t_samples = time.perf_counter()
+    interval, tight = relaxed_bounds(chain, domain.lower, domain.upper)
+    t_bounds = time.perf_counter()
+    i_act = [b.lower >= 0 for b in interval]
+    i_inact = [b.upper <= 0 for b in interval]
+    r_act = [b.lower >= 0 for b in tight]
+    r_inact = [b.upper <= 0 for b in tight]
+    inactive_c = {(k, int(i)) for k in range(len(chain.layers)) for i in np.flatnonzero(~pos[k] & ~r_inact[k] & ~r_act[k])}
+    active_c = {(k, int(i)) for k in range(len(chain.layers)) for i in np.flatnonzero(~neg[k] & ~r_act[k] & ~r_inact[k])}
+    searched_pos = _search_flips(chain, domain, points, signs, inactive_c, +1.0)
+    searched_neg = _search_flips(chain, domain, points, signs, active_c, -1.0)
+    t_search = time.perf_counter()
+    outcome = (decide_candidates(chain, tight, domain.lower, domain.upper, inactive_c - set(searched_pos),
+                                 active_c - set(searched_neg), time_limit=options.time_limit, solve_limit=options.solve_limit)
+               if options.milp else MilpOutcome(unproven_inactive=inactive_c - set(searched_pos),
+                                                unproven_active=active_c - set(searched_neg)))
+    outcome.complete = outcome.complete or not (outcome.unproven_inactive | outcome.unproven_active) and options.milp
+    for found, target in ((searched_pos, outcome.flipped_positive), (searched_neg, outcome.flipped_negative)):
+        for cand, x in found.items():
+            outcome.witnesses.append(x)
+            target[cand] = len(outcome.witnesses) - 1
+    t_milp = time.perf_counter()
+    layers, flips = [], []
+    searched = {**{c: "positive" for c in searched_pos}, **{c: "negative" for c in searched_neg}}
+    for k, layer in enumerate(chain.layers):
+        m_act = np.zeros(layer.width, bool)
+        m_inact = np.zeros(layer.width, bool)
+        m_act[[i for kk, i in outcome.proven_active if kk == k]] = True
+        m_inact[[i for kk, i in outcome.proven_inactive if kk == k]] = True
+        milp_unstable, search_unstable = set(), set()
+        for kind, found in (("positive", outcome.flipped_positive), ("negative", outcome.flipped_negative)):
+            for (kk, i), w in found.items():
+                if kk == k:
+                    (search_unstable if (kk, i) in searched else milp_unstable).add(i)
+                    flips.append((layer.relu, i, kind, w))
+        unproven = {i for kk, i in outcome.unproven_inactive | outcome.unproven_active if kk == k}
+        act, inact = r_act[k] | m_act, r_inact[k] | m_inact
+        decided = set(np.flatnonzero(act | inact))
+        layers.append(LayerCertificate(
+            layer.relu, layer.width, layer.channels, int((pos[k] & neg[k]).sum()),
+            int(i_act[k].sum()), int(i_inact[k].sum()), int((r_act[k] & ~i_act[k]).sum()), int((r_inact[k] & ~i_inact[k]).sum()),
+            int(m_act.sum()), int(m_inact.sum()), len(milp_unstable - decided), len(unproven - decided),
+            len(search_unstable - decided), act, inact, layer.channel_of, tuple(sorted(unproven - decided))))
+    evidence = _evidence(points, signs, layers, outcome.witnesses)
+    complete = outcome.complete and not chain.uncovered
+    seconds = {"chain": t_chain - t0, "samples": t_samples - t_chain, "bounds": t_bounds - t_samples,
+               "search": t_search - t_bounds, "milp": t_milp - t_search, "total": t_milp - t0}
+    return Certificate(domain, tuple(layers), chain.uncovered, chain.stop_reason, complete, seconds, outcome.solves,
+                       tuple(outcome.witnesses), tuple(flips), evidence)
+
+
+def _evidence(points: np.ndarray, signs: _Signs, layers: list[LayerCertificate], witnesses: list[np.ndarray]) -> np.ndarray:
+    """The sample points closest to each sign of every unit, plus all witnesses."""
+    idx = set()
+    for k, lc in enumerate(layers):
+        idx.update(int(i) for i in signs.best_pos[k])
+        idx.update(int(i) for i in signs.best_neg[k])
+    parts = [points[sorted(idx)]] + ([np.stack(witnesses)] if witnesses else [])
+    return np.concatenate(parts)
