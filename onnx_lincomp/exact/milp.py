@@ -230,5 +230,6 @@ def decide_candidates(chain: AffineChain, bounds: list[LayerBounds], lo: np.ndar
         pc -= flipped_p
         qc -= flipped_q
     out.unproven_inactive, out.unproven_active = pc, qc
+    out.complete = not pc and not qc  # every candidate proven or flipped
     out.seconds = time.perf_counter() - start
     return out
