@@ -31,6 +31,7 @@ from .search import search_witness
 @dataclass(frozen=True)
 class CertifyOptions:
     random_points: int = 2048
+    search_restarts: int = 16  # random starting points per candidate for the witness search
     milp: bool = True
     time_limit: float = 240.0  # total seconds for the MILP stage
     solve_limit: float = 60.0  # seconds per MILP solve
@@ -145,14 +146,19 @@ def _sample_signs(chain: AffineChain, points: np.ndarray) -> _Signs:
     return _Signs(pos, neg, hi_idx, lo_idx)
 
 
-def _search_flips(chain: AffineChain, domain: Domain, points: np.ndarray, signs: _Signs, cands, sign: float):
-    """Witnesses for candidates found by local search: {(layer, unit): input}."""
+def _search_flips(chain: AffineChain, domain: Domain, points: np.ndarray, signs: _Signs, cands, sign: float,
+                  restarts: int, seed: int):
+    """Witnesses found by local search, from the closest sample and then from random restarts."""
+    rng = np.random.default_rng(seed + 7)
     found = {}
     for k, i in sorted(cands):
-        start = points[(signs.best_pos if sign > 0 else signs.best_neg)[k][i]]
-        x = search_witness(chain, domain.lower, domain.upper, k, i, sign, start)
-        if x is not None:
-            found[(k, i)] = x
+        starts = [points[(signs.best_pos if sign > 0 else signs.best_neg)[k][i]]]
+        starts += list(domain.sample(rng, restarts).reshape(restarts, -1))
+        for start in starts:
+            x = search_witness(chain, domain.lower, domain.upper, k, i, sign, start)
+            if x is not None:
+                found[(k, i)] = x
+                break
     return found
 
 
@@ -186,8 +192,8 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
     r_inact = [b.upper <= 0 for b in tight]
     inactive_c = {(k, int(i)) for k in range(len(chain.layers)) for i in np.flatnonzero(~pos[k] & ~r_inact[k] & ~r_act[k])}
     active_c = {(k, int(i)) for k in range(len(chain.layers)) for i in np.flatnonzero(~neg[k] & ~r_act[k] & ~r_inact[k])}
-    searched_pos = _search_flips(chain, domain, points, signs, inactive_c, +1.0)
-    searched_neg = _search_flips(chain, domain, points, signs, active_c, -1.0)
+    searched_pos = _search_flips(chain, domain, points, signs, inactive_c, +1.0, options.search_restarts, options.seed)
+    searched_neg = _search_flips(chain, domain, points, signs, active_c, -1.0, options.search_restarts, options.seed)
     t_search = time.perf_counter()
     outcome = (decide_candidates(chain, tight, domain.lower, domain.upper, inactive_c - set(searched_pos),
                                  active_c - set(searched_neg), time_limit=options.time_limit, solve_limit=options.solve_limit)
