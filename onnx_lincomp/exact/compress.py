@@ -61,13 +61,14 @@ def certificate_metadata(cert: Certificate, witness: WitnessCheck) -> dict[str, 
 def compress_exact(loaded: LoadedModel, domain_spec: tuple[str, ...], *, calib: str | None = None,
                    options: CertifyOptions = CertifyOptions(), passes=("remove-dead", "fold-linear", "merge-affine"),
                    layer_threshold="auto", check_points: int = 10000, tolerance: float = 1e-5,
-                   input_shapes: dict | None = None) -> ExactResult:
+                   input_shapes: dict | None = None, certificate: Certificate | None = None) -> ExactResult:
+    """Certify (unless ``certificate`` for this model and domain is given), compress, check, stamp."""
     original = to_model_proto(loaded.graph, loaded.ctx)
     canon = canonicalize(loaded.graph, ctx=loaded.ctx)
     specs = input_specs(loaded.graph)
     source = open_calibration(calib, specs, shape_overrides=input_shapes) if calib else None
     domain = parse_domain(domain_spec, specs, calib=source, overrides=input_shapes)
-    cert = certify(loaded.graph, loaded.ctx, domain, source, options)
+    cert = certificate if certificate is not None else certify(loaded.graph, loaded.ctx, domain, source, options)
     witness = check_witnesses(loaded.graph, loaded.ctx, cert)
     graph = loaded.graph.copy()
     records = run_passes(graph, tuple(passes), PassContext(cert.stats_set(), exact=True), layer_threshold)

@@ -102,6 +102,8 @@ class _Program:
             blocks.append(eq.tocsr())
             lbs.append(layer.bias.copy())
             ubs.append(layer.bias.copy())  # z - W h_prev = b
+            if k == self.last:
+                continue  # candidates of the last layer need only z (and their d, linked per solve)
             active = np.flatnonzero(b.lower >= 0)
             inactive = np.flatnonzero(b.upper <= 0)
             unstable = np.flatnonzero((b.lower < 0) & (b.upper > 0))
