@@ -227,3 +227,25 @@ def test_model_without_relu_round_trips(rng):
     out, res, _ = compress(model, x)
     assert not any(r.changed for r in res.values()) and ops(out) == ["MatMul"]
     assert_same_outputs(model, out, {"x": x})
+
+
+@pytest.mark.parametrize("opset", [7, 9, 11, 13, 17, 21])
+def test_opsets_mlp(rng, opset):
+    model = mlp_model(rng, [6, 10, 8, 3], dead={0: [1, 2]}, linear={1: list(range(7))})
+    model.opset_import[0].version = opset
+    x = rng.random((30, 6), dtype=np.float32)
+    out, res, _ = compress(model, x)
+    assert res["remove-dead"].neurons_removed >= 2
+    assert [o.version for o in out.opset_import if o.domain == ""] == [opset]
+    assert_same_outputs(model, out, {"x": x})
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17])
+def test_opsets_cnn(rng, opset):
+    model = cnn_model(rng, dead=[1])
+    model.opset_import[0].version = opset
+    x = rng.random((12, 1, 6, 6), dtype=np.float32)
+    out, res, stats = compress(model, x)
+    assert stats.layers[0].observed == "post" and stats.layers[0].dead[1]
+    assert res["remove-dead"].neurons_removed >= 1
+    assert_same_outputs(model, out, {"x": x})
