@@ -13,7 +13,6 @@ Prints a table and writes benchmarks/results/exact_certify.json.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -31,16 +30,10 @@ from onnx_lincomp.model_io import load_model
 from onnx_lincomp.model_report import model_report
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
+sys.path.insert(0, str(HERE.parent / "tests"))
+from conftest import SHARED, read_idx  # noqa: E402  (the IDX reader the tests use)
+
 RESULTS = HERE / "results"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path) as fh:
-        data = fh.read()
-    nd = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(nd)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * nd).reshape(dims)
 
 
 def train_l1_mlp(x, y, widths, l1, epochs, seed=0, lr=1e-3):

@@ -27,6 +27,12 @@ class ConsumerLink:
     block: int
     path: tuple[gs.Node, ...]
     reshape: gs.Node | None = None
+    offset: int = 0  # channel offset of the producer's channels in the consumer's input (after a Concat)
+
+    def columns(self, channels: np.ndarray) -> np.ndarray:
+        """Consumer input columns fed by the producer ``channels``."""
+        first = (np.asarray(channels) + self.offset) * self.block
+        return (first[:, None] + np.arange(self.block)[None, :]).reshape(-1)
 
     @property
     def through_pool(self) -> bool:
@@ -46,9 +52,24 @@ class ReluSite:
     @property
     def is_chain(self) -> bool:
         """Producer and single consumer are Gemm/MatMul joined directly (what fold-linear rewrites)."""
-        return (len(self.consumers) == 1 and self.producer.kind != "conv"
-                and self.consumers[0].layer.kind != "conv" and self.consumers[0].block == 1
-                and self.consumers[0].reshape is None)
+        link = self.consumers[0] if len(self.consumers) == 1 else None
+        return (link is not None and self.producer.kind != "conv" and link.layer.kind != "conv"
+                and link.block == 1 and link.reshape is None and link.offset == 0
+                and link.layer.in_features == self.producer.out_features)
+
+
+def _concat_offset(node: gs.Node, tensor: gs.Tensor) -> tuple[int, int] | Skip:
+    """(offset of ``tensor``'s channels, total channels) of a Concat along the channel axis."""
+    shapes = [t.shape for t in node.inputs]
+    if any(s is None or len(s) < 2 or not isinstance(s[1], int) for s in shapes):
+        return Skip(node.name, "Concat input shapes unknown (cannot map channels)")
+    rank = len(shapes[0])
+    if int(node.attrs.get("axis", 0)) % rank != 1:
+        return Skip(node.name, "Concat along an axis other than the channel axis")
+    if sum(1 for t in node.inputs if t is tensor) != 1:
+        return Skip(node.name, "the same tensor enters the Concat more than once")
+    index = next(i for i, t in enumerate(node.inputs) if t is tensor)
+    return sum(s[1] for s in shapes[:index]), sum(s[1] for s in shapes)
 
 
 def _flatten_block(graph: gs.Graph, node: gs.Node, channels: int) -> int | Skip:
@@ -70,40 +91,50 @@ def _flatten_block(graph: gs.Graph, node: gs.Node, channels: int) -> int | Skip:
     return int(np.prod(x.shape[2:], dtype=np.int64)) if len(x.shape) > 2 else 1
 
 
-def _walk_consumers(graph: gs.Graph, tensor: gs.Tensor, channels: int, path: tuple, block: int,
-                    reshape: gs.Node | None, out: list) -> Skip | None:
+def _walk_consumers(graph: gs.Graph, tensor: gs.Tensor, width: int, path: tuple, block: int,
+                    reshape: gs.Node | None, offset: int, out: list) -> Skip | None:
+    """Follow ``tensor`` (``width`` channels, the producer's starting at ``offset``) to linear consumers."""
     if is_graph_output(graph, tensor):
         return Skip(tensor.name, "activation is also a graph output")
     if not tensor.outputs:
         return Skip(tensor.name, "activation has no readers")
     for node in tensor.outputs:
+        if node.op == "Concat" and reshape is None:
+            found = _concat_offset(node, tensor)
+            if isinstance(found, Skip):
+                return found
+            extra, total = found
+            skip = _walk_consumers(graph, node.outputs[0], total, path + (node,), block, reshape, offset + extra, out)
+            if skip:
+                return skip
+            continue
         if node.inputs[0] is not tensor:
             return Skip(node.name, f"activation feeds a non-data input of {node.op}")
         if node.op in CHANNEL_PRESERVING and reshape is None:
             if len([o for o in node.outputs if o.outputs or is_graph_output(graph, o)]) > 1:
                 return Skip(node.name, f"{node.op} with more than one used output")
-            skip = _walk_consumers(graph, node.outputs[0], channels, path + (node,), block, reshape, out)
+            skip = _walk_consumers(graph, node.outputs[0], width, path + (node,), block, reshape, offset, out)
             if skip:
                 return skip
             continue
         if node.op in ("Flatten", "Reshape") and reshape is None:
-            b = _flatten_block(graph, node, channels)
+            b = _flatten_block(graph, node, width)
             if isinstance(b, Skip):
                 return b
-            skip = _walk_consumers(graph, node.outputs[0], channels, path + (node,), b, node, out)
+            skip = _walk_consumers(graph, node.outputs[0], width, path + (node,), b, node, offset, out)
             if skip:
                 return skip
             continue
         layer = match_linear_layer(graph, node)
         if layer is None:
-            return Skip(node.name, f"activation feeds {node.op} (residual/concat groups and other ops are not rewritten)")
+            return Skip(node.name, f"activation feeds {node.op} (residual Add groups and other ops are not rewritten)")
         if isinstance(layer, Skip):
             return layer
         if layer.kind == "conv" and layer.group != 1:
             return Skip(node.name, "consumer is a grouped/depthwise Conv")
-        if layer.in_features != channels * block:
-            return Skip(node.name, f"consumer input width {layer.in_features} does not match {channels} channels x {block}")
-        out.append(ConsumerLink(layer, block, path, reshape))
+        if layer.in_features != width * block:
+            return Skip(node.name, f"consumer input width {layer.in_features} does not match {width} channels x {block}")
+        out.append(ConsumerLink(layer, block, path, reshape, offset))
     return None
 
 
@@ -120,7 +151,7 @@ def find_relu_site(graph: gs.Graph, relu: gs.Node) -> ReluSite | Skip:
     if producer.kind == "conv" and producer.group != 1:
         return Skip(relu.name, "producer is a grouped/depthwise Conv")
     consumers: list[ConsumerLink] = []
-    skip = _walk_consumers(graph, relu.outputs[0], producer.out_features, (), 1, None, consumers)
+    skip = _walk_consumers(graph, relu.outputs[0], producer.out_features, (), 1, None, 0, consumers)
     if skip is not None:
         return Skip(relu.name, skip.reason)
     return ReluSite(relu, producer, tuple(consumers))

@@ -249,3 +249,31 @@ def test_opsets_cnn(rng, opset):
     assert stats.layers[0].observed == "post" and stats.layers[0].dead[1]
     assert res["remove-dead"].neurons_removed >= 1
     assert_same_outputs(model, out, {"x": x})
+
+
+@pytest.mark.parametrize("after", ["conv", "flatten"])
+def test_remove_dead_through_concat(rng, after):
+    w1 = rng.normal(0, 0.5, (3, 1, 3, 3)).astype(np.float32)
+    b1 = np.array([-100, 0.1, 0.2], np.float32)
+    w2 = rng.normal(0, 0.5, (4, 1, 1, 1)).astype(np.float32)
+    b2 = np.array([0.1, -100, 0.3, -100], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Concat", ["r1", "r2"], ["cat"], name="cat", axis=1)]
+    inits = [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", b2)]
+    if after == "conv":
+        nodes.append(helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3"))
+        inits.append(init("w3", rng.normal(size=(2, 7, 1, 1)).astype(np.float32)))
+    else:
+        nodes += [helper.make_node("Flatten", ["cat"], ["f"], name="flat"), helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1)]
+        inits.append(init("w3", rng.normal(size=(2, 7 * 25)).astype(np.float32)))
+    model = make_model(nodes, [vinfo("x", ["N", 1, 5, 5])], [vinfo("y", None)], inits)
+    x = rng.random((10, 1, 5, 5), dtype=np.float32)
+    out, res, _ = compress(model, x, passes=("remove-dead",))
+    assert res["remove-dead"].neurons_removed == 3
+    consumer = next(n for n in out.graph.node if n.name in ("conv3", "fc"))
+    w3 = next(i for i in out.graph.initializer if i.name == consumer.input[1])
+    assert w3.dims[1] == (4 if after == "conv" else 4 * 25)
+    assert_same_outputs(model, out, {"x": x})

@@ -39,12 +39,6 @@ def dead_mask(ctx: PassContext, relu: str, width: int) -> np.ndarray | None:
     return stats.sample_rate <= ctx.dead_rate
 
 
-def _columns(link: ConsumerLink, channels: np.ndarray) -> np.ndarray:
-    if link.block == 1:
-        return channels
-    return (channels[:, None] * link.block + np.arange(link.block)[None, :]).reshape(-1)
-
-
 def _consumer_bias_shift(link: ConsumerLink, dead: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """Bias change that replaces removed channels by their mean output (None when not exact to do so)."""
     w = link.layer.weight
@@ -53,17 +47,19 @@ def _consumer_bias_shift(link: ConsumerLink, dead: np.ndarray, mean: np.ndarray)
     if link.layer.kind == "conv":
         if any(link.layer.conv_attrs.get("pads", [])):
             return None
-        return w[:, dead].sum(axis=tuple(range(2, w.ndim))) @ mean[dead]
-    cols = _columns(link, np.flatnonzero(dead))
+        cols = link.columns(np.flatnonzero(dead))
+        return w[:, cols].sum(axis=tuple(range(2, w.ndim))) @ mean[dead]
+    cols = link.columns(np.flatnonzero(dead))
     return w[:, cols] @ np.repeat(mean[dead], link.block)
 
 
-def _shrink_reshape(graph: gs.Graph, names: NameSource, link: ConsumerLink, kept: int) -> None:
+def _shrink_reshape(graph: gs.Graph, names: NameSource, link: ConsumerLink, removed: int) -> None:
     node = link.reshape
     if node is None or node.op != "Reshape":
         return
     target = np.asarray(node.inputs[1].values).copy()
-    target[1] = kept * link.block if target[1] != -1 else -1
+    if target[1] != -1:
+        target[1] -= removed * link.block
     node.inputs[1] = gs.Constant(names.fresh(node.inputs[1].name), target)
 
 
@@ -83,10 +79,10 @@ class RemoveDeadNeurons:
         shifts = [_consumer_bias_shift(link, ~keep, mean) for link in site.consumers]
         for link, shift in zip(site.consumers, shifts):
             c = link.layer
-            cols = np.setdiff1d(np.arange(c.in_features), _columns(link, removed_cols))
+            cols = np.setdiff1d(np.arange(c.in_features), link.columns(removed_cols))
             new_w = c.weight[:, cols]
             write_linear_layer(graph, names, c, new_w, c.bias + shift)
-            _shrink_reshape(graph, names, link, int(keep.sum()))
+            _shrink_reshape(graph, names, link, int(removed_cols.size))
         return keep
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
