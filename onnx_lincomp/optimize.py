@@ -188,12 +188,13 @@ def _latencies(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions)
     feeds_b = next(iter(iterate_feeds(prep.loaded.graph, prep.source, options.batch_size, 0, options.batch_size)))[0]
     fixed = prep.source.per_sample or fixed_batch(prep.loaded.graph) is not None
     feeds_1 = feeds_b if fixed else {k: v[:1] for k, v in feeds_b.items()}
+    runs = [(feeds_1, 1)] if fixed else [(feeds_1, 1), (feeds_b, len(next(iter(feeds_b.values()))))]
     results = []
     with tempfile.TemporaryDirectory(prefix="lincomp-lat-") as workdir:
         sess = make_session(model, workdir, options.threads)
-        for feeds, bs in ((feeds_1, 1), (feeds_b, len(next(iter(feeds_b.values()))) if feeds_b else 1)):
+        for feeds, bs in runs:
             results.append(measure_session(sess, feeds, LatencyOptions(runs=30, warmup=3, threads=options.threads, batch_size=bs)))
-    return results[0], results[1]
+    return results[0], (results[1] if len(results) > 1 else None)  # a fixed-batch model has no second figure
 
 
 def _check_gates(report: OptimizeReport, options: OptimizeOptions) -> None:

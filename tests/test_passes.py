@@ -277,3 +277,23 @@ def test_remove_dead_through_concat(rng, after):
     w3 = next(i for i in out.graph.initializer if i.name == consumer.input[1])
     assert w3.dims[1] == (4 if after == "conv" else 4 * 25)
     assert_same_outputs(model, out, {"x": x})
+
+
+def test_residual_group_removes_only_channels_dead_in_every_member(rng):
+    w1, w2 = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    b1 = np.array([-100, -100, 0.1, 0.2, -100, 0.3], np.float32)  # dead: 0, 1, 4
+    b2 = np.array([-100, 0.1, 0.2, -100, -100, 0.3], np.float32)  # dead: 0, 3, 4
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["z1"], name="fc1", transB=1), helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["z2"], name="fc2", transB=1), helper.make_node("Relu", ["z2"], ["h2"], name="relu2"),
+             helper.make_node("Add", ["h1", "h2"], ["s"], name="res"), helper.make_node("Gemm", ["s", "w3"], ["y"], name="fc3", transB=1)]
+    model = make_model(nodes, [vinfo("x", ["N", 4])], [vinfo("y", ["N", 3])],
+                       [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", b2), init("w3", rng.normal(size=(3, 6)).astype(np.float32))])
+    x = rng.random((40, 4), dtype=np.float32)
+    out, res, stats = compress(model, x, passes=("remove-dead",))
+    common = stats.layers[0].dead & stats.layers[1].dead
+    assert common[[0, 4]].all()
+    assert res["remove-dead"].neurons_removed == 2 * int(common.sum())
+    assert any("residual Add" in k for k in res["remove-dead"].skipped)
+    w3 = next(i for i in out.graph.initializer if i.name == next(n for n in out.graph.node if n.name == "fc3").input[1])
+    assert w3.dims[1] == 6 - int(common.sum())
+    assert_same_outputs(model, out, {"x": x})

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph_edit import NameSource
 from ..linear_layer import Skip, write_linear_layer
-from ..relu_sites import ConsumerLink, ReluSite, find_relu_site, relu_nodes
+from ..relu_sites import ConsumerLink, ReluSite, ResidualGroup, find_relu_site, find_residual_group, relu_nodes
 from .base import PassContext, PassResult
 
 
@@ -69,12 +69,14 @@ class RemoveDeadNeurons:
     def __init__(self, options: RemoveDeadOptions = RemoveDeadOptions()):
         self.options = options
 
-    def _apply(self, graph: gs.Graph, names: NameSource, site: ReluSite, dead: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    def _apply(self, graph: gs.Graph, names: NameSource, site: ReluSite | ResidualGroup, dead: np.ndarray,
+               mean: np.ndarray) -> np.ndarray:
         keep = ~dead
         if keep.sum() < self.options.keep_at_least:
             keep[np.flatnonzero(dead)[: self.options.keep_at_least - keep.sum()]] = True
-        p = site.producer
-        write_linear_layer(graph, names, p, p.weight[keep], p.bias[keep])
+        producers = [m.producer for m in site.members] if isinstance(site, ResidualGroup) else [site.producer]
+        for p in producers:
+            write_linear_layer(graph, names, p, p.weight[keep], p.bias[keep])
         removed_cols = np.flatnonzero(~keep)
         shifts = [_consumer_bias_shift(link, ~keep, mean) for link in site.consumers]
         for link, shift in zip(site.consumers, shifts):
@@ -115,5 +117,25 @@ class RemoveDeadNeurons:
             removed += int((~keep).sum())
             rewritten += 1
             approximate |= ctx.dead_rate > 0 and bool(np.any(stats.positive[~keep]))
+        for add in [n for n in graph.nodes if n.op in ("Add", "Sum")]:
+            group = find_residual_group(graph, add)
+            if group is None:
+                continue
+            if isinstance(group, Skip):
+                skipped[group.reason] += 1
+                continue
+            matched += 1
+            masks = [dead_mask(ctx, m.relu.name, group.width) for m in group.members]
+            if any(m is None for m in masks):
+                skipped["residual group member without statistics"] += 1
+                continue
+            dead = np.logical_and.reduce(masks)  # a channel goes only when every member is dead there
+            if ctx.dead_rate > 0 or min(int(dead.sum()), group.width - self.options.keep_at_least) <= 0:
+                continue  # groups are removed only when exactly zero in all members
+            keep = self._apply(graph, names, group, dead, np.zeros(group.width))
+            for m in group.members:
+                kept[m.relu.name] = np.flatnonzero(keep)
+            removed += int((~keep).sum()) * len(group.members)
+            rewritten += 1
         return PassResult(self.name, changed=rewritten > 0, matched=matched, rewritten=rewritten,
                           neurons_removed=removed, approximate=approximate, skipped=dict(skipped), kept=kept)
