@@ -219,6 +219,8 @@ def write_linear_layer(graph: gs.Graph, names: NameSource, layer: LinearLayer, w
         need_bias = True
     elif layer.kind == "conv":
         head.inputs[1] = w_const
+        if "kernel_shape" in head.attrs:
+            head.attrs["kernel_shape"] = [int(k) for k in weight.shape[2:]]
         if need_bias:
             b_const = gs.Constant(names.fresh(f"{head.name or 'conv'}_bias"), b_values)
             if len(head.inputs) > 2:

@@ -132,9 +132,16 @@ def test_threshold_int_and_float(rng):
         assert (recs[0].result.neurons_folded >= 20) == folds, threshold
 
 
-@pytest.mark.parametrize("case", ["kxk_then_1x1", "1x1_then_kxk", "gemm_pair"])
+@pytest.mark.parametrize("case", ["kxk_then_1x1", "1x1_then_kxk", "gemm_pair", "kxk_then_kxk"])
 def test_merge_affine(rng, case):
-    if case == "gemm_pair":
+    if case == "kxk_then_kxk":  # 1->2->1 channels: a 5x5 kernel (25 weights) beats 18 + 18
+        nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 2, 1, 0], kernel_shape=[3, 3]),
+                 helper.make_node("Conv", ["h", "w2", "b2"], ["y"], kernel_shape=[3, 3])]
+        inits = [init("w1", rng.normal(size=(2, 1, 3, 3)).astype(np.float32)), init("b1", rng.normal(size=2).astype(np.float32)),
+                 init("w2", rng.normal(size=(1, 2, 3, 3)).astype(np.float32)), init("b2", rng.normal(size=1).astype(np.float32))]
+        model = make_model(nodes, [vinfo("x", ["N", 1, 8, 9])], [vinfo("y", None)], inits)
+        feeds = {"x": rng.normal(size=(2, 1, 8, 9)).astype(np.float32)}
+    elif case == "gemm_pair":
         nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], transB=1)]
         inits = [init("w1", rng.normal(size=(16, 4)).astype(np.float32)), init("w2", rng.normal(size=(3, 16)).astype(np.float32)),
                  init("b2", rng.normal(size=3).astype(np.float32))]

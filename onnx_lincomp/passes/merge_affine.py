@@ -9,7 +9,9 @@ Conv: exact when one side is a plain 1x1 convolution (group 1, stride 1, no padd
 * ``Conv_1x1 -> Conv_kxk``: ``W[o, i, ...] = sum_m W2[o, m, ...] W1[m, i]`` with the second conv's
   attributes and ``b = b2 + sum_{m, taps} W2[o, m, ...] b1[m]``. If the second conv pads and ``b1 != 0``,
   border positions would see ``b1`` where the original saw zero padding: skipped with that reason.
-Two kxk convolutions are never merged (the merged kernel is larger).
+* two convolutions with unit strides and dilations and an unpadded second one: kernels compose by
+  full convolution, ``C[o, i, t] = sum_m sum_{u+v=t} W1[m, i, u] W2[o, m, v]`` (size ``k1 + k2 - 1``), with
+  the first conv's padding; merged only when the composed kernel has fewer weights.
 """
 from __future__ import annotations
 
@@ -47,7 +49,32 @@ def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarr
         taps = tuple(range(2, second.weight.ndim))
         bias = second.bias + second.weight.sum(axis=taps) @ first.bias
         return np.einsum("om...,mi->oi...", second.weight, w1), bias, "second"
-    return "neither Conv is a plain 1x1 (merged kernel would be larger)"
+    return _compose_kernels(first, second)
+
+
+def _unit_steps(layer: LinearLayer) -> bool:
+    a = layer.conv_attrs
+    return all(v == 1 for v in a["strides"]) and all(v == 1 for v in a["dilations"])
+
+
+def _compose_kernels(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarray, np.ndarray, str] | str:
+    """Two kxk convolutions with unit strides/dilations and an unpadded second: one (k1+k2-1) kernel.
+
+    Cross-correlations compose by convolving kernels: ``C[o, i, t] = sum_m sum_{u+v=t} W1[m, i, u] W2[o, m, v]``;
+    the merged layer keeps the first conv's padding.
+    """
+    if not (_unit_steps(first) and _unit_steps(second)):
+        return "Conv pair with strides or dilations other than 1 and no 1x1 side"
+    if any(second.conv_attrs["pads"]):
+        return "second Conv pads (border values would change when merged)"
+    w1, w2 = first.weight, second.weight
+    k1, k2 = np.array(w1.shape[2:]), np.array(w2.shape[2:])
+    merged = np.zeros((w2.shape[0], w1.shape[1], *(k1 + k2 - 1)))
+    for v in np.ndindex(*k2):
+        window = (slice(None), slice(None)) + tuple(slice(vi, vi + ki) for vi, ki in zip(v, k1))
+        merged[window] += np.einsum("om,mi...->oi...", w2[(slice(None), slice(None)) + v], w1)
+    bias = second.bias + w2.sum(axis=tuple(range(2, w2.ndim))) @ first.bias
+    return merged, bias, "first"
 
 
 def _cheaper(first: LinearLayer, second: LinearLayer, weight: np.ndarray) -> bool:
