@@ -156,3 +156,15 @@ def test_cli_certify_and_exact_optimize(tmp_path, rng):
     assert any(p.key == "onnx_lincomp.exact.certificate" for p in onnx.load(out).metadata_props)
     res = runner.invoke(main, ["certify", str(tmp_path / "m.onnx"), "--input-range", "1,0"])
     assert res.exit_code == 3 and "above upper bound" in res.stderr
+
+
+def test_all_inactive_layer_makes_the_output_constant(rng):
+    model = mlp_model(rng, [4, 6, 5, 3], dead={0: list(range(6))})
+    result = compress_exact(model_from_proto(model), ("0,1",), check_points=1000)
+    assert result.certificate.layers[0].stably_inactive.all()
+    x = rng.random((50, 4), dtype=np.float32)
+    y = run(result.model, {"x": x})[0]
+    np.testing.assert_allclose(y, np.broadcast_to(y[0], y.shape), rtol=0, atol=0)
+    np.testing.assert_allclose(y, run(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    y_far = run(result.model, {"x": 10 * rng.normal(size=(5, 4)).astype(np.float32)})[0]
+    np.testing.assert_allclose(y_far, np.broadcast_to(y[0], y_far.shape))  # constant everywhere now

@@ -72,11 +72,17 @@ class RemoveDeadNeurons:
     def _apply(self, graph: gs.Graph, names: NameSource, site: ReluSite | ResidualGroup, dead: np.ndarray,
                mean: np.ndarray) -> np.ndarray:
         keep = ~dead
+        placeholder = np.zeros_like(dead)
         if keep.sum() < self.options.keep_at_least:
-            keep[np.flatnonzero(dead)[: self.options.keep_at_least - keep.sum()]] = True
+            # a layer with every unit dead keeps placeholders with zero weights: the units output 0 for
+            # every input, so everything downstream is constant (as it was on the data / the domain)
+            placeholder[np.flatnonzero(dead)[: self.options.keep_at_least - keep.sum()]] = True
+            keep |= placeholder
         producers = [m.producer for m in site.members] if isinstance(site, ResidualGroup) else [site.producer]
         for p in producers:
-            write_linear_layer(graph, names, p, p.weight[keep], p.bias[keep])
+            w, b = p.weight.copy(), p.bias.copy()
+            w[placeholder], b[placeholder] = 0.0, 0.0
+            write_linear_layer(graph, names, p, w[keep], b[keep])
         removed_cols = np.flatnonzero(~keep)
         shifts = [_consumer_bias_shift(link, ~keep, mean) for link in site.consumers]
         for link, shift in zip(site.consumers, shifts):
@@ -110,7 +116,10 @@ class RemoveDeadNeurons:
             if any(_consumer_bias_shift(link, dead, mean) is None for link in site.consumers):
                 skipped["removed units are not always zero and a consumer Conv pads (bias fold inexact)"] += 1
                 continue
-            if min(int(dead.sum()), site.width - self.options.keep_at_least) <= 0:
+            removable = min(int(dead.sum()), site.width - self.options.keep_at_least) > 0
+            p = site.producer
+            to_zero = bool(dead.all()) and bool(np.any(p.weight) or np.any(p.bias))
+            if not (removable or to_zero):
                 continue  # nothing removable (a layer keeps at least keep_at_least units)
             keep = self._apply(graph, names, site, dead, mean)
             kept[relu.name] = np.flatnonzero(keep)
