@@ -19,6 +19,8 @@ class LatencyOptions:
     warmup: int = 5
     threads: int = 0
     batch_size: int = 1
+    min_seconds: float = 0.3  # fast models run more than ``runs`` times until this much time is measured
+    max_runs: int = 5000
 
     def __post_init__(self):
         if self.runs <= 0 or self.warmup < 0 or self.batch_size <= 0 or self.threads < 0:
@@ -56,14 +58,14 @@ def make_session(model: onnx.ModelProto, workdir: str, threads: int = 0, optimiz
 def measure_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], options: LatencyOptions) -> Latency:
     for _ in range(options.warmup):
         sess.run(None, feeds)
-    times = []
-    for _ in range(options.runs):
+    times: list[float] = []
+    while len(times) < options.runs or (sum(times) < options.min_seconds * 1000.0 and len(times) < options.max_runs):
         start = time.perf_counter()
         sess.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000.0)
     times.sort()
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Latency(statistics.median(times), p90, options.batch_size, options.threads, options.runs)
+    return Latency(statistics.median(times), p90, options.batch_size, options.threads, len(times))
 
 
 def measure_latency(model: onnx.ModelProto, feeds: dict[str, np.ndarray], options: LatencyOptions = LatencyOptions()) -> Latency:
