@@ -315,7 +315,7 @@ def _print_optimize(r, output: str) -> None:
     b, a = r.before, r.after
     click.echo(f"{'':<14} {'before':>14} {'after':>14} {'ratio':>7}")
     for label, x, y in (("parameters", b.params, a.params), ("MACs/sample", b.macs, a.macs), ("file bytes", b.size_bytes, a.size_bytes)):
-        click.echo(f"{label:<14} {x:>14,} {y:>14,} {y / x if x else 1:>7.3f}")
+        click.echo(f"{label:<14} {x:>14,} {y:>14,} " + (f"{y / x:>7.3f}" if x else f"{'-':>7}"))
     for label, x, y in (("latency b=1", b.latency_b1, a.latency_b1), ("latency batch", b.latency_batch, a.latency_batch)):
         if x and y:
             click.echo(f"{label:<14} {_lat(x):>14} {_lat(y):>14} {y.median_ms / x.median_ms:>7.3f}")
@@ -407,11 +407,11 @@ def bench(models, runs, warmup, threads, batch_size, input_shape, json_out):
 @click.option("--json", "json_out", help="Write the report as JSON to this file ('-' for stdout).")
 def report(model, input_shape, per_node, json_out):
     """Parameters, MACs per sample, file size and op histogram of a model."""
-    from .model_io import read_model_proto
+    from .model_io import read_model_proto, size_on_disk
     from .model_report import model_report
 
     proto = read_model_proto(model)
-    rep = model_report(proto, dict(_shapes(input_shape)), size_bytes=Path(model).stat().st_size)
+    rep = model_report(proto, dict(_shapes(input_shape)), size_bytes=size_on_disk(model))
     if json_out:
         _write_json(json_out, rep.as_dict(per_node=per_node))
         if json_out == "-":

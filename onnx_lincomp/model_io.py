@@ -177,6 +177,15 @@ def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return with_inferred_shapes(model)
 
 
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Bytes of a model file plus the external data files it references."""
+    p = Path(path)
+    model = onnx.load(str(p), load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    return p.stat().st_size + sum((p.parent / loc).stat().st_size for loc in locations if (p.parent / loc).is_file())
+
+
 def model_size_bytes(model: onnx.ModelProto) -> int:
     """Serialized size of a model (data included) without serialising over the protobuf limit."""
     if tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2:

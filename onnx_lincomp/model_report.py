@@ -39,9 +39,27 @@ class ModelReport:
         return d
 
 
-def _with_static_batch(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+def _structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without weight values (initializers become typed inputs): cheap to copy and infer at any size."""
     m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m.CopyFrom(model) if tensor_bytes(model) < PROTO_LIMIT_BYTES // 4 else _copy_without_weights(model, m)
+    return m
+
+
+def _copy_without_weights(model: onnx.ModelProto, m: onnx.ModelProto) -> None:
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.graph.node.extend(model.graph.node)
+    m.graph.input.extend(model.graph.input)
+    m.graph.output.extend(model.graph.output)
+    names = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in names:
+            m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def _with_static_batch(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    m = _structure_only(model)
     init_names = {t.name for t in m.graph.initializer}
     for inp in m.graph.input:
         if inp.name in init_names or not inp.type.tensor_type.HasField("shape"):
@@ -138,8 +156,8 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict
 def model_report(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                  size_bytes: int | None = None) -> ModelReport:
     """Parameters, per-sample MACs, size and op histogram of a model."""
-    big = tensor_bytes(model) >= PROTO_LIMIT_BYTES
-    inferred = model if big else _with_static_batch(model, input_shapes or {})
+    big = tensor_bytes(model) >= PROTO_LIMIT_BYTES // 4
+    inferred = _with_static_batch(model, input_shapes or {})
     shapes = _shape_table(inferred)
     init_names = {t.name for t in model.graph.initializer}
     unknown_names = sorted({n for node in inferred.graph.node if node.op_type in _MAC_OPS

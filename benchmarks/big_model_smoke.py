@@ -1,0 +1,68 @@
+"""Smoke run of the whole optimize path on a model over 2 GiB (external data).
+
+    python benchmarks/big_model_smoke.py [--dim 16384] [--workdir /tmp/big]
+
+Builds Gemm(dim x dim)-Relu-Gemm(dim x dim)-Relu-Gemm(dim x 10) with external data (two 1 GiB
+matrices at dim 16384, 2.1 GB in all), plants dead units, then runs `onnx-lincomp optimize` on it
+with random calibration data and checks the output loads and is smaller. Needs about 4x the model
+size in memory; not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def build(dim: int, path: Path) -> None:
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+    for i, out in enumerate((dim, dim, 10)):
+        w = (rng.standard_normal((out, dim), dtype=np.float32) / np.sqrt(dim)).astype(np.float32)
+        b = np.zeros(out, np.float32)
+        if i < 2:
+            b[: out // 4] = -100.0  # a quarter of the units are dead
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        y = f"z{i}" if i < 2 else "y"
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [y], name=f"fc{i}", transB=1))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [y], [f"h{i}"], name=f"relu{i}"))
+            x = f"h{i}"
+        del w
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path,
+                    save_as_external_data=True, location=path.name + ".data")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dim", type=int, default=16384)
+    ap.add_argument("--workdir", default="/tmp/big")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    src, out = work / "big.onnx", work / "big_small.onnx"
+    start = time.perf_counter()
+    build(args.dim, src)
+    size = src.stat().st_size + (work / "big.onnx.data").stat().st_size
+    print(f"built {src} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "onnx_lincomp", "optimize", str(src), "--calib", "random:32", "-o", str(out),
+                           "--no-latency", "--batch-size", "8"], capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-2000:])
+    print(f"optimize exit {proc.returncode} in {time.perf_counter() - start:.1f} s")
+    if proc.returncode == 0:
+        data = out.with_name(out.name + ".data")
+        print(f"output {out} + {data.name}: {(out.stat().st_size + data.stat().st_size) / 2**30:.2f} GiB")
+        onnx.checker.check_model(str(out))
+
+
+if __name__ == "__main__":
+    main()
