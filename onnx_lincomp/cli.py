@@ -189,10 +189,12 @@ exact_options = [
 @click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False), help="Reuse statistics saved earlier.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
+@click.option("--channel-multiple", default=1, show_default=True, type=click.IntRange(1),
+              help="Keep layer widths at multiples of N (some dead units stay); 8 suits onnxruntime's blocked Conv kernels.")
 @_with(exact_options)
 def optimize(model, calib, batch_size, max_samples, input_shape, threads, example, output, passes, dead_rate, linear_rate,
              layer_threshold, verify_split, labels, max_accuracy_drop, max_abs_error, json_out, save_stats, stats_file,
-             no_latency, overwrite, exact, input_range, milp_time_limit, no_milp, check_points):
+             no_latency, overwrite, channel_multiple, exact, input_range, milp_time_limit, no_milp, check_points):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
@@ -220,7 +222,7 @@ def optimize(model, calib, batch_size, max_samples, input_shape, threads, exampl
         verify_split=verify_split, labels=labels, max_accuracy_drop=max_accuracy_drop, max_abs_error=max_abs_error,
         batch_size=batch_size, max_samples=max_samples, threads=threads, latency=not no_latency,
         search=max_accuracy_drop is not None and dead_rate is None and linear_rate is None,
-        input_shapes=_shapes(input_shape))
+        input_shapes=_shapes(input_shape), channel_multiple=channel_multiple)
     stats = StatsSet.load(stats_file) if stats_file else None
     if save_stats and stats is None:
         from .optimize import calibrate, prepare

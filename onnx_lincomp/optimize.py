@@ -42,6 +42,7 @@ class OptimizeOptions:
     threads: int = 0
     latency: bool = True
     search: bool = False  # with max_accuracy_drop: search the most aggressive linear rate within budget
+    channel_multiple: int = 1  # remove-dead keeps widths at multiples of this (onnxruntime's blocked convs like 8)
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class OptimizeOptions:
             raise LincompError(f"--verify-split must be in [0, 1), got {self.verify_split}")
         if self.batch_size <= 0:
             raise LincompError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.channel_multiple < 1:
+            raise LincompError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
         if self.max_accuracy_drop is not None and self.labels is None:
             raise LincompError("--max-accuracy-drop needs --labels KEY (the labels array in the calibration data)")
 
@@ -153,7 +156,7 @@ def calibrate(prep: Prepared, options: OptimizeOptions, progress: Progress | Non
 def compress(prep: Prepared, stats: StatsSet, options: OptimizeOptions) -> tuple[onnx.ModelProto, list[PassRecord]]:
     graph = prep.loaded.graph.copy()
     ctx = PassContext(stats, dead_rate=options.dead_rate, linear_rate=options.linear_rate)
-    records = run_passes(graph, options.passes, ctx, options.layer_threshold)
+    records = run_passes(graph, options.passes, ctx, options.layer_threshold, channel_multiple=options.channel_multiple)
     return to_model_proto(graph, prep.loaded.ctx), records
 
 

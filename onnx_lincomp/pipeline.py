@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 
 from .errors import LincompError, PassError
 from .graph_edit import refresh_shapes
-from .passes import PASSES, FoldLinearOptions, FoldLinearRelu, MergeAffine, PassContext, PassResult, RemoveDeadNeurons
+from .passes import (PASSES, FoldLinearOptions, FoldLinearRelu, MergeAffine, PassContext, PassResult, RemoveDeadNeurons,
+                     RemoveDeadOptions)
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +38,20 @@ def count_params(graph: gs.Graph) -> int:
     return total
 
 
-def build_pass(name: str, layer_threshold):
+def build_pass(name: str, layer_threshold, channel_multiple: int = 1):
     if name not in PASSES:
         raise LincompError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
     if name == FoldLinearRelu.name:
         return FoldLinearRelu(FoldLinearOptions(layer_threshold=layer_threshold))
     if name == RemoveDeadNeurons.name:
-        return RemoveDeadNeurons()
+        return RemoveDeadNeurons(RemoveDeadOptions(channel_multiple=channel_multiple))
     return MergeAffine()
 
 
 def run_passes(graph: gs.Graph, names: tuple[str, ...], ctx: PassContext, layer_threshold="auto",
-               max_rounds: int = 3) -> list[PassRecord]:
+               max_rounds: int = 3, channel_multiple: int = 1) -> list[PassRecord]:
     """Run ``names`` over ``graph`` (mutated) until nothing changes or ``max_rounds`` is reached."""
-    passes = [build_pass(n, layer_threshold) for n in names]
+    passes = [build_pass(n, layer_threshold, channel_multiple) for n in names]
     records: list[PassRecord] = []
     for round_no in range(max_rounds):
         changed = False

@@ -304,3 +304,16 @@ def test_residual_group_removes_only_channels_dead_in_every_member(rng):
     w3 = next(i for i in out.graph.initializer if i.name == next(n for n in out.graph.node if n.name == "fc3").input[1])
     assert w3.dims[1] == 6 - int(common.sum())
     assert_same_outputs(model, out, {"x": x})
+
+
+def test_channel_multiple_keeps_aligned_widths(rng):
+    model = cnn_model(rng, dead=[0, 1, 3])
+    x = rng.random((20, 1, 6, 6), dtype=np.float32)
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
+    run_passes(loaded.graph, ("remove-dead",), PassContext(stats), channel_multiple=2)
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    conv1 = next(i for i in out.graph.initializer if i.name == next(n for n in out.graph.node if n.name == "conv1").input[1])
+    assert conv1.dims[0] % 2 == 0 and conv1.dims[0] < 6
+    assert_same_outputs(model, out, {"x": x})

@@ -28,6 +28,22 @@ from .base import PassContext, PassResult
 @dataclass(frozen=True)
 class RemoveDeadOptions:
     keep_at_least: int = 1  # a layer never goes below this width (its output stays well-formed)
+    channel_multiple: int = 1  # keep widths at multiples of this (some dead units stay), for blocked kernels
+
+    def __post_init__(self):
+        if self.keep_at_least < 1 or self.channel_multiple < 1:
+            raise ValueError("keep_at_least and channel_multiple must be at least 1")
+
+
+def aligned(dead: np.ndarray, multiple: int) -> np.ndarray:
+    """``dead`` with just enough units kept back that the remaining width is a multiple of ``multiple``."""
+    if multiple <= 1:
+        return dead
+    kept = int((~dead).sum())
+    target = min(dead.size, -(-max(kept, 1) // multiple) * multiple)
+    out = dead.copy()
+    out[np.flatnonzero(dead)[: target - kept]] = False
+    return out
 
 
 def dead_mask(ctx: PassContext, relu: str, width: int) -> np.ndarray | None:
@@ -109,6 +125,7 @@ class RemoveDeadNeurons:
             if dead is None:
                 skipped["no statistics for this Relu"] += 1
                 continue
+            dead = aligned(dead, self.options.channel_multiple)
             if not dead.any():
                 continue
             stats = ctx.stats.get(relu.name)
@@ -138,7 +155,7 @@ class RemoveDeadNeurons:
             if any(m is None for m in masks):
                 skipped["residual group member without statistics"] += 1
                 continue
-            dead = np.logical_and.reduce(masks)  # a channel goes only when every member is dead there
+            dead = aligned(np.logical_and.reduce(masks), self.options.channel_multiple)  # dead in every member
             if ctx.dead_rate > 0 or min(int(dead.sum()), group.width - self.options.keep_at_least) <= 0:
                 continue  # groups are removed only when exactly zero in all members
             keep = self._apply(graph, names, group, dead, np.zeros(group.width))
