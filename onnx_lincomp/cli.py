@@ -241,6 +241,9 @@ def optimize(model, calib, batch_size, max_samples, input_shape, threads, exampl
 def _certify_options(milp_time_limit: float, no_milp: bool):
     from .exact import CertifyOptions
 
+    if not no_milp:
+        click.echo(f"certifying: samples, bounds, witness search, then the MILP stage (at most {milp_time_limit:g} s; -v shows progress)",
+                   err=True)
     return CertifyOptions(milp=not no_milp, time_limit=milp_time_limit, solve_limit=min(60.0, milp_time_limit))
 
 

@@ -13,6 +13,7 @@ proof sound (a unit that can reach ``z = 0`` exactly is not claimed stable).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .bounds import LayerBounds
 from .chain import AffineChain
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -203,6 +206,7 @@ def decide_candidates(chain: AffineChain, bounds: list[LayerBounds], lo: np.ndar
         left = time_limit - (time.perf_counter() - start)
         if left <= 0:
             break
+        logger.info("MILP solve %d: %d candidates open, margin %g, %.0f s left", out.solves + 1, len(pc) + len(qc), margin, left)
         status, x = program.solve(sorted(pc), sorted(qc), margin, min(solve_limit, left))
         out.solves += 1
         if status == 2:  # infeasible: nothing can flip with this margin
