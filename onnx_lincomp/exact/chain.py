@@ -61,10 +61,11 @@ class AffineChain:
 
 
 def _affine_inputs_ok(node: gs.Node, data: gs.Tensor) -> bool:
+    """The node is affine in ``data``: every other input is a constant (data may be either operand of Add/Mul)."""
     others = [t for t in node.inputs if t is not data and t is not None and t.name]
-    if node.op in ("Add", "Sub", "Mul", "Div"):
-        return node.inputs[0] is data or node.inputs[1] is data if node.op in ("Add", "Mul") else node.inputs[0] is data
-    return all(isinstance(t, gs.Constant) for t in others) and node.inputs[0] is data
+    if any(not isinstance(t, gs.Constant) for t in others) or sum(1 for t in node.inputs if t is data) != 1:
+        return False
+    return node.op in ("Add", "Mul") or node.inputs[0] is data
 
 
 def _linearize_with_ort(node: gs.Node, data: gs.Tensor, shape: tuple[int, ...], opset: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:

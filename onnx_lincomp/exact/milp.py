@@ -91,41 +91,33 @@ class _Program:
         return sp.csr_matrix((vals, (rows, cols)), shape=(r, self.base_size))
 
     def _network_rows(self):
+        """Rows of the encoding: ``z = W h_prev + b`` per layer, then the Relu rows of every layer but the last."""
         blocks, lbs, ubs = [], [], []
         for k in range(self.last + 1):
             layer, b = self.chain.layers[k], self.bounds[k]
             n = layer.bias.size
             z, h, d = self.z_index[k], self.h_index[k], self.d_index[k]
             w = sp.csr_matrix(layer.weight)
-            dense = sp.hstack([sp.csr_matrix((n, 0))]).tocsr()
-            eq = sp.lil_matrix((n, self.base_size))
-            eq = sp.csr_matrix((n, self.base_size))
-            eq = eq + sp.csr_matrix((w.data * -1.0, self._prev(k)[w.indices], w.indptr), shape=(n, self.base_size))
-            eq = eq + sp.csr_matrix((np.ones(n), (np.arange(n), z)), shape=(n, self.base_size))
-            blocks.append(eq.tocsr())
+            eq = sp.csr_matrix((-w.data, self._prev(k)[w.indices], w.indptr), shape=(n, self.base_size))
+            blocks.append((eq + sp.csr_matrix((np.ones(n), (np.arange(n), z)), shape=(n, self.base_size))).tocsr())
             lbs.append(layer.bias.copy())
             ubs.append(layer.bias.copy())  # z - W h_prev = b
             if k == self.last:
                 continue  # candidates of the last layer need only z (and their d, linked per solve)
-            active = np.flatnonzero(b.lower >= 0)
-            inactive = np.flatnonzero(b.upper <= 0)
+            active = np.flatnonzero(b.lower >= 0)  # h = z; stably inactive units have h in [0, 0] by bounds
             unstable = np.flatnonzero((b.lower < 0) & (b.upper > 0))
-            one = lambda m: np.ones(m)  # noqa: E731
-            if active.size:  # h = z
-                blocks.append(self._sparse_rows([(h[active], one(active.size)), (z[active], -one(active.size))], active.size))
+            if active.size:
+                ones = np.ones(active.size)
+                blocks.append(self._sparse_rows([(h[active], ones), (z[active], -ones)], active.size))
                 lbs.append(np.zeros(active.size)), ubs.append(np.zeros(active.size))
-            if inactive.size:  # h = 0 through its bounds already; nothing to add
-                pass
             if unstable.size:
-                u = unstable
-                m = u.size
-                blocks.append(self._sparse_rows([(h[u], one(m)), (z[u], -one(m))], m))  # h >= z
-                lbs.append(np.zeros(m)), ubs.append(np.full(m, np.inf))
-                blocks.append(self._sparse_rows([(h[u], one(m)), (z[u], -one(m)), (d[u], -b.lower[u])], m))  # h <= z - l(1-d)
-                lbs.append(np.full(m, -np.inf)), ubs.append(-b.lower[u])
-                blocks.append(self._sparse_rows([(h[u], one(m)), (d[u], -b.upper[u])], m))  # h <= u d
-                lbs.append(np.full(m, -np.inf)), ubs.append(np.zeros(m))
-            del dense
+                u, ones = unstable, np.ones(unstable.size)
+                blocks.append(self._sparse_rows([(h[u], ones), (z[u], -ones)], u.size))  # h >= z
+                lbs.append(np.zeros(u.size)), ubs.append(np.full(u.size, np.inf))
+                blocks.append(self._sparse_rows([(h[u], ones), (z[u], -ones), (d[u], -b.lower[u])], u.size))  # h <= z - l(1-d)
+                lbs.append(np.full(u.size, -np.inf)), ubs.append(-b.lower[u])
+                blocks.append(self._sparse_rows([(h[u], ones), (d[u], -b.upper[u])], u.size))  # h <= u d
+                lbs.append(np.full(u.size, -np.inf)), ubs.append(np.zeros(u.size))
         return sp.vstack(blocks).tocsr(), lbs, ubs
 
     def lp_max(self, k: int, i: int, sign: float, time_limit: float) -> float | None:
