@@ -203,9 +203,9 @@ def save_model_proto(
 ) -> Path:
     """Write ``model`` atomically: temporary files in the target folder, checked, then renamed.
 
-    ``external_data=None`` chooses external data when the source used it or the model is too large
-    for one protobuf. ``overwrite_input`` is the path the model was loaded from: writing over it is
-    refused unless the caller passes it as ``path`` explicitly through ``allow_overwrite``.
+    ``external_data=None`` chooses external data when the model is too large for one protobuf.
+    ``overwrite_input`` is the path the model was loaded from: writing over it is refused (callers
+    that mean to overwrite pass None).
     """
     out = Path(path).resolve()
     if overwrite_input is not None and Path(overwrite_input).resolve() == out:

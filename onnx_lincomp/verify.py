@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -124,8 +125,10 @@ def compare_models(original: onnx.ModelProto, optimized: onnx.ModelProto, graph:
     names = [o.name for o in original.graph.output]
     acc = _Accumulator(names)
     with tempfile.TemporaryDirectory(prefix="lincomp-verify-") as workdir:
-        s1 = make_session(original, workdir, threads, optimize=False)
-        s2 = make_session(optimized, workdir, threads, optimize=False)
+        Path(workdir, "a").mkdir()
+        Path(workdir, "b").mkdir()  # big models are handed over as files: one folder each
+        s1 = make_session(original, str(Path(workdir, "a")), threads, optimize=False)
+        s2 = make_session(optimized, str(Path(workdir, "b")), threads, optimize=False)
         cls = None
         for feeds, batch in iterate_feeds(graph, source, batch_size, start, stop):
             a = dict(zip(names, s1.run(names, feeds)))
