@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 # Protobuf cannot serialise a message of 2 GiB or more; above this we always use external data.
 PROTO_LIMIT_BYTES = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024  # tensors larger than this go to the data file when saving externally
-_EXTERNAL_MARK = "__onnx_lincomp_loaded_external_data__"  # set on read, consumed by context_from_proto
 
 
 @dataclass(frozen=True)
@@ -66,30 +65,30 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def read_model_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
-    """Read an ONNX file, turning every failure into a one-line :class:`InvalidModelError`."""
+def _read(path: str | os.PathLike, load_external_data: bool = True) -> tuple[onnx.ModelProto, bool]:
+    """(model, whether its weights came from external data files), failures as one-line errors."""
     p = Path(path)
     if not p.is_file():
         raise InvalidModelError(f"{p}: no such model file")
     try:
         model = onnx.load(str(p), load_external_data=False)
-        if load_external_data and _uses_external_data(model):
+        external = _uses_external_data(model)
+        if load_external_data and external:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-            model.metadata_props.add(key=_EXTERNAL_MARK, value="1")
-        return model
+        return model, external
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise InvalidModelError(f"{p}: not a valid ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     except FileNotFoundError as exc:
         raise InvalidModelError(f"{p}: external data file missing ({exc.filename})") from exc
 
 
-def context_from_proto(model: onnx.ModelProto, source: str | None) -> ModelContext:
-    props = [(p.key, p.value) for p in model.metadata_props]
-    external = any(k == _EXTERNAL_MARK for k, _ in props) or _uses_external_data(model)
-    if any(k == _EXTERNAL_MARK for k, _ in props):
-        kept = [p for p in model.metadata_props if p.key != _EXTERNAL_MARK]
-        del model.metadata_props[:]
-        model.metadata_props.extend(kept)
+def read_model_proto(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, turning every failure into a one-line :class:`InvalidModelError`."""
+    return _read(path, load_external_data)[0]
+
+
+def context_from_proto(model: onnx.ModelProto, source: str | None, external: bool = False) -> ModelContext:
+    """The model-level fields of ``model``; ``external``: its weights were read from external data files."""
     init_names = {t.name for t in model.graph.initializer}
     return ModelContext(
         source=source,
@@ -99,9 +98,9 @@ def context_from_proto(model: onnx.ModelProto, source: str | None) -> ModelConte
         domain=model.domain,
         model_version=int(model.model_version),
         doc_string=model.doc_string,
-        metadata_props=tuple((k, v) for k, v in props if k != _EXTERNAL_MARK),
+        metadata_props=tuple((p.key, p.value) for p in model.metadata_props),
         opset_imports=tuple((o.domain, int(o.version)) for o in model.opset_import),
-        external_data=external,
+        external_data=external or _uses_external_data(model),
         graph_doc_string=model.graph.doc_string,
         initializer_inputs=sum(1 for i in model.graph.input if i.name in init_names),
     )
@@ -116,10 +115,10 @@ def graph_from_proto(model: onnx.ModelProto) -> gs.Graph:
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a model file (external data included) into a graph and its context."""
-    model = read_model_proto(path)
+    model, external = _read(path)
     if len(model.graph.node) == 0:
         raise InvalidModelError(f"{path}: the graph has no nodes")
-    ctx = context_from_proto(model, str(path))
+    ctx = context_from_proto(model, str(path), external)
     return LoadedModel(graph=graph_from_proto(with_inferred_shapes(model)), ctx=ctx)
 
 
