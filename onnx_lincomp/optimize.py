@@ -210,20 +210,34 @@ def _check_gates(report: OptimizeReport, options: OptimizeOptions) -> None:
             raise VerificationGateError(f"accuracy drop {drop:.2f} points exceeds --max-accuracy-drop {options.max_accuracy_drop:g}; no output written")
 
 
+def _threshold_rows(prep: Prepared, stats: StatsSet, options: OptimizeOptions, thresholds) -> list[dict]:
+    """Compress at each linear-rate threshold from one set of statistics: size, MACs, latency, held-out accuracy."""
+    start, stop = _heldout_range(prep)
+    rows = []
+    for t in thresholds:
+        m, records = compress(prep, stats, replace(options, linear_rate=t))
+        rep = model_report(m, dict(options.input_shapes))
+        skip_params = sum(int(np.prod(i.dims)) for i in m.graph.initializer if i.name.startswith("skip_w"))
+        lat1, _ = _latencies(prep, m, options)
+        acc = model_accuracy(m, prep.loaded.graph, prep.source, options.labels, start, stop) if options.labels else None
+        rows.append({"threshold": t, "params": rep.params, "layer_params": rep.params - skip_params,
+                     "skip_params": skip_params, "macs": rep.macs,
+                     "latency_ms": lat1.median_ms if lat1 else None, "accuracy": acc,
+                     "neurons_folded": sum(r.result.neurons_folded for r in records),
+                     "neurons_removed": sum(r.result.neurons_removed for r in records)})
+    return rows
+
+
 def _search_rate(prep: Prepared, stats: StatsSet, options: OptimizeOptions) -> tuple[OptimizeOptions, list[dict]]:
     """Most aggressive linear rate (fewest parameters) whose held-out accuracy drop stays within budget."""
-    rows, best = [], None
     start, stop = _heldout_range(prep)
     base = model_accuracy(prep.original, prep.loaded.graph, prep.source, options.labels, start, stop)
-    for t in sorted(SWEEP_THRESHOLDS, reverse=True):
-        trial = replace(options, linear_rate=t)
-        model, _ = compress(prep, stats, trial)
-        acc = model_accuracy(model, prep.loaded.graph, prep.source, options.labels, start, stop)
-        params = model_report(model).params
-        ok = base is not None and acc is not None and 100.0 * (base - acc) <= options.max_accuracy_drop
-        rows.append({"linear_rate": t, "params": params, "accuracy": acc, "within_budget": ok})
-        if ok and (best is None or params < best[1]):
-            best = (t, params)
+    rows, best = [], None
+    for r in _threshold_rows(prep, stats, replace(options, latency=False), sorted(SWEEP_THRESHOLDS, reverse=True)):
+        ok = base is not None and r["accuracy"] is not None and 100.0 * (base - r["accuracy"]) <= options.max_accuracy_drop
+        rows.append({"linear_rate": r["threshold"], "params": r["params"], "accuracy": r["accuracy"], "within_budget": ok})
+        if ok and (best is None or r["params"] < best[1]):
+            best = (r["threshold"], r["params"])
     chosen = replace(options, linear_rate=best[0]) if best else options
     return chosen, rows
 
@@ -260,19 +274,4 @@ def sweep(model: str | Path, calib: str | Path, options: OptimizeOptions, thresh
           progress: Progress | None = None) -> list[dict]:
     """Compress at every linear-rate threshold from one calibration pass; size, MACs, latency, accuracy each."""
     prep = prepare(model, calib, options)
-    stats = calibrate(prep, options, progress)
-    start, stop = _heldout_range(prep)
-    rows = []
-    for t in thresholds:
-        trial = replace(options, linear_rate=t)
-        m, records = compress(prep, stats, trial)
-        rep = model_report(m, dict(options.input_shapes))
-        skip_params = sum(int(np.prod(i.dims)) for i in m.graph.initializer if i.name.startswith("skip_w"))
-        lat1, _ = _latencies(prep, m, replace(options, latency=options.latency))
-        acc = model_accuracy(m, prep.loaded.graph, prep.source, options.labels, start, stop) if options.labels else None
-        rows.append({"threshold": t, "params": rep.params, "layer_params": rep.params - skip_params,
-                     "skip_params": skip_params, "macs": rep.macs,
-                     "latency_ms": lat1.median_ms if lat1 else None, "accuracy": acc,
-                     "neurons_folded": sum(r.result.neurons_folded for r in records),
-                     "neurons_removed": sum(r.result.neurons_removed for r in records)})
-    return rows
+    return _threshold_rows(prep, calibrate(prep, options, progress), options, thresholds)
