@@ -27,7 +27,7 @@ from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
 from onnx_lincomp.exact.compress import compress_exact
 from onnx_lincomp.model_io import load_model
-from onnx_lincomp.model_report import model_report
+from onnx_lincomp.analysis.model_report import model_report
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))

@@ -118,7 +118,7 @@ def _with(options):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw activation-rate distributions to this PNG (extra 'plot').")
 def analyze(model, calib, batch_size, max_samples, input_shape, threads, example, save_stats, stats_file, json_out, plot):
     """Report dead and always-active ReLU units per layer and what removing/folding them could save."""
-    from .analysis import analyze as run_analysis, plot_rates
+    from .analysis.analyze import analyze as run_analysis, plot_rates
     from .calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
     from .canonicalize import canonicalize
     from .model_io import load_model
@@ -251,7 +251,7 @@ def _optimize_exact(model, calib, example, output, passes, layer_threshold, inpu
                     check_points, input_shape, json_out, overwrite):
     from .exact.compress import compress_exact
     from .model_io import load_model, save_model_proto
-    from .model_report import model_report
+    from .analysis.model_report import model_report
     from .passes.fold_linear_relu import parse_layer_threshold
 
     model, calib = _resolve(model, calib, example)
@@ -413,7 +413,7 @@ def bench(models, runs, warmup, threads, batch_size, input_shape, json_out):
 def report(model, input_shape, per_node, json_out):
     """Parameters, MACs per sample, file size and op histogram of a model."""
     from .model_io import read_model_proto, size_on_disk
-    from .model_report import model_report
+    from .analysis.model_report import model_report
 
     proto = read_model_proto(model)
     rep = model_report(proto, dict(_shapes(input_shape)), size_bytes=size_on_disk(model))

@@ -16,7 +16,7 @@ from .canonicalize import CanonicalizeReport, canonicalize
 from .errors import LincompError, VerificationGateError
 from .latency import Latency, LatencyOptions, make_session, measure_session
 from .model_io import LoadedModel, load_model, model_from_proto, to_model_proto
-from .model_report import ModelReport, model_report
+from .analysis.model_report import ModelReport, model_report
 from .passes import DEFAULT_PASSES, PASSES, PassContext
 from .passes.fold_linear_relu import LayerThreshold
 from .pipeline import PassRecord, run_passes

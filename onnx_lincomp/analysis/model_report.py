@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .model_io import model_size_bytes, tensor_bytes, PROTO_LIMIT_BYTES
+from ..model_io import model_size_bytes, tensor_bytes, PROTO_LIMIT_BYTES
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calibration.relu_stats import ReluStats, StatsSet
-from .linear_layer import Skip
-from .model_io import ModelContext, to_model_proto
+from ..calibration.relu_stats import ReluStats, StatsSet
+from ..linear_layer import Skip
+from ..model_io import ModelContext, to_model_proto
 from .model_report import model_report
-from .passes import DEFAULT_PASSES, PassContext
-from .pipeline import run_passes
-from .relu_sites import ReluSite, find_relu_site
+from ..passes import DEFAULT_PASSES, PassContext
+from ..pipeline import run_passes
+from ..relu_sites import ReluSite, find_relu_site
 
 RATE_BINS = (0.0, 1e-12, 0.25, 0.5, 0.75, 1.0 - 1e-12, 1.0 + 1e-12)
 RATE_BIN_LABELS = ("0", "(0,.25]", "(.25,.5]", "(.5,.75]", "(.75,1)", "1")
