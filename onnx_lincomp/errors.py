@@ -42,3 +42,9 @@ class VerificationGateError(LincompError):
     """A user-set verification gate (max error, max accuracy drop) was not met."""
 
     exit_code = 4
+
+
+class OptionError(LincompError):
+    """An option, recipe entry or combination of flags is invalid; the message names it."""
+
+    exit_code = 2

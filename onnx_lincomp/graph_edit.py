@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import itertools
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+logger = logging.getLogger(__name__)
+
+# Above this many bytes of constants, shapes are inferred on a weightless copy (the model itself may not
+# fit one protobuf); constants up to WEIGHTLESS_KEEP_BYTES stay in the copy for data propagation.
+WEIGHTLESS_ABOVE_BYTES = 2**29
+WEIGHTLESS_KEEP_BYTES = 1024
 
 
 class NameSource:
@@ -57,24 +66,68 @@ def reroute_consumers(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
             graph.outputs[i] = new
 
 
-def refresh_shapes(graph: gs.Graph) -> None:
-    """Re-infer intermediate shapes after a rewrite changed widths (cleared where inference fails)."""
-    keep = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
-    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and id(t) not in keep]
-    for tensor in variables:
-        tensor.shape = None
-    try:
-        model = gs.export_onnx(graph, do_type_check=False)
-        if model.ByteSize() >= 2**31 - 1:
-            return
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # shapes are a refinement: passes skip sites whose shapes are unknown
-        return
+@dataclass(frozen=True)
+class ShapeRefresh:
+    """What :func:`refresh_shapes` did: whether new shapes were inferred, and why not (or how) otherwise."""
+
+    inferred: bool
+    reason: str = ""
+    weightless: bool = False  # inferred on a copy whose large constants were typed graph inputs
+    shapes: int = 0  # intermediate tensors that have a shape after the refresh
+
+
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's constant tensors, read without loading lazy values."""
+    return sum(int(t._values.nbytes) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def _weightless_copy(graph: gs.Graph, keep_bytes: int) -> gs.Graph:
+    """A copy whose constants over ``keep_bytes`` are typed graph inputs (values are shared, not copied):
+    shape inference on it needs only the small shape, axes and index constants, whatever the model size."""
+    copy = graph.copy()
+    for tensor in list(copy.tensors().values()):
+        if isinstance(tensor, gs.Constant) and int(tensor._values.nbytes) > keep_bytes:
+            typed = gs.Variable(tensor.name, dtype=tensor.export_dtype, shape=list(tensor.shape))
+            for node in list(tensor.outputs):
+                replace_input(node, tensor, typed)
+            copy.inputs.append(typed)
+    return copy
+
+
+def _infer(graph: gs.Graph, weightless: bool) -> dict[str, list]:
+    """Intermediate shapes by onnx shape inference (raises when export or inference fails)."""
+    source = _weightless_copy(graph, WEIGHTLESS_KEEP_BYTES) if weightless else graph
+    model = gs.export_onnx(source, do_type_check=False)
+    del model.graph.value_info[:]  # stale: inferred afresh
+    model.ir_version = max(model.ir_version, 4)  # IR 3 would want every initializer listed as an input
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     shapes = {}
     for vi in inferred.graph.value_info:
         tt = vi.type.tensor_type
         if tt.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return shapes
+
+
+def refresh_shapes(graph: gs.Graph, weightless_above: int = WEIGHTLESS_ABOVE_BYTES) -> ShapeRefresh:
+    """Re-infer intermediate shapes after a rewrite changed widths.
+
+    Shapes are inferred first and replaced only when inference succeeded: then every intermediate tensor
+    gets its new shape (or none, where inference could not tell). When export or inference fails the old
+    shapes stay, a warning is logged and the result says why. Graphs whose constants take more than
+    ``weightless_above`` bytes are inferred on a weightless copy (large constants as typed inputs), so a
+    model over the 2 GiB protobuf limit still gets shapes.
+    """
+    keep = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
+    variables = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and id(t) not in keep]
+    weightless = _constant_bytes(graph) > weightless_above
+    try:
+        shapes = _infer(graph, weightless)
+    except Exception as exc:  # onnx and graphsurgeon raise plain exceptions; shapes are a refinement
+        reason = f"shape inference failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        logger.warning("%s; keeping the previous shapes", reason)
+        return ShapeRefresh(False, reason, weightless)
     for tensor in variables:
-        if tensor.name in shapes:
-            tensor.shape = shapes[tensor.name]
+        tensor.shape = shapes.get(tensor.name)
+    known = sum(1 for t in variables if t.shape is not None)
+    return ShapeRefresh(True, "weightless copy" if weightless else "", weightless, known)

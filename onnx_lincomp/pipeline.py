@@ -1,79 +1,116 @@
-"""The pass pipeline: runs passes in order, owns cleanup/toposort, timing, statistics bookkeeping and
-fixed-point repetition, and names the failing pass (and those already run) on error."""
+"""The pass pipeline: runs pass specs in order until a fixed point, owns cleanup/toposort and shape refresh,
+measures every pass with the one model counter, can verify after each pass, and wraps every failure with
+the pass name and the passes already run.
+
+Repeatable passes run again (up to ``max_rounds``) while any of them changes the graph; passes marked
+``runs_last`` (quantization) run once after that. The unit evidence follows the units that remain.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
+from .analysis.model_report import Figures, graph_figures
 from .errors import LincompError, PassError
 from .graph_edit import refresh_shapes
-from .passes import (PASSES, FoldLinearOptions, FoldLinearRelu, MergeAffine, PassContext, PassResult, RemoveDeadNeurons,
-                     RemoveDeadOptions)
+from .passes import Pass, PassContext, PassResult, Plan
+from .recipe import PassSpec
 
 logger = logging.getLogger(__name__)
+Check = Callable[[gs.Graph, str], str | None]  # (graph after a pass, pass name) -> a one-line summary
 
 
 @dataclass(frozen=True)
 class PassRecord:
+    """One application of a pass: its result, the figures before and after, time, and an optional check."""
+
     result: PassResult
-    params_before: int
-    params_after: int
+    before: Figures
+    after: Figures
     seconds: float
+    round: int = 0
+    check: str | None = None
+
+    @property
+    def params_before(self) -> int:
+        return self.before.params
+
+    @property
+    def params_after(self) -> int:
+        return self.after.params
 
     def as_dict(self) -> dict:
-        return dict(self.result.as_dict(), params_before=self.params_before, params_after=self.params_after,
-                    seconds=self.seconds)
+        return dict(self.result.as_dict(), round=self.round, seconds=self.seconds, check=self.check,
+                    before=self.before.as_dict(), after=self.after.as_dict(),
+                    params_before=self.before.params, params_after=self.after.params)
 
 
-def count_params(graph: gs.Graph) -> int:
-    """Floating-point constants read by at least one node (weights and biases)."""
-    total = 0
-    for t in graph.tensors().values():
-        if isinstance(t, gs.Constant) and t.outputs and np.asarray(t.values).dtype.kind == "f":
-            total += int(np.asarray(t.values).size)
-    return total
+def _fail(spec_name: str, exc: Exception, records: list[PassRecord]) -> PassError:
+    done = ", ".join(r.result.name for r in records) or "none"
+    detail = str(exc) if isinstance(exc, LincompError) else f"{type(exc).__name__}: {exc}"
+    err = PassError(f"pass '{spec_name}' failed ({detail}); passes already run: {done}")
+    err.exit_code = getattr(exc, "exit_code", PassError.exit_code)
+    return err
 
 
-def build_pass(name: str, layer_threshold, channel_multiple: int = 1):
-    if name not in PASSES:
-        raise LincompError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
-    if name == FoldLinearRelu.name:
-        return FoldLinearRelu(FoldLinearOptions(layer_threshold=layer_threshold))
-    if name == RemoveDeadNeurons.name:
-        return RemoveDeadNeurons(RemoveDeadOptions(channel_multiple=channel_multiple))
-    return MergeAffine()
+def _run_one(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord]) -> PassResult:
+    try:
+        result = p.apply(graph, p.plan(graph, ctx))
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if result.changed:
+            refresh_shapes(graph)
+        return result
+    except Exception as exc:  # typed or not: name the pass and what ran before, never half-report
+        raise _fail(p.name, exc, records) from exc
 
 
-def run_passes(graph: gs.Graph, names: tuple[str, ...], ctx: PassContext, layer_threshold="auto",
-               max_rounds: int = 3, channel_multiple: int = 1) -> list[PassRecord]:
-    """Run ``names`` over ``graph`` (mutated) until nothing changes or ``max_rounds`` is reached."""
-    passes = [build_pass(n, layer_threshold, channel_multiple) for n in names]
+def run_pipeline(graph: gs.Graph, specs: Sequence[PassSpec], ctx: PassContext, *, max_rounds: int = 3,
+                 check: Check | None = None) -> list[PassRecord]:
+    """Run ``specs`` over ``graph`` (mutated); returns one record per pass application that changed
+    something (and every pass of the first round)."""
+    passes = [s.build() for s in specs]
+    repeatable = [p for p in passes if not p.runs_last]
     records: list[PassRecord] = []
+    figures = graph_figures(graph)
     for round_no in range(max_rounds):
         changed = False
-        for p in passes:
-            before = count_params(graph)
-            start = time.perf_counter()
-            try:
-                result = p.run(graph, ctx)
-                graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            except LincompError:
-                raise
-            except Exception as exc:  # a bug or an unforeseen pattern: name the pass, never half-apply silently
-                done = [r.result.name for r in records]
-                raise PassError(f"pass '{p.name}' failed ({type(exc).__name__}: {exc}); passes already run: {', '.join(done) or 'none'}") from exc
-            if result.changed:
-                refresh_shapes(graph)
-            if ctx.stats is not None and result.kept:
-                ctx = replace(ctx, stats=ctx.stats.subset(result.kept))
-            if result.changed or round_no == 0:
-                records.append(PassRecord(result, before, count_params(graph), time.perf_counter() - start))
-            changed |= result.changed
-            logger.info("pass %s: changed=%s in %.3fs", p.name, result.changed, time.perf_counter() - start)
-        if not changed:
+        for p in repeatable:
+            ctx, figures, did = _step(graph, p, ctx, records, figures, round_no, check)
+            changed |= did
+        if not changed or not any(p.repeatable for p in repeatable):
             break
+        repeatable = [p for p in repeatable if p.repeatable]
+    for p in passes:
+        if p.runs_last:
+            ctx, figures, _ = _step(graph, p, ctx, records, figures, 0, check)
     return records
+
+
+def _step(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord], before: Figures, round_no: int,
+          check: Check | None) -> tuple[PassContext, Figures, bool]:
+    start = time.perf_counter()
+    result = _run_one(graph, p, ctx, records)
+    after = graph_figures(graph) if result.changed else before
+    seconds = time.perf_counter() - start
+    summary = check(graph, p.name) if check is not None and result.changed else None
+    if result.changed or round_no == 0:
+        records.append(PassRecord(result, before, after, seconds, round_no, summary))
+    if ctx.evidence is not None and result.kept:
+        ctx = replace(ctx, evidence=ctx.evidence.subset(result.kept))
+    logger.info("pass %s: changed=%s in %.3fs", p.name, result.changed, seconds)
+    return ctx, after, result.changed
+
+
+def plan_pipeline(graph: gs.Graph, specs: Sequence[PassSpec], ctx: PassContext) -> list[Plan]:
+    """Every pass's plan on ``graph`` as it is now (read-only: nothing is applied)."""
+    plans = []
+    for spec in specs:
+        try:
+            plans.append(spec.build().plan(graph, ctx))
+        except Exception as exc:
+            raise _fail(spec.name, exc, []) from exc
+    return plans

@@ -25,6 +25,8 @@ def test_analyze_example_json(runner, tmp_path):
     data = json.loads((tmp_path / "a.json").read_text())
     assert [l["relu"] for l in data["layers"]] == ["relu0", "relu1"]
     assert data["params_after_exact_passes"] < data["params"]
+    plan = next(p for p in data["plans"] if p["pass"] == "remove-dead")
+    assert plan["params_saved"] == data["params"] - data["params_after_exact_passes"] > 0
     assert sum(l["dead"] for l in data["layers"]) > 0
     # the saved statistics give the same analysis without calibrating again
     again = invoke(runner, "analyze", "--example", "digits-mlp", "--stats", tmp_path / "s.npz", "--json", "-")
@@ -68,7 +70,8 @@ def test_accuracy_budget_search(runner, tmp_path):
     assert len(report["search"]) == 20
     held = report["verification_heldout"]
     assert 100 * (held["accuracy_before"] - held["accuracy_after"]) <= 1.0
-    chosen = [r for r in report["search"] if r["linear_rate"] == report["linear_rate"]][0]
+    rate = next(p for p in report["recipe"]["passes"] if p["name"] == "fold-linear")["linear_rate"]
+    chosen = [r for r in report["search"] if r["linear_rate"] == rate][0]
     assert chosen["within_budget"]
 
 
@@ -76,7 +79,7 @@ def test_accuracy_budget_search(runner, tmp_path):
     (["optimize", "missing.onnx", "--calib", "random", "-o", "x.onnx"], 3, "no such model file"),
     (["analyze", "MODEL", "--calib", "nothere.npz"], 3, "no such calibration file"),
     (["analyze", "MODEL", "--calib", "BAD"], 3, "no array for input 'x'"),
-    (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--passes", "nope"], 1, "unknown pass 'nope'"),
+    (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--passes", "nope"], 2, "unknown pass 'nope'"),
     (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--linear-rate", "2"], 2, "linear-rate"),
     (["optimize", "MODEL", "--calib", "random", "-o", "o.onnx", "--layer-threshold", "abc"], 2, "layer-threshold"),
 ])
@@ -94,9 +97,10 @@ def test_bad_input_exit_codes(runner, tmp_path, rng, monkeypatch, args, code, me
 
 def test_bench_and_report(runner, tmp_path):
     model, _ = example_paths("digits-cnn")
-    result = invoke(runner, "bench", model, model, "--runs", "5", "--batch-size", "4", "--json", "-")
-    rows = json.loads(result.stdout)["results"]
+    result = invoke(runner, "bench", model, model, "--rounds", "5", "--batch-size", "4", "--json", "-")
+    rows = json.loads(result.stdout)["models"]
     assert len(rows) == 2 and all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in rows)
+    assert rows[0]["ratio"] == 1.0 and "verdict" in rows[1]
     rep = json.loads(invoke(runner, "report", model, "--json", "-", "--per-node").stdout)
     # conv1 8*8*8*9 + conv2 16*4*4*72 + fc 10*256
     assert rep["macs"] == 8 * 64 * 9 + 16 * 16 * 72 + 10 * 256

@@ -16,7 +16,7 @@ from onnx_lincomp.errors import CalibrationDataError
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
 from onnx_lincomp.exact.bounds import relaxed_bounds
 from onnx_lincomp.exact.chain import extract_chain
-from onnx_lincomp.exact.compress import compress_exact
+from onnx_lincomp.optimize import compress_exact
 from onnx_lincomp.exact.milp import decide_candidates
 from onnx_lincomp.model_io import load_model, model_from_proto
 
@@ -93,15 +93,15 @@ def test_exact_compression_equals_original_on_the_box(seed):
     linear = {0: [u for u in range(3) if u not in dead[0]]}
     model = mlp_model(rng, widths, dead=dead, linear=linear)
     result = compress_exact(model_from_proto(model), ("0,1",), check_points=2000)
-    assert result.certificate.complete
+    assert result.exact.certificate.complete
     for k, units in dead.items():
-        assert result.certificate.layers[k].stably_inactive[units].all()
+        assert result.exact.certificate.layers[k].stably_inactive[units].all()
     x = rng.random((10000, widths[0]), dtype=np.float32)
     assert_same_outputs(model, result.model, {"x": x}, rtol=1e-5, atol=1e-5)
     meta = {p.key: p.value for p in result.model.metadata_props}
     assert json.loads(meta["onnx_lincomp.exact.domain"])["lower"] == 0.0
     assert "proven_in_original" in json.loads(meta["onnx_lincomp.exact.certificate"])
-    assert result.witness_check.confirmed == result.witness_check.channels_claimed_unstable
+    assert result.exact.witness_check.confirmed == result.exact.witness_check.channels_claimed_unstable
 
 
 def test_domain_parsing(tmp_path, rng):
@@ -121,7 +121,7 @@ def test_serra_mnist_has_no_stable_neurons_and_accuracy_is_unchanged(tmp_path):
     labels = read_idx(shared_path("data", "mnist", "t10k-labels-idx1-ubyte.gz"))
     np.savez(tmp_path / "mnist.npz", input=images, y=labels)
     result = compress_exact(load_model(path), ("0,1",), calib=str(tmp_path / "mnist.npz"), check_points=2000)
-    cert = result.certificate
+    cert = result.exact.certificate
     assert cert.complete
     assert all(int(l.stably_active.sum()) == 0 and int(l.stably_inactive.sum()) == 0 for l in cert.layers)
     acc_before = (run(onnx.load(path), {"input": images})[0].argmax(1) == labels).mean()
@@ -161,7 +161,7 @@ def test_cli_certify_and_exact_optimize(tmp_path, rng):
 def test_all_inactive_layer_makes_the_output_constant(rng):
     model = mlp_model(rng, [4, 6, 5, 3], dead={0: list(range(6))})
     result = compress_exact(model_from_proto(model), ("0,1",), check_points=1000)
-    assert result.certificate.layers[0].stably_inactive.all()
+    assert result.exact.certificate.layers[0].stably_inactive.all()
     x = rng.random((50, 4), dtype=np.float32)
     y = run(result.model, {"x": x})[0]
     np.testing.assert_allclose(y, np.broadcast_to(y[0], y.shape), rtol=0, atol=0)

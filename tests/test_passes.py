@@ -11,15 +11,29 @@ from conftest import assert_same_outputs, cnn_model, init, make_model, mlp_model
 from onnx_lincomp.calibration import CollectOptions, collect_relu_stats, input_specs, open_calibration
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.model_io import model_from_proto, to_model_proto
+from onnx_lincomp.analysis.unit_sets import UnitEvidence
 from onnx_lincomp.passes import PassContext
-from onnx_lincomp.pipeline import run_passes
+from onnx_lincomp.pipeline import run_pipeline
+from onnx_lincomp.recipe import PassSpec
+
+OPTION_OF = {"dead_rate": "remove-dead", "channel_multiple": "remove-dead", "linear_rate": "fold-linear",
+             "layer_threshold": "fold-linear"}
 
 
-def compress(model, x, passes=("remove-dead", "fold-linear", "merge-affine"), layer_threshold="auto", **ctx_kw):
+def specs(passes, **options):
+    """Pass specs for ``passes`` with each option given to the pass that owns it."""
+    return tuple(PassSpec.of(p, {k: v for k, v in options.items() if OPTION_OF[k] == p}) for p in passes)
+
+
+def run_passes(graph, passes, stats, **options):
+    return run_pipeline(graph, specs(passes, **options), PassContext(UnitEvidence.from_stats(stats)))
+
+
+def compress(model, x, passes=("remove-dead", "fold-linear", "merge-affine"), layer_threshold="auto", **options):
     loaded = model_from_proto(model)
     canonicalize(loaded.graph)
     stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x), CollectOptions(batch_size=16))
-    records = run_passes(loaded.graph, tuple(passes), PassContext(stats, **ctx_kw), layer_threshold)
+    records = run_passes(loaded.graph, tuple(passes), stats, layer_threshold=layer_threshold, **options)
     out = to_model_proto(loaded.graph, loaded.ctx)
     onnx.checker.check_model(out, full_check=True)
     return out, totals(records), stats
@@ -35,9 +49,9 @@ def totals(records):
             skipped = dict(m.skipped)
             for k, v in res.skipped.items():
                 skipped[k] = skipped.get(k, 0) + v
+            counts = {k: m.count(k) + res.count(k) for k in set(m.counts) | set(res.counts)}
             res = replace(m, changed=m.changed or res.changed, rewritten=m.rewritten + res.rewritten,
-                          neurons_removed=m.neurons_removed + res.neurons_removed,
-                          neurons_folded=m.neurons_folded + res.neurons_folded, skipped=skipped)
+                          counts=counts, skipped=skipped)
         merged[res.name] = res
     return merged
 
@@ -113,7 +127,7 @@ def test_dependent_linear_units_fold(rng):
     loaded = model_from_proto(model)
     canonicalize(loaded.graph)
     stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
-    run_passes(loaded.graph, ("fold-linear",), PassContext(stats), layer_threshold=10**6)  # no skip: dependent fold
+    run_passes(loaded.graph, ("fold-linear",), stats, layer_threshold=10**6)  # no skip: dependent fold
     out = to_model_proto(loaded.graph, loaded.ctx)
     w0 = next(i for i in out.graph.initializer if i.dims[1] == 3)
     assert w0.dims[0] == 12 - 7
@@ -128,7 +142,7 @@ def test_threshold_int_and_float(rng):
     stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
     for threshold, folds in ((25, False), (5, True), (0.9, False), (0.5, True)):
         g = loaded.graph.copy()
-        recs = run_passes(g, ("fold-linear",), PassContext(stats), layer_threshold=threshold)
+        recs = run_passes(g, ("fold-linear",), stats, layer_threshold=threshold)
         assert (recs[0].result.neurons_folded >= 20) == folds, threshold
 
 
@@ -312,7 +326,7 @@ def test_channel_multiple_keeps_aligned_widths(rng):
     loaded = model_from_proto(model)
     canonicalize(loaded.graph)
     stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
-    run_passes(loaded.graph, ("remove-dead",), PassContext(stats), channel_multiple=2)
+    run_passes(loaded.graph, ("remove-dead",), stats, channel_multiple=2)
     out = to_model_proto(loaded.graph, loaded.ctx)
     conv1 = next(i for i in out.graph.initializer if i.name == next(n for n in out.graph.node if n.name == "conv1").input[1])
     assert conv1.dims[0] % 2 == 0 and conv1.dims[0] < 6

@@ -16,7 +16,6 @@ Batches stream through; only per-channel accumulators are kept, so memory does n
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -24,14 +23,16 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..errors import CalibrationDataError
-from ..model_io import ModelContext, session_source, to_model_proto
+from ..model_io import ModelContext, to_model_proto
+from ..runtime.feeds import feeds_samples, fixed_batch, iterate_feeds, model_feeds
+from ..runtime.session import SessionOptions, SessionScope, ort_message
 from .data_source import CalibrationSource, input_specs
 from .relu_stats import ReluStats, StatsSet
 
+__all__ = ["CollectOptions", "Progress", "collect_relu_stats", "fixed_batch", "iterate_feeds", "model_feeds"]  # feeds: re-exported
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _BIG = float(2.0**127)
@@ -192,58 +193,6 @@ def _batch_stats(site: _Site, values: list[np.ndarray]) -> ReluStats:
     return ReluStats.from_pooled(site.relu, site.pre, pooled[:, 0], pooled[:, 1], pooled[:, 2], spatial)
 
 
-def _session(model: onnx.ModelProto, workdir: str, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(session_source(model, workdir), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise CalibrationDataError(f"onnxruntime cannot load the model for calibration: {str(exc).splitlines()[0]}") from exc
-
-
-def fixed_batch(graph: gs.Graph, per_sample: set[str] = frozenset()) -> int | None:
-    """The batch size a model with a static leading input dimension accepts, if any."""
-    for t in graph.inputs:
-        if t.name in per_sample:
-            continue
-        if t.shape is not None and len(t.shape) > 0 and isinstance(t.shape[0], int) and t.shape[0] > 0:
-            return int(t.shape[0])
-    return None
-
-
-def model_feeds(graph: gs.Graph, batch: dict[str, np.ndarray], per_sample: set[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Inputs of one batch as onnxruntime wants them (labels dropped, per-sample inputs unwrapped)."""
-    feeds = {}
-    for t in graph.inputs:
-        value = batch[t.name]
-        if t.name in per_sample:
-            value = np.asarray(value[0]) if value.ndim > (len(t.shape) if t.shape is not None else 0) else value.reshape(t.shape or ())
-        feeds[t.name] = value
-    return feeds
-
-
-def iterate_feeds(graph: gs.Graph, source: CalibrationSource, batch_size: int, start: int = 0,
-                  stop: int | None = None):
-    """(feeds, batch) pairs; models with a fixed batch dimension are fed exactly that many samples,
-    and inputs that hold one whole model input per sample are fed one sample a run."""
-    per_sample = source.per_sample
-    fixed = fixed_batch(graph, per_sample)
-    step = fixed if fixed is not None else batch_size
-    if per_sample:
-        step = 1
-    dropped = 0
-    for batch in source.batches(step, start, stop):
-        n = len(next(iter(batch.values())))
-        if fixed is not None and n != fixed:
-            dropped += n
-            continue
-        yield model_feeds(graph, batch, per_sample), batch
-    if dropped:
-        logger.warning("dropped %d trailing samples that do not fill the model's fixed batch of %d", dropped, fixed)
-
-
 def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSource,
                        options: CollectOptions = CollectOptions(), progress: Progress | None = None,
                        stop: int | None = None) -> StatsSet:
@@ -257,18 +206,18 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
     names = [n for s in sites for n in s.outputs]
     totals: dict[str, ReluStats] = {}
     done = 0
-    with tempfile.TemporaryDirectory(prefix="lincomp-calib-") as workdir:
-        sess = _session(aug, workdir, options.threads)
+    with SessionScope(prefix="lincomp-calib-") as scope:
+        sess = scope.open(aug, SessionOptions(threads=options.threads))
         total = len(source) if stop is None else min(stop, len(source))
         for feeds, _ in iterate_feeds(graph, source, options.batch_size, 0, stop):
             try:
                 values = dict(zip(names, sess.run(names, feeds)))
             except Exception as exc:  # onnxruntime's own errors: bad shapes or values in the data
-                raise CalibrationDataError(f"{source.description}: onnxruntime rejected a calibration batch: {str(exc).splitlines()[0]}") from exc
+                raise CalibrationDataError(f"{source.description}: onnxruntime rejected a calibration batch: {ort_message(exc)}") from exc
             for site in sites:
                 stats = _batch_stats(site, [values[n] for n in site.outputs])
                 totals[site.relu] = totals[site.relu].merge(stats) if site.relu in totals else stats
-            done += len(next(iter(feeds.values()))) if feeds else 1
+            done += feeds_samples(feeds)
             if progress is not None:
                 progress(done, total)
     if not totals:

@@ -6,9 +6,9 @@
 2. interval bounds, then the linear relaxation (:mod:`.bounds`), prove candidates;
 3. the MILP (:mod:`.milp`) proves or disproves (with a witness input) the rest, within time limits.
 
-A Conv channel is stable when every position of it is. The result converts to statistics that the
-ordinary passes consume (``positive == 0``: stably inactive, ``positive == positions``: stably active),
-so exact and statistical modes share one set of rewrites.
+A Conv channel is stable when every position of it is. The proven sets become unit evidence
+(:meth:`Certificate.unit_evidence`) that the linearity passes read exactly as they read statistics, so
+exact and statistical modes share one set of rewrites.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..calibration.data_source import CalibrationSource
-from ..calibration.relu_stats import ReluStats, StatsSet
+from ..analysis.unit_sets import ProvenUnits, UnitEvidence
 from ..model_io import ModelContext
 from .bounds import relaxed_bounds
 from .chain import AffineChain, extract_chain
@@ -95,19 +95,11 @@ class Certificate:
     witness_flips: tuple[tuple[str, int, str, int], ...] = field(repr=False, default=())  # relu, unit, kind, witness
     evidence: np.ndarray = field(repr=False, default=None)  # inputs showing every claimed-unstable unit's two signs
 
-    def stats_set(self) -> StatsSet:
-        """Statistics that make the passes remove exactly the proven-inactive and fold the proven-active channels."""
-        layers = []
-        for lc in self.layers:
-            c = lc.channels
-            positive = np.ones(c, np.int64)
-            positive[lc.stably_active] = 2
-            positive[lc.stably_inactive] = 0
-            zeros = np.zeros(c)
-            layers.append(ReluStats(lc.relu, lc.relu, 1, "pre", 1, 2, positive, (positive > 0).astype(np.int64),
-                                    (positive == 2).astype(np.int64), zeros, zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()))
-        return StatsSet(tuple(layers), f"proof over {self.domain.description}", False,
-                        tuple((r, "not certified: " + self.stop_reason) for r in self.not_certified))
+    def unit_evidence(self) -> UnitEvidence:
+        """The proven channel sets as unit evidence for the linearity passes (the same rewrites as statistics)."""
+        proven = {lc.relu: ProvenUnits(lc.stably_active, lc.stably_inactive) for lc in self.layers}
+        return UnitEvidence.from_proofs(proven, self.domain.description,
+                                        tuple((r, "not certified: " + self.stop_reason) for r in self.not_certified))
 
     def as_dict(self) -> dict:
         return {"domain": self.domain.as_dict(), "complete": self.complete, "seconds": self.seconds,

@@ -1,7 +1,7 @@
-"""Exact compression: certify, rewrite with the proven sets, check on random points of the box, stamp.
+"""Exact mode's part of an ``optimize`` run: certify, re-check witnesses, check on the box, stamp.
 
-The proven sets become statistics (:meth:`Certificate.stats_set`) for the ordinary passes at exact
-rates, so exact and statistical modes share every rewrite. Before anything is returned the result is
+The proven sets become unit evidence (:meth:`Certificate.unit_evidence`) for the ordinary passes, so
+exact and statistical modes share every rewrite and one orchestrator (:func:`onnx_lincomp.optimize.optimize`). Before anything is returned the result is
 compared with the original on random points of the box in onnxruntime; a mismatch raises
 :class:`~onnx_lincomp.errors.NumericalMismatchError` and nothing is written. The domain and what was
 proven travel with the model in ``metadata_props`` (``onnx_lincomp.exact.*``).
@@ -14,13 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..calibration import input_specs, open_calibration
+from ..calibration import input_specs
 from ..calibration.data_source import CalibrationSource
-from ..canonicalize import CanonicalizeReport, canonicalize
 from ..errors import NumericalMismatchError
-from ..model_io import LoadedModel, to_model_proto
-from ..passes import PassContext
-from ..pipeline import PassRecord, run_passes
+from ..model_io import LoadedModel
+from ..recipe import ExactSettings
 from ..verify import Verification, compare_models
 from .certify import Certificate, CertifyOptions, certify
 from .domain import Domain, parse_domain
@@ -28,18 +26,21 @@ from .witness_check import WitnessCheck, check_witnesses
 
 
 @dataclass(frozen=True)
-class ExactResult:
-    model: onnx.ModelProto
-    original: onnx.ModelProto
+class ExactOutcome:
+    """What exact mode adds to a run: the certificate, its witnesses re-checked, the domain's sampler."""
+
     certificate: Certificate
     witness_check: WitnessCheck
-    box_check: Verification
-    passes: tuple[PassRecord, ...]
-    canonicalize: CanonicalizeReport
+    check_points: int
+    seed: int
+    tolerance: float = 1e-5
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return certificate_metadata(self.certificate, self.witness_check)
 
     def as_dict(self) -> dict:
-        return {"certificate": self.certificate.as_dict(), "witness_check": self.witness_check.as_dict(),
-                "box_check": self.box_check.as_dict()}
+        return {"certificate": self.certificate.as_dict(), "witness_check": self.witness_check.as_dict()}
 
 
 def box_source(graph, domain: Domain, points: int, seed: int) -> CalibrationSource:
@@ -58,25 +59,23 @@ def certificate_metadata(cert: Certificate, witness: WitnessCheck) -> dict[str, 
     }
 
 
-def compress_exact(loaded: LoadedModel, domain_spec: tuple[str, ...], *, calib: str | None = None,
-                   options: CertifyOptions = CertifyOptions(), passes=("remove-dead", "fold-linear", "merge-affine"),
-                   layer_threshold="auto", check_points: int = 10000, tolerance: float = 1e-5,
-                   input_shapes: dict | None = None, certificate: Certificate | None = None) -> ExactResult:
-    """Certify (unless ``certificate`` for this model and domain is given), compress, check, stamp."""
-    original = to_model_proto(loaded.graph, loaded.ctx)
-    canon = canonicalize(loaded.graph, ctx=loaded.ctx)
-    specs = input_specs(loaded.graph)
-    source = open_calibration(calib, specs, shape_overrides=input_shapes) if calib else None
-    domain = parse_domain(domain_spec, specs, calib=source, overrides=input_shapes)
+def certify_for(loaded: LoadedModel, source: CalibrationSource | None, settings: ExactSettings,
+                input_shapes: dict | None = None, certificate: Certificate | None = None) -> ExactOutcome:
+    """Certify the canonical graph over the settings' domain (unless ``certificate`` is given) and re-check
+    every witness in onnxruntime."""
+    options = CertifyOptions(milp=settings.milp, time_limit=settings.milp_time_limit,
+                             solve_limit=min(60.0, settings.milp_time_limit))
+    domain = parse_domain(settings.input_range, input_specs(loaded.graph), calib=source, overrides=input_shapes or {})
     cert = certificate if certificate is not None else certify(loaded.graph, loaded.ctx, domain, source, options)
     witness = check_witnesses(loaded.graph, loaded.ctx, cert)
-    graph = loaded.graph.copy()
-    records = run_passes(graph, tuple(passes), PassContext(cert.stats_set(), exact=True), layer_threshold)
-    ctx = loaded.ctx.with_metadata(certificate_metadata(cert, witness))
-    model = to_model_proto(graph, ctx)
-    check = compare_models(original, model, loaded.graph, box_source(loaded.graph, domain, check_points, options.seed),
-                           batch_size=256)
-    if not check.within(tolerance):
+    return ExactOutcome(cert, witness, settings.check_points, options.seed)
+
+
+def stamp_and_check(original: onnx.ModelProto, optimized: onnx.ModelProto, graph, outcome: ExactOutcome) -> Verification:
+    """Compare the result with the original on random points of the domain; a mismatch raises and nothing is written."""
+    source = box_source(graph, outcome.certificate.domain, outcome.check_points, outcome.seed)
+    check = compare_models(original, optimized, graph, source, batch_size=256)
+    if not check.within(outcome.tolerance):
         raise NumericalMismatchError(f"exact compression differs from the original on random points of the box "
                                      f"(max abs error {check.max_abs:.3g}, relative {check.rel_max:.3g}); nothing written")
-    return ExactResult(model, original, cert, witness, check, tuple(records), canon)
+    return check

@@ -27,28 +27,41 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import scipy.linalg
 
+from ..errors import OptionError
 from ..graph_edit import NameSource, reroute_consumers
 from ..linear_layer import LinearLayer, Skip, match_linear_layer, write_linear_layer
-from .merge_affine import merge_pair
 from ..relu_sites import ReluSite, find_relu_site, relu_nodes
-from .base import PassContext, PassResult
+from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named, option
+from .merge_affine import merge_pair
 
 LayerThreshold = int | float | str
 
 
 @dataclass(frozen=True)
-class FoldLinearOptions:
-    layer_threshold: LayerThreshold = "auto"
-    fold_dependent: bool = True
+class FoldLinearOptions(PassOptions):
+    linear_rate: float = option(1.0, "Fold units positive on at least this fraction of positions (1: exact on the "
+                                     "evidence).", flag="--linear-rate")
+    layer_threshold: int | float | str = option("auto", "Fold a partly linear layer through a skip path when it has "
+                                                "more than N (int) linear units, more than fraction F (float), or "
+                                                "'auto' (when the skip path saves parameters).", flag="--layer-threshold")
+    fold_dependent: bool = option(True, "Fold linearly dependent always-active units exactly where no skip path pays.")
+    skip_paths: bool = option(True, "Allow skip paths (partial folds add a MatMul from the layer input). optimize "
+                                    "measures both forms in onnxruntime and records False here when skip paths are slower.")
 
     def __post_init__(self):
         t = self.layer_threshold
-        if isinstance(t, str) and t != "auto":
-            raise ValueError(f"layer_threshold must be an int, a float or 'auto', got {t!r}")
+        if isinstance(t, bool) or (isinstance(t, str) and t != "auto"):
+            raise OptionError(f"fold-linear: layer_threshold must be an int, a float or 'auto', got {t!r}")
+        if isinstance(t, (int, float)) and t < 0:
+            raise OptionError(f"fold-linear: layer_threshold must not be negative, got {t}")
+        if not 0.0 < self.linear_rate <= 1.0:
+            raise OptionError(f"fold-linear: linear_rate must be in (0, 1], got {self.linear_rate}")
 
 
 def parse_layer_threshold(text: str) -> LayerThreshold:
+    """``--layer-threshold`` text as an int, a float or 'auto' (usage error otherwise)."""
     if text == "auto":
         return "auto"
     try:
@@ -57,7 +70,7 @@ def parse_layer_threshold(text: str) -> LayerThreshold:
         try:
             return float(text)
         except ValueError as exc:
-            raise ValueError(f"--layer-threshold: expected an int, a float or 'auto', got '{text}'") from exc
+            raise OptionError(f"--layer-threshold: expected an int, a float or 'auto', got '{text}'") from exc
 
 
 def skip_pays(threshold: LayerThreshold, k: int, width: int, n_in_total: int, n_out: int) -> bool:
@@ -70,19 +83,20 @@ def skip_pays(threshold: LayerThreshold, k: int, width: int, n_in_total: int, n_
 
 def dependent_units(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Split rows into a basis ``B`` and dependents ``D`` with ``rows[D] = K rows[B]`` (None if independent)."""
-    if rows.shape[0] <= 1:
+    n = rows.shape[0]
+    if n <= 1:
         return None
-    rank = np.linalg.matrix_rank(rows)
-    if rank >= rows.shape[0]:
+    # one pivoted QR of rows^T gives the rank and a well-conditioned basis at once (a greedy matrix_rank
+    # loop cost one SVD per row and dominated sweeps of wide MLPs); fewer rows than features are
+    # almost always independent, which the QR shows at the cost of one factorisation
+    _, r, piv = scipy.linalg.qr(rows.T, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(r))
+    tol = diag.max(initial=0.0) * max(rows.shape) * np.finfo(np.float64).eps
+    rank = int((diag > tol).sum())
+    if rank >= n:
         return None
-    basis: list[int] = []
-    for i in range(rows.shape[0]):  # greedy: keep a row when it raises the rank
-        if np.linalg.matrix_rank(rows[basis + [i]]) > len(basis):
-            basis.append(i)
-        if len(basis) == rank:
-            break
-    b = np.array(basis)
-    d = np.setdiff1d(np.arange(rows.shape[0]), b)
+    b = np.sort(piv[:rank])
+    d = np.setdiff1d(np.arange(n), b)
     k, *_ = np.linalg.lstsq(rows[b].T, rows[d].T, rcond=None)
     k = k.T
     scale = max(np.abs(rows).max(), 1e-30)
@@ -138,19 +152,42 @@ def remove_relu(graph: gs.Graph, relu: gs.Node) -> None:
     relu.inputs.clear()
 
 
-class FoldLinearRelu:
+class FoldLinearRelu(Pass):
     name = "fold-linear"
+    Options = FoldLinearOptions
+    summary = "fold always-active units into the next layer (skip paths, dependent units, fully linear layers)"
+    options: FoldLinearOptions
 
-    def __init__(self, options: FoldLinearOptions = FoldLinearOptions()):
-        self.options = options
-
-    def _linear_mask(self, ctx: PassContext, relu: str, width: int) -> np.ndarray | None:
-        stats = ctx.stats.get(relu) if ctx.stats else None
-        if stats is None or stats.channels != width:
+    def _plan_site(self, site: ReluSite, ctx: PassContext, tally: SkipTally) -> Match | None:
+        units = ctx.evidence.unit_set(site.relu.name, site.width, linear_rate=self.options.linear_rate) if ctx.evidence else None
+        if units is None:
+            tally.add("no statistics for this Relu", site.relu.name)
             return None
-        if ctx.linear_rate >= 1.0:
-            return stats.always_active & ~stats.dead
-        return (stats.position_rate >= ctx.linear_rate) & ~stats.dead
+        lin = units.linear
+        if not lin.any():
+            return None
+        if lin.all():
+            return Match(site.relu.name, "identity", site.width, 0, f"all {site.width} units linear ({units.origin})",
+                         {"linear": lin})
+        if not site.is_chain:
+            tally.add("partial fold needs a Gemm/MatMul producer with one Gemm/MatMul consumer", site.relu.name)
+            return None
+        k, c = int(lin.sum()), site.consumers[0].layer
+        saved = k * (site.producer.in_features + c.out_features + 1) - site.producer.in_features * c.out_features
+        return Match(site.relu.name, "fold", k, max(saved, 0), f"{k} of {site.width} units linear ({units.origin})",
+                     {"linear": lin})
+
+    def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
+        tally, matches = SkipTally(), []
+        for relu in relu_nodes(graph):
+            site = find_relu_site(graph, relu)
+            if isinstance(site, Skip):
+                tally.add(site.reason, relu.name)
+                continue
+            match = self._plan_site(site, ctx, tally)
+            if match is not None:
+                matches.append(match)
+        return tally.plan(self.name, matches, approximate=self.options.linear_rate < 1.0 and bool(matches))
 
     def _fold(self, graph, names, book: _SkipBook, site: ReluSite, lin: np.ndarray) -> tuple[np.ndarray, int, str]:
         """Apply the skip fold or the dependent-unit fold; returns (kept indices, folded count, how)."""
@@ -158,7 +195,8 @@ class FoldLinearRelu:
         incoming = book.incoming(p.output)
         n_in_total = p.in_features + sum(u_s[1].shape[1] for u_s in incoming)
         k_idx, l_idx = np.flatnonzero(~lin), np.flatnonzero(lin)
-        if skip_pays(self.options.layer_threshold, len(l_idx), site.width, n_in_total, c.out_features):
+        if self.options.skip_paths and skip_pays(self.options.layer_threshold, len(l_idx), site.width, n_in_total,
+                                                 c.out_features):
             wl = c.weight[:, l_idx]
             book.add(c.output, p.input, wl @ p.weight[l_idx])
             for u, s in incoming:
@@ -198,27 +236,18 @@ class FoldLinearRelu:
             book.add(c.output, u, c.weight @ s)
         return 1
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        names = NameSource(graph)
-        book = _SkipBook()
-        skipped: Counter = Counter()
-        folded = rewritten = matched = relus_removed = merged_into_next = 0
+    def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
+        names, book, skipped = NameSource(graph), _SkipBook(), Counter(plan.skipped)
+        folded = rewritten = relus_removed = merged_into_next = 0
         kept: dict[str, np.ndarray] = {}
-        dtype = np.float32
-        for relu in relu_nodes(graph):
-            site = find_relu_site(graph, relu)
-            if isinstance(site, Skip):
-                skipped[site.reason] += 1
+        for match in plan.matches:
+            relu = node_named(graph, match.site)
+            site = find_relu_site(graph, relu) if relu is not None else None
+            lin = match.data["linear"]
+            if not isinstance(site, ReluSite) or site.width != lin.size:
+                skipped["site changed since it was planned"] += 1
                 continue
-            matched += 1
-            lin = self._linear_mask(ctx, relu.name, site.width)
-            if lin is None:
-                skipped["no statistics for this Relu"] += 1
-                continue
-            if not lin.any():
-                continue
-            dtype = np.asarray(site.producer.nodes[0].inputs[1].values).dtype
-            if lin.all():
+            if match.action == "identity":
                 remove_relu(graph, relu)
                 if site.is_chain:
                     merged_into_next += self._merge_whole_layer(graph, names, book, site)
@@ -226,21 +255,28 @@ class FoldLinearRelu:
                 folded += site.width
                 rewritten += 1
                 continue
-            if not site.is_chain:
-                skipped["partial fold needs a Gemm/MatMul producer with one Gemm/MatMul consumer"] += 1
-                continue
             keep, n, how = self._fold(graph, names, book, site, lin)
             if n:
-                kept[relu.name] = keep
+                kept[match.site] = keep
                 folded += n
                 rewritten += 1
             elif how == "":
                 skipped["folding the linear units would not save parameters"] += 1
-        skip_params = book.materialise(graph, names, dtype)
+        skip_params = book.materialise(graph, names, _weight_dtype(graph))
         notes = (f"{relus_removed} fully linear Relu layers replaced by the identity"
                  f" ({merged_into_next} merged into the next layer)",) if relus_removed else ()
         if skip_params:
             notes += (f"{skip_params} skip-path parameters added",)
-        return PassResult(self.name, changed=rewritten > 0, matched=matched, rewritten=rewritten,
-                          neurons_folded=folded, approximate=ctx.linear_rate < 1.0, skipped=dict(skipped),
-                          notes=notes, kept=kept)
+        return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches), rewritten=rewritten,
+                          approximate=plan.approximate and rewritten > 0, skipped=dict(skipped),
+                          counts={"units_folded": folded, "skip_params": skip_params}, notes=notes, kept=kept)
+
+
+def _weight_dtype(graph: gs.Graph):
+    """The float dtype of the graph's layer weights (skip matrices are stored in it)."""
+    for node in graph.nodes:
+        if node.op in ("Gemm", "MatMul") and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+            dtype = np.asarray(node.inputs[1].values).dtype
+            if dtype.kind == "f":
+                return dtype
+    return np.float32

@@ -16,13 +16,14 @@ Conv: exact when one side is a plain 1x1 convolution (group 1, stride 1, no padd
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph_edit import NameSource, only_consumer
 from ..linear_layer import LinearLayer, match_linear_layer, producer_layer, write_linear_layer
-from .base import PassContext, PassResult
+from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named
 
 
 def _plain_1x1(layer: LinearLayer) -> bool:
@@ -100,30 +101,61 @@ def merge_pair(graph: gs.Graph, names: NameSource, first: LinearLayer, second: L
     return None
 
 
-class MergeAffine:
-    name = "merge-affine"
+@dataclass(frozen=True)
+class MergeAffineOptions(PassOptions):
+    """merge-affine has no options: it merges only where the merged layer is exact and smaller."""
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        names = NameSource(graph)
-        skipped: Counter = Counter()
-        merged = matched = 0
-        for node in list(graph.nodes):
-            if not node.inputs and not node.outputs:
-                continue  # removed by an earlier merge in this run
-            second = match_linear_layer(graph, node)
-            if not isinstance(second, LinearLayer) or not isinstance(second.input, gs.Variable):
+
+def _pair(graph: gs.Graph, node: gs.Node) -> tuple[LinearLayer, LinearLayer] | str | None:
+    """(first, second) when ``node`` is a linear layer fed only by another one; a reason when not mergeable."""
+    second = match_linear_layer(graph, node)
+    if not isinstance(second, LinearLayer) or not isinstance(second.input, gs.Variable):
+        return None
+    first = producer_layer(graph, second.input)
+    if not isinstance(first, LinearLayer) or only_consumer(graph, first.output) is not node:
+        return None
+    if second.kind == "gemm" and first.kind == "matmul" and (first.input.shape is None or len(first.input.shape) != 2):
+        return "Gemm after a MatMul whose input rank is not 2"
+    return first, second
+
+
+class MergeAffine(Pass):
+    name = "merge-affine"
+    Options = MergeAffineOptions
+    summary = "merge consecutive affine layers (Gemm pairs, Conv with a 1x1 side, composable kernels) when smaller"
+
+    def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
+        tally, matches = SkipTally(), []
+        for node in graph.nodes:
+            pair = _pair(graph, node)
+            if isinstance(pair, str):
+                tally.add(pair, node.name)
+            elif pair is not None:
+                first, second = pair
+                merged = merged_parameters(first, second)
+                if isinstance(merged, str):
+                    tally.add(merged, node.name)
+                elif not _cheaper(first, second, merged[0]):
+                    tally.add("merged layer would not be smaller", node.name)
+                else:
+                    saved = first.param_count + second.param_count - merged[0].size - merged[1].size
+                    matches.append(Match(node.name, "merge", 0, saved, f"{first.name} into {second.name}"))
+        return tally.plan(self.name, matches)
+
+    def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
+        """Merge in graph order; a merge can expose a new pair, which the next pipeline round finds."""
+        names, skipped, merged = NameSource(graph), Counter(plan.skipped), 0
+        for match in plan.matches:
+            node = node_named(graph, match.site)
+            pair = _pair(graph, node) if node is not None else None
+            if not isinstance(pair, tuple):
+                skipped["site changed since it was planned"] += 1
                 continue
-            first = producer_layer(graph, second.input)
-            if not isinstance(first, LinearLayer) or only_consumer(graph, first.output) is not node:
-                continue
-            if second.kind == "gemm" and first.kind == "matmul" and (first.input.shape is None or len(first.input.shape) != 2):
-                skipped["Gemm after a MatMul whose input rank is not 2"] += 1
-                continue
-            matched += 1
-            reason = merge_pair(graph, names, first, second)
+            reason = merge_pair(graph, names, *pair)
             if reason:
                 skipped[reason] += 1
                 continue
             merged += 1
             graph.cleanup(remove_unused_graph_inputs=False)
-        return PassResult(self.name, changed=merged > 0, matched=matched, rewritten=merged, skipped=dict(skipped))
+        return PassResult(self.name, changed=merged > 0, matched=len(plan.matches), rewritten=merged,
+                          skipped=dict(skipped), counts={"layers_merged": merged})

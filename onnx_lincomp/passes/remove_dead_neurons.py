@@ -13,26 +13,31 @@ at the borders, so such channels are kept and the reason is reported.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import OptionError
 from ..graph_edit import NameSource
 from ..linear_layer import Skip, write_linear_layer
 from ..relu_sites import ConsumerLink, ReluSite, ResidualGroup, find_relu_site, find_residual_group, relu_nodes
-from .base import PassContext, PassResult
+from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named, option
 
 
 @dataclass(frozen=True)
-class RemoveDeadOptions:
-    keep_at_least: int = 1  # a layer never goes below this width (its output stays well-formed)
-    channel_multiple: int = 1  # keep widths at multiples of this (some dead units stay), for blocked kernels
+class RemoveDeadOptions(PassOptions):
+    dead_rate: float = option(0.0, "Also remove units active on at most this fraction of samples; their mean output "
+                                   "is folded into the consumer bias (0: exact on the evidence).", flag="--dead-rate")
+    keep_at_least: int = option(1, "A layer never goes below this width (its output stays well-formed).")
+    channel_multiple: int = option(1, "Keep widths at multiples of this (some dead units stay); 8 suits "
+                                      "onnxruntime's blocked Conv kernels.", flag="--channel-multiple")
 
     def __post_init__(self):
+        if not 0.0 <= self.dead_rate < 1.0:
+            raise OptionError(f"remove-dead: dead_rate must be in [0, 1), got {self.dead_rate}")
         if self.keep_at_least < 1 or self.channel_multiple < 1:
-            raise ValueError("keep_at_least and channel_multiple must be at least 1")
+            raise OptionError("remove-dead: keep_at_least and channel_multiple must be at least 1")
 
 
 def aligned(dead: np.ndarray, multiple: int) -> np.ndarray:
@@ -46,13 +51,12 @@ def aligned(dead: np.ndarray, multiple: int) -> np.ndarray:
     return out
 
 
-def dead_mask(ctx: PassContext, relu: str, width: int) -> np.ndarray | None:
-    stats = ctx.stats.get(relu) if ctx.stats else None
-    if stats is None or stats.channels != width:
-        return None
-    if ctx.dead_rate <= 0:
-        return stats.dead.copy()
-    return stats.sample_rate <= ctx.dead_rate
+def removed_params(site: ReluSite | ResidualGroup, removed: int) -> int:
+    """Parameters that go with ``removed`` units: producer rows (and biases) plus consumer columns."""
+    producers = [m.producer for m in site.members] if isinstance(site, ResidualGroup) else [site.producer]
+    rows = sum(removed * (int(p.weight[0].size) + (1 if p.has_bias else 0)) for p in producers)
+    cols = sum(removed * link.block * link.layer.out_features * link.layer.kernel_size for link in site.consumers)
+    return rows + cols
 
 
 def _consumer_bias_shift(link: ConsumerLink, dead: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
@@ -79,11 +83,11 @@ def _shrink_reshape(graph: gs.Graph, names: NameSource, link: ConsumerLink, remo
     node.inputs[1] = gs.Constant(names.fresh(node.inputs[1].name), target)
 
 
-class RemoveDeadNeurons:
+class RemoveDeadNeurons(Pass):
     name = "remove-dead"
-
-    def __init__(self, options: RemoveDeadOptions = RemoveDeadOptions()):
-        self.options = options
+    Options = RemoveDeadOptions
+    summary = "delete units that are never active (producer rows, consumer columns), through pools, Flatten, Concat and residual groups"
+    options: RemoveDeadOptions
 
     def _apply(self, graph: gs.Graph, names: NameSource, site: ReluSite | ResidualGroup, dead: np.ndarray,
                mean: np.ndarray) -> np.ndarray:
@@ -104,64 +108,86 @@ class RemoveDeadNeurons:
         for link, shift in zip(site.consumers, shifts):
             c = link.layer
             cols = np.setdiff1d(np.arange(c.in_features), link.columns(removed_cols))
-            new_w = c.weight[:, cols]
-            write_linear_layer(graph, names, c, new_w, c.bias + shift)
+            write_linear_layer(graph, names, c, c.weight[:, cols], c.bias + shift)
             _shrink_reshape(graph, names, link, int(removed_cols.size))
         return keep
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        names = NameSource(graph)
-        skipped: Counter = Counter()
-        removed = rewritten = matched = 0
-        approximate = False
-        kept: dict[str, np.ndarray] = {}
+    def _plan_relu(self, site: ReluSite, ctx: PassContext, tally: SkipTally) -> Match | None:
+        o = self.options
+        units = ctx.evidence.unit_set(site.relu.name, site.width, dead_rate=o.dead_rate) if ctx.evidence else None
+        if units is None:
+            tally.add("no statistics for this Relu", site.relu.name)
+            return None
+        dead = aligned(units.dead, o.channel_multiple)
+        if not dead.any():
+            return None
+        if any(_consumer_bias_shift(link, dead, units.mean_output) is None for link in site.consumers):
+            tally.add("removed units are not always zero and a consumer Conv pads (bias fold inexact)", site.relu.name)
+            return None
+        removable = min(int(dead.sum()), site.width - o.keep_at_least)
+        p = site.producer
+        to_zero = bool(dead.all()) and bool(np.any(p.weight) or np.any(p.bias))
+        if removable <= 0 and not to_zero:
+            return None  # nothing removable (a layer keeps at least keep_at_least units)
+        approx = bool(np.any(units.ever_active[dead])) and o.dead_rate > 0
+        return Match(site.relu.name, "remove", max(removable, 0), removed_params(site, max(removable, 0)),
+                     f"{int(dead.sum())} of {site.width} units dead ({units.origin})",
+                     {"dead": dead, "mean": units.mean_output, "approximate": approx})
+
+    def _plan_group(self, group: ResidualGroup, ctx: PassContext, tally: SkipTally) -> Match | None:
+        o = self.options
+        sets = [ctx.evidence.unit_set(m.relu.name, group.width) if ctx.evidence else None for m in group.members]
+        if any(u is None for u in sets):
+            tally.add("residual group member without statistics", group.add.name)
+            return None
+        dead = aligned(np.logical_and.reduce([u.dead for u in sets]), o.channel_multiple)  # dead in every member
+        removable = min(int(dead.sum()), group.width - o.keep_at_least)
+        if removable <= 0:
+            return None  # groups are removed only where exactly zero in every member
+        return Match(group.add.name, "remove-group", removable, removed_params(group, removable),
+                     f"{removable} of {group.width} channels dead in all {len(group.members)} members",
+                     {"dead": dead, "members": tuple(m.relu.name for m in group.members)})
+
+    def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
+        tally, matches = SkipTally(), []
         for relu in relu_nodes(graph):
-            site = find_relu_site(graph, relu)  # fresh view: earlier rewrites changed neighbouring weights
+            site = find_relu_site(graph, relu)
             if isinstance(site, Skip):
-                skipped[site.reason] += 1
+                tally.add(site.reason, relu.name)
                 continue
-            matched += 1
-            dead = dead_mask(ctx, relu.name, site.width)
-            if dead is None:
-                skipped["no statistics for this Relu"] += 1
-                continue
-            dead = aligned(dead, self.options.channel_multiple)
-            if not dead.any():
-                continue
-            stats = ctx.stats.get(relu.name)
-            mean = stats.act_mean if ctx.dead_rate > 0 else np.zeros(site.width)
-            if any(_consumer_bias_shift(link, dead, mean) is None for link in site.consumers):
-                skipped["removed units are not always zero and a consumer Conv pads (bias fold inexact)"] += 1
-                continue
-            removable = min(int(dead.sum()), site.width - self.options.keep_at_least) > 0
-            p = site.producer
-            to_zero = bool(dead.all()) and bool(np.any(p.weight) or np.any(p.bias))
-            if not (removable or to_zero):
-                continue  # nothing removable (a layer keeps at least keep_at_least units)
-            keep = self._apply(graph, names, site, dead, mean)
-            kept[relu.name] = np.flatnonzero(keep)
-            removed += int((~keep).sum())
-            rewritten += 1
-            approximate |= ctx.dead_rate > 0 and bool(np.any(stats.positive[~keep]))
+            match = self._plan_relu(site, ctx, tally)
+            if match is not None:
+                matches.append(match)
         for add in [n for n in graph.nodes if n.op in ("Add", "Sum")]:
             group = find_residual_group(graph, add)
-            if group is None:
-                continue
             if isinstance(group, Skip):
-                skipped[group.reason] += 1
+                tally.add(group.reason, add.name)
+            elif group is not None and self.options.dead_rate <= 0:
+                match = self._plan_group(group, ctx, tally)
+                if match is not None:
+                    matches.append(match)
+        return tally.plan(self.name, matches, approximate=any(m.data.get("approximate") for m in matches))
+
+    def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
+        names = NameSource(graph)
+        tally, kept, removed, rewritten, approximate = SkipTally(), {}, 0, 0, False
+        for match in plan.matches:
+            dead = match.data["dead"]
+            node = node_named(graph, match.site)
+            finder = find_residual_group if match.action == "remove-group" else find_relu_site
+            site = None if node is None else finder(graph, node)
+            if not isinstance(site, (ReluSite, ResidualGroup)) or site.width != dead.size:
+                tally.add("site changed since it was planned", match.site)
                 continue
-            matched += 1
-            masks = [dead_mask(ctx, m.relu.name, group.width) for m in group.members]
-            if any(m is None for m in masks):
-                skipped["residual group member without statistics"] += 1
-                continue
-            dead = aligned(np.logical_and.reduce(masks), self.options.channel_multiple)  # dead in every member
-            if ctx.dead_rate > 0 or min(int(dead.sum()), group.width - self.options.keep_at_least) <= 0:
-                continue  # groups are removed only when exactly zero in all members
-            keep = self._apply(graph, names, group, dead, np.zeros(group.width))
-            for m in group.members:
-                kept[m.relu.name] = np.flatnonzero(keep)
-            removed += int((~keep).sum()) * len(group.members)
+            mean = match.data.get("mean", np.zeros(dead.size))
+            keep = self._apply(graph, names, site, dead, mean)
+            members = match.data.get("members", (match.site,))
+            for relu in members:
+                kept[relu] = np.flatnonzero(keep)
+            removed += int((~keep).sum()) * len(members)
             rewritten += 1
-        return PassResult(self.name, changed=rewritten > 0, matched=matched, rewritten=rewritten,
-                          neurons_removed=removed, approximate=approximate, skipped=dict(skipped), kept=kept)
+            approximate |= bool(match.data.get("approximate"))
+        return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches),
+                          rewritten=rewritten, approximate=approximate,
+                          skipped=dict(plan.skipped) | dict(tally.counts), counts={"units_removed": removed}, kept=kept)
+

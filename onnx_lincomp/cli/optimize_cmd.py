@@ -1,0 +1,136 @@
+"""``optimize``: build a recipe from ``--recipe`` or ``--passes`` and the per-pass flags, run it, gate, save."""
+from __future__ import annotations
+
+import click
+
+from ..errors import OptionError
+from ..recipe import CalibrationSettings, ExactSettings, Recipe, load_recipe, pass_flags, recipe_from_flags
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, with_options, write_json
+from .render import print_certificate, print_optimize, print_plans
+
+STATS_ONLY = ("--dead-rate", "--linear-rate", "--max-accuracy-drop", "--labels", "--stats", "--save-stats",
+              "--verify-split")
+EXACT_ONLY = ("--input-range", "--milp-time-limit", "--no-milp", "--check-points")
+
+
+def _pass_flag_options():
+    """One click option per pass-option flag, generated from the passes' Options (help from the field)."""
+    opts = []
+    for flag, (pass_name, _field, help_text) in sorted(pass_flags().items()):
+        opts.append(click.option(flag, "pass_" + flag.lstrip("-").replace("-", "_"), default=None,
+                                 help=f"[{pass_name}] {help_text}"))
+    return opts
+
+
+exact_options = [
+    click.option("--exact", is_flag=True, help="Prove stability over --input-range (bounds + MILP) instead of using statistics."),
+    click.option("--input-range", "input_range", multiple=True, help="Domain: LO,HI for every feature, NAME=LO,HI, bounds.npz (lower/upper), or from-calib."),
+    click.option("--milp-time-limit", type=click.FloatRange(min=1), help="Seconds for the MILP stage in total (default 240)."),
+    click.option("--no-milp", is_flag=True, default=None, help="Stop after the bound stages (sound, possibly incomplete)."),
+    click.option("--check-points", type=click.IntRange(1), help="Random points of the box to compare outputs on before saving (default 10000)."),
+]
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The flags among ``names`` that the user set on the command line."""
+    out = []
+    for flag in names:
+        param = next((p for p in ctx.command.params if flag in getattr(p, "opts", ())), None)
+        if param is not None and ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE:
+            out.append(flag)
+    return out
+
+
+def _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points) -> ExactSettings | None:
+    if not exact:
+        stray = _given(ctx, EXACT_ONLY)
+        if stray:
+            raise OptionError(f"{stray[0]} applies to exact mode only: add --exact")
+        return None
+    stray = _given(ctx, STATS_ONLY)
+    if stray:
+        raise OptionError(f"{stray[0]} applies to statistics only; --exact proves its sets over --input-range")
+    return ExactSettings(tuple(input_range), milp_time_limit or 240.0, not no_milp, check_points or 10000)
+
+
+def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe:
+    if recipe_file:
+        given = _given(ctx, ("--passes",) + tuple(pass_flags()))
+        if given:
+            raise OptionError(f"--recipe already sets the passes and their options: drop {given[0]}")
+        recipe = load_recipe(recipe_file)
+        return Recipe(recipe.passes, recipe.calibration if not _given(ctx, ("--verify-split", "--max-samples", "--input-shape"))
+                      else calibration, exact or recipe.exact)
+    names = tuple(p.strip() for p in passes.split(",") if p.strip())
+    if not names:
+        raise OptionError("--passes is empty (give NAME[,NAME...], e.g. remove-dead,fold-linear,merge-affine)")
+    flags = {"--" + k[len("pass_"):].replace("_", "-"): v for k, v in pass_values.items()}
+    return recipe_from_flags(names, flags, calibration, exact)
+
+
+@main.command(epilog="Example: onnx-lincomp optimize --example digits-mlp -o small.onnx\n\n" + EXIT_CODES_HELP)
+@click.argument("model", required=False)
+@with_options(common_calib)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the optimised model.")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), help="Run this recipe (TOML, or a JSON report's 'recipe') instead of --passes.")
+@click.option("--passes", default="remove-dead,fold-linear,merge-affine", show_default=True, help="Comma-separated passes, in order.")
+@with_options(_pass_flag_options())
+@click.option("--verify-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Fraction of the data held out for verification.")
+@click.option("--labels", help="Key of the labels array in the calibration data (accuracy report).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 4) unless the paired upper bound of the held-out accuracy drop (points) is within this; without explicit rates, search the most aggressive linear rate within it.")
+@click.option("--max-abs-error", type=click.FloatRange(0), help="Gate: fail (exit 4) if any held-out output differs by more.")
+@click.option("--allow-larger", is_flag=True, help="Keep an output that is larger or measurably slower than the input (else exit 4).")
+@click.option("--explain", is_flag=True, help="Show what each pass would do (plans, skip reasons) and write nothing.")
+@click.option("--json", "json_out", help="Write the report as JSON to this file ('-' for stdout).")
+@click.option("--save-stats", type=click.Path(dir_okay=False), help="Write the calibration statistics to this .npz.")
+@click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False), help="Reuse statistics saved earlier.")
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
+@with_options(exact_options)
+@click.pass_context
+def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
+             verify_split, labels, max_accuracy_drop, max_abs_error, allow_larger, explain, json_out, save_stats,
+             stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp, check_points, **pass_values):
+    """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
+
+    With --exact the dead and linear sets are proven over the --input-range box instead of observed.
+    """
+    from ..calibration import StatsSet
+    from ..model_io import save_model_proto
+    from ..optimize import OptimizeOptions, calibrate, optimize as run_optimize, prepare
+
+    model, calib = resolve(model, calib, example)
+    if example and labels is None and not exact:
+        labels = "y"
+    exact_settings = _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points)
+    if not calib and exact_settings is None and not stats_file:
+        raise click.UsageError("give --calib DATA")
+    calibration = CalibrationSettings(verify_split, max_samples, shapes(input_shape))
+    recipe = _recipe(ctx, recipe_file, passes, pass_values, calibration, exact_settings)
+    rates_given = any(v is not None for k, v in pass_values.items() if k in ("pass_dead_rate", "pass_linear_rate"))
+    options = OptimizeOptions(recipe, labels=labels, max_accuracy_drop=max_accuracy_drop, max_abs_error=max_abs_error,
+                              batch_size=batch_size, threads=threads, latency=not no_latency,
+                              search=max_accuracy_drop is not None and not rates_given and not recipe_file,
+                              allow_larger=allow_larger)
+    stats = StatsSet.load(stats_file) if stats_file else None
+    if explain:
+        return _explain(model, calib, options, stats)
+    if save_stats and stats is None:
+        stats = calibrate(prepare(model, calib, options), options, progress("calibrating"))
+        stats.save(save_stats)
+    result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
+    save_model_proto(result.model, output, overwrite_input=None if overwrite else model)
+    if json_out:
+        write_json(json_out, dict(result.report.as_dict(), output=output))
+        if json_out == "-":
+            return
+    print_optimize(result.report, output)
+
+
+def _explain(model, calib, options, stats) -> None:
+    from ..optimize import explain
+
+    plans, cert = explain(model, calib, options, stats=stats, progress=progress("calibrating"))
+    if cert is not None:
+        print_certificate(cert)
+    print_plans(plans)
