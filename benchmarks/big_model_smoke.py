@@ -4,8 +4,10 @@
 
 Builds Gemm(dim x dim)-Relu-Gemm(dim x dim)-Relu-Gemm(dim x 10) with external data (two 1 GiB
 matrices at dim 16384, 2.1 GB in all), plants dead units, then runs `onnx-lincomp optimize` on it
-with random calibration data and checks the output loads and is smaller. Needs about 4x the model
-size in memory; not part of the test suite.
+with random calibration data and checks the output loads and is smaller. Then reports both models with
+the one counter (parameters by dtype, non-zeros, parameter bytes, bytes on disk, MACs) and checks that
+shapes are re-inferred on the loaded output (the weightless path: it is over 2 GiB). Needs about 4x the
+model size in memory; not part of the test suite.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lincomp.analysis.model_report import graph_figures, model_report
+from onnx_lincomp.graph_edit import refresh_shapes
+from onnx_lincomp.model_io import load_model, read_model_proto, size_on_disk
 
 
 def build(dim: int, path: Path) -> None:
@@ -37,6 +43,7 @@ def build(dim: int, path: Path) -> None:
         del w
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    (path.parent / (path.name + ".data")).unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path,
                     save_as_external_data=True, location=path.name + ".data")
 
@@ -54,14 +61,34 @@ def main() -> None:
     size = src.stat().st_size + (work / "big.onnx.data").stat().st_size
     print(f"built {src} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "onnx_lincomp", "optimize", str(src), "--calib", "random:32", "-o", str(out),
-                           "--no-latency", "--batch-size", "8"], capture_output=True, text=True)
+    command = [sys.executable, "-m", "onnx_lincomp", "optimize", str(src), "--calib", "random:32", "-o", str(out),
+               "--no-latency", "--batch-size", "8"]
+    proc = subprocess.run(command, capture_output=True, text=True)
     print(proc.stdout[-3000:], proc.stderr[-2000:])
     print(f"optimize exit {proc.returncode} in {time.perf_counter() - start:.1f} s")
     if proc.returncode == 0:
-        data = out.with_name(out.name + ".data")
-        print(f"output {out} + {data.name}: {(out.stat().st_size + data.stat().st_size) / 2**30:.2f} GiB")
+        print(f"output {out} with its external data: {size_on_disk(out) / 2**30:.2f} GiB")
         onnx.checker.check_model(str(out))
+    for path in (src, out) if proc.returncode == 0 else (src,):
+        report(path)
+
+
+def report(path: Path) -> None:
+    """The one counter on a model file, then shape refresh and graph figures on its loaded graph."""
+    start = time.perf_counter()
+    rep = model_report(read_model_proto(path), size_bytes=size_on_disk(path))
+    print(f"{path.name}: params {rep.params:,} {rep.params_by_dtype} nonzeros {rep.nonzeros:,} "
+          f"param bytes {rep.param_bytes:,} on disk {rep.size_bytes:,} MACs {rep.macs:,} "
+          f"({time.perf_counter() - start:.1f} s)")
+    graph = load_model(path).graph
+    start = time.perf_counter()
+    refreshed = refresh_shapes(graph)
+    print(f"  refresh_shapes: {refreshed} ({time.perf_counter() - start:.1f} s)")
+    start = time.perf_counter()
+    figures = graph_figures(graph)
+    print(f"  graph_figures: {figures.as_dict()} ({time.perf_counter() - start:.1f} s)")
+    assert refreshed.inferred, refreshed.reason
+    assert (figures.params, figures.nonzeros, figures.param_bytes) == (rep.params, rep.nonzeros, rep.param_bytes)
 
 
 if __name__ == "__main__":

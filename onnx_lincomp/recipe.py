@@ -112,7 +112,7 @@ class Recipe:
 
     @staticmethod
     def from_dict(data: Mapping[str, Any], where: str = "recipe") -> Recipe:
-        if "recipe" in data and "passes" not in data:  # a JSON report: take the recipe it records
+        if isinstance(data.get("recipe"), Mapping):  # a JSON report: take the recipe it records
             data = data["recipe"]
         if data.get("format", FORMAT) != FORMAT:
             raise OptionError(f"{where}: unsupported recipe format {data.get('format')!r} (expected {FORMAT})")

@@ -6,7 +6,8 @@ module only reads the graph (the applier is :mod:`onnx_lincomp.rewrite.channels`
 followed (Torch-Pruning's dependency groups are the model) through:
 
 * channel-wise ops, where output channel ``c`` depends on input channel ``c`` only: Relu, LeakyRelu,
-  Clip, Sigmoid, HardSwish, HardSigmoid, Tanh, Identity, Dropout, pools, Resize/Upsample with unit
+  Clip, Sigmoid, HardSwish, HardSigmoid, Tanh, Identity, Dropout (and other elementwise unary
+  activations: Elu, Selu, Gelu, Erf, Softplus, ...), pools, Resize/Upsample with unit
   channel scale, Split/Slice along another axis, BatchNormalization / InstanceNormalization, PRelu and
   Add/Sub/Mul/Div by a constant whose size on the channel axis is 1 or the width (such a constant is a
   *tied parameter*: its entry ``c`` goes with channel ``c``), and a depthwise Conv (group = in = out:
@@ -47,12 +48,12 @@ from ..linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer
 
 LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
-UNARY = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "Identity",
-                   "Dropout"}) | POOLS
+ZERO_KEEPING_UNARY = frozenset({"Identity", "Dropout", "LeakyRelu", "Tanh", "HardSwish", "Elu", "Selu", "Celu",
+                                "Softsign", "Erf", "Gelu", "Mish", "Neg", "Abs"})  # f(0) = 0
+UNARY = ZERO_KEEPING_UNARY | POOLS | {"Relu", "Clip", "Sigmoid", "HardSigmoid", "Softplus", "Exp"}
 ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Sum"})
 NORMS = frozenset({"BatchNormalization", "InstanceNormalization"})
-ZERO_KEEPING = frozenset({"Identity", "Dropout", "LeakyRelu", "Tanh", "HardSwish", "PRelu", "Resize", "Upsample",
-                          "Split", "Slice"}) | POOLS  # f(0) = 0 channel-wise (Split/Slice: along other axes)
+ZERO_KEEPING = ZERO_KEEPING_UNARY | POOLS | {"PRelu", "Resize", "Upsample", "Split", "Slice"}  # Split/Slice: other axes
 
 
 @dataclass(frozen=True)

@@ -107,10 +107,10 @@ _SHAPE_ARITH = frozenset((
     "ConstantOfShape", "NonZero",
 ))
 
-_FLOAT_TYPES = frozenset((TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16))
-_SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
-                  TensorProto.INT2: 2, TensorProto.UINT2: 2}
-_DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16"}
+_SUB_BYTE_BITS: dict[int, int] = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
+                                  TensorProto.INT2: 2, TensorProto.UINT2: 2}
+_DTYPE_NAMES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64",
+                                TensorProto.FLOAT16: "float16"}
 
 
 def _input_role(op: str, index: int) -> Role | None:
@@ -134,7 +134,10 @@ def dtype_bits(data_type: int) -> int:
         return _SUB_BYTE_BITS[data_type]
     if data_type == TensorProto.STRING:
         return 0
-    return 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    try:
+        return 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # element types numpy has no counterpart for: one byte each
+        return 8
 
 
 @dataclass(frozen=True)
@@ -288,11 +291,14 @@ def _attr_constant(name: str, attr: onnx.AttributeProto, owner: int) -> _Const |
         values = attr.sparse_tensor.values
         return _Const(name, values.data_type, tuple(attr.sparse_tensor.dims), _proto_values(values), owner)
     if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-        value = onnx.helper.get_attribute_value(attr)
-        arr = np.asarray(value, np.float32 if "float" in attr.name else np.int64)
-        dt = TensorProto.FLOAT if "float" in attr.name else TensorProto.INT64
-        return _Const(name, dt, arr.shape, lambda: arr, owner)
+        return _literal_constant(name, attr.name, onnx.helper.get_attribute_value(attr), owner)
     return None
+
+
+def _literal_constant(name: str, key: str, value: object, owner: int) -> _Const:
+    """A Constant node's value_float(s) / value_int(s) as a float32 / int64 tensor."""
+    arr = np.asarray(value, np.float32 if "float" in key else np.int64)
+    return _Const(name, TensorProto.FLOAT if "float" in key else TensorProto.INT64, arr.shape, lambda: arr, owner)
 
 
 def _nbits(op: str, attrs: Mapping[str, int]) -> tuple[int, int] | None:
@@ -349,9 +355,7 @@ def _gs_attr_constant(name: str, attrs: Mapping, owner: int) -> _Const | None:
         if key in ("value", "sparse_value") and isinstance(value, gs.Constant):
             return _gs_constant(name, value, owner)
         if key in ("value_float", "value_floats", "value_int", "value_ints"):
-            arr = np.asarray(value, np.float32 if "float" in key else np.int64)
-            return _Const(name, TensorProto.FLOAT if "float" in key else TensorProto.INT64, arr.shape,
-                          lambda arr=arr: arr, owner)
+            return _literal_constant(name, key, value, owner)
     return None
 
 
@@ -461,12 +465,14 @@ def _node_macs(op: str, inputs: Sequence[str], outputs: Sequence[str], attrs: Ma
     out = shape(outputs[0]) if outputs else None
     a = shape(inputs[0]) if inputs else None
     w = shape(inputs[w_index]) if len(inputs) > w_index else None
-    if out is None or (kind != "conv" and not a) or (kind.startswith("conv") and not w):
+    if out is None:
         return None
     if kind == "conv":
-        return math.prod(out) * math.prod(w[1:])
+        return None if not w else math.prod(out) * math.prod(w[1:])
+    if not a:
+        return None
     if kind == "conv_t":
-        return math.prod(a) * math.prod(w[1:])
+        return None if not w else math.prod(a) * math.prod(w[1:])
     if kind == "gemm":
         return math.prod(out) * (a[0] if attrs.get("transA") else a[-1])
     if kind == "nbits":
@@ -522,8 +528,8 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
         if not tt.HasField("shape"):
             table[vi.name] = None
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        table[vi.name] = None if any(d is None for d in dims) else tuple(dims)
+        dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")]
+        table[vi.name] = tuple(dims) if len(dims) == len(tt.shape.dim) else None
     for t in model.graph.initializer:
         table[t.name] = tuple(t.dims)
     return table
@@ -563,7 +569,7 @@ def _int_attrs(node: onnx.NodeProto) -> dict[str, int]:
 
 
 def _unknown_mac_names(model: onnx.ModelProto, shapes: Mapping[str, Shape | None], init_names: set[str]) -> list[str]:
-    names = set()
+    names: set[str] = set()
     for node in model.graph.node:
         rule = _MAC_RULES.get(node.op_type)
         if rule is not None:
@@ -612,9 +618,15 @@ def _gs_shapes(graph: gs.Graph) -> Callable[[str], Shape | None]:
         t = tensors.get(name)
         if t is None or t.shape is None:
             return None
-        dims = [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (1 if i == 0 else None)
-                for i, d in enumerate(t.shape)]
-        return None if any(d is None for d in dims) else tuple(dims)  # type: ignore[misc]
+        dims: list[int] = []
+        for i, d in enumerate(t.shape):
+            if isinstance(d, (int, np.integer)) and d >= 0:
+                dims.append(int(d))
+            elif i == 0:
+                dims.append(1)
+            else:
+                return None
+        return tuple(dims)
 
     return shape
 

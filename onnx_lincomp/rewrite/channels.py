@@ -260,6 +260,8 @@ def remove_channels(graph: gs.Graph, names: NameSource, group: ChannelGroup, rem
         raise PassError(f"channel removal refused: {problem}")
     idx = _indices(remove, group.width)
     keep = np.setdiff1d(np.arange(group.width), idx)
+    if idx.size == 0:
+        return ChannelRemoval(0, 0, keep)
     layers, inputs, attrs = _tied_edits(group, idx, int(graph.opset))
     inputs += _reshape_edits(group, idx)
     removed = _commit(graph, names, _layer_edits(group, idx, keep, shift) + layers, inputs, attrs)

@@ -9,9 +9,9 @@ shared machine hits all models alike: in round r every model runs one block of k
 median_r,i / median_r,0``. The reported ratio is the median over rounds and its interval is the
 distribution-free confidence interval of a median: the order statistics ``(ratio_(j), ratio_(R+1-j))``
 with the largest j such that ``P(Bin(R, 1/2) < j) <= (1 - confidence) / 2``. The verdict is "no
-change" when that interval contains 1 or the median ratio is within the noise band of 1 (the band is
-``max(noise_band, (p90 - p10) / 2)`` of the per-round ratios: 3% at least, wider when rounds scatter;
-identical copies measured up to 1.6% apart on a loaded 2-core machine, see benchmarks/latency_noise.py);
+change" when that interval contains 1 or the median ratio is within ``noise_band`` of 1 (3% by
+default: byte-identical copies measured up to 1.6% apart, consistently within one comparison, on a
+loaded 2-core machine; see benchmarks/latency_noise.py);
 otherwise "x.xx× slower" (ratio > 1) or "x.xx× faster" (1 / ratio).
 Sessions for comparisons should be pinned (:func:`pinned_options`: fixed intra-op threads, one
 inter-op thread, no spinning), so that models do not compete for cores with their own idle threads.
@@ -174,11 +174,10 @@ def median_interval(values: Sequence[float], confidence: float) -> tuple[float, 
 
 
 def _verdict(ratios: Sequence[float], options: CompareOptions) -> RatioEstimate:
-    """Median ratio, its interval, and the band: max(noise_band, half the 10-90 percentile range of rounds)."""
+    """Median ratio over rounds, its interval, and the verdict against the noise band."""
     mid = float(np.median(ratios))
     low, high = median_interval(ratios, options.confidence)
-    p10, p90 = np.percentile(ratios, [10, 90])
-    band = max(options.noise_band, float(p90 - p10) / 2.0)
+    band = options.noise_band
     if low <= 1.0 <= high or abs(np.log(mid)) <= np.log1p(band):
         change: Change = "no change"
     else:
