@@ -35,7 +35,7 @@ def mlp(widths: tuple[int, ...] = (256, 512, 512, 10), seed: int = 0) -> onnx.Mo
     """Gemm + Relu chain with seeded weights (opset 17)."""
     rng = np.random.default_rng(seed)
     nodes, inits, x = [], [], "input"
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         inits += [numpy_helper.from_array(rng.normal(0, a ** -0.5, (b, a)).astype(np.float32), f"w{i}"),
                   numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
         nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"z{i}"], transB=1))
@@ -43,8 +43,9 @@ def mlp(widths: tuple[int, ...] = (256, 512, 512, 10), seed: int = 0) -> onnx.Mo
         if i < len(widths) - 2:
             nodes.append(helper.make_node("Relu", [x], [f"h{i}"]))
             x = f"h{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", widths[0]])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", widths[-1]])], inits)
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", widths[0]])]
+    outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", widths[-1]])]
+    graph = helper.make_graph(nodes, "mlp", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -55,7 +56,7 @@ def doubled(model: onnx.ModelProto) -> onnx.ModelProto:
     rename = lambda n: n if (not n or n in inputs) else f"dup_{n}"  # noqa: E731
     dup_nodes = [helper.make_node(n.op_type, [rename(i) for i in n.input], [rename(o) for o in n.output],
                                   name=f"dup_{n.name or k}", domain=n.domain) for k, n in enumerate(g.node)]
-    for new, old in zip(dup_nodes, g.node):
+    for new, old in zip(dup_nodes, g.node, strict=True):
         new.attribute.extend(old.attribute)
     dup_inits = [numpy_helper.from_array(numpy_helper.to_array(t) * (0.999 if t.data_type == TensorProto.FLOAT else 1),
                                          rename(t.name)) for t in g.initializer]
@@ -97,8 +98,18 @@ def run_pair(name: str, kind: str, a: Path, b: Path, feeds, options: CompareOpti
                      "median_ms_b": lat[1].median_ms, "iqr_ms_a": lat[0].iqr_ms, "iqr_ms_b": lat[1].iqr_ms,
                      "seconds": seconds, "old_ratio": old})
         print(f"{name:<8} {kind:<9} {run + 1:>3} {est.ratio:>7.3f} [{est.low:.3f}, {est.high:.3f}] "
-              f"{lat[0].median_ms:>8.4f} {lat[1].median_ms:>8.4f} {seconds:>5.2f} {old:>6.3f}  {est.verdict}", flush=True)
+              f"{lat[0].median_ms:>8.4f} {lat[1].median_ms:>8.4f} {seconds:>5.2f} {old:>6.3f}  {est.verdict}",
+              flush=True)
     return rows
+
+
+def _summary(rows: list[dict]) -> dict:
+    same = [r for r in rows if r["pair"] == "identical"]
+    slow = [r for r in rows if r["pair"] == "2x"]
+    return {"identical_no_change": sum(r["change"] == "no change" for r in same), "identical_runs": len(same),
+            "doubled_slower": sum(r["change"] == "slower" for r in slow), "doubled_runs": len(slow),
+            "old_identical_within_5pct": sum(abs(r["old_ratio"] - 1) <= 0.05 for r in same),
+            "old_identical_worst": max((abs(r["old_ratio"] - 1) for r in same), default=0.0)}
 
 
 def _spin() -> None:
@@ -127,7 +138,8 @@ def run_all(args: argparse.Namespace) -> None:
     options = CompareOptions(threads=args.threads, batch_size=args.batch_size)
     models = {"cnn": onnx.load(str(EXAMPLES / "digits_cnn.onnx")), "mlp400k": mlp()}
     rows, start = [], time.perf_counter()
-    print(f"{'model':<8} {'pair':<9} {'run':>3} {'ratio':>7} {'interval':<16} {'a ms':>8} {'b ms':>8} {'s':>5} {'old':>6}  verdict")
+    print(f"{'model':<8} {'pair':<9} {'run':>3} {'ratio':>7} {'interval':<16} {'a ms':>8} {'b ms':>8} {'s':>5} "
+          f"{'old':>6}  verdict")
     with tempfile.TemporaryDirectory(prefix="lincomp-noise-") as tmp:
         for name, model in models.items():
             a, copy, slow = Path(tmp, f"{name}.onnx"), Path(tmp, f"{name}_copy.onnx"), Path(tmp, f"{name}_2x.onnx")
@@ -138,17 +150,11 @@ def run_all(args: argparse.Namespace) -> None:
             rows += run_pair(name, "identical", a, copy, feeds, options, args.repeats)
             rows += run_pair(name, "2x", a, slow, feeds, options, args.repeats)
     seconds = time.perf_counter() - start
-    summary = {}
-    for name in models:
-        same = [r for r in rows if r["model"] == name and r["pair"] == "identical"]
-        slow = [r for r in rows if r["model"] == name and r["pair"] == "2x"]
-        summary[name] = {"identical_no_change": sum(r["change"] == "no change" for r in same), "identical_runs": len(same),
-                         "doubled_slower": sum(r["change"] == "slower" for r in slow), "doubled_runs": len(slow),
-                         "old_identical_within_5pct": sum(abs(r["old_ratio"] - 1) <= 0.05 for r in same),
-                         "old_identical_worst": max((abs(r["old_ratio"] - 1) for r in same), default=0.0)}
-        print(f"{name}: identical copies 'no change' in {summary[name]['identical_no_change']}/{len(same)}, "
-              f"2x model 'slower' in {summary[name]['doubled_slower']}/{len(slow)}; old bench: identical copies within "
-              f"5% in {summary[name]['old_identical_within_5pct']}/{len(same)}, worst {summary[name]['old_identical_worst']:.1%} off")
+    summary = {name: _summary([r for r in rows if r["model"] == name]) for name in models}
+    for name, s in summary.items():
+        print(f"{name}: identical copies 'no change' in {s['identical_no_change']}/{s['identical_runs']}, 2x model "
+              f"'slower' in {s['doubled_slower']}/{s['doubled_runs']}; old bench: identical copies within 5% in "
+              f"{s['old_identical_within_5pct']}/{s['identical_runs']}, worst {s['old_identical_worst']:.1%} off")
     print(f"total {seconds:.1f} s")
     RESULTS.mkdir(exist_ok=True)
     out = {"options": options.__dict__, "background_load": args.background_load, "seconds": seconds,

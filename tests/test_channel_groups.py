@@ -9,16 +9,24 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
-from conftest import assert_same_outputs, init, make_model, run, vinfo
-from onnx_lincomp.analysis.channel_groups import (ChannelMap, TiedDepthwise, TiedParam, TiedWindow,
-                                                  find_channel_groups, group_of_producer, group_of_relu,
-                                                  groups_of_relu)
+from conftest import assert_same_outputs, init, make_model, run, shared_path, vinfo
+from onnx_lincomp.analysis.channel_groups import (
+    ChannelMap,
+    TiedDepthwise,
+    TiedParam,
+    TiedWindow,
+    find_channel_groups,
+    group_of_producer,
+    group_of_relu,
+    groups_of_relu,
+)
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.errors import PassError
 from onnx_lincomp.graph_edit import NameSource, refresh_shapes
-from onnx_lincomp.model_io import model_from_proto, to_model_proto
+from onnx_lincomp.linear_layer import write_linear_layer
+from onnx_lincomp.model_io import load_model, model_from_proto, to_model_proto
 from onnx_lincomp.rewrite import removal_problem, remove_channels
 
 
@@ -27,7 +35,9 @@ class Net:
 
     def __init__(self, rng: np.random.Generator, opset: int = 17):
         self.rng, self.opset = rng, opset
-        self.nodes, self.inits, self.count = [], [], 0
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
 
     def const(self, value, name: str | None = None) -> str:
         self.count += 1
@@ -77,7 +87,7 @@ def relu_dead(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
     relus = [n for n in probe.graph.node if n.op_type == "Relu"]
     listed = {o.name for o in probe.graph.output}
     probe.graph.output.extend(vinfo(n.output[0], None) for n in relus if n.output[0] not in listed)
-    values = dict(zip([o.name for o in probe.graph.output], run(probe, feeds)))
+    values = dict(zip([o.name for o in probe.graph.output], run(probe, feeds), strict=True))
     out = {}
     for n in relus:
         a = values[n.output[0]]
@@ -108,7 +118,9 @@ def rewrite(model: onnx.ModelProto, feeds: dict, producer: str, remove=None, shi
     group = group_of_producer(groups, producer)
     assert group is not None, groups.skips
     if remove is None:
-        remove = group.admissible(group.zero_channels(relu_dead(model, feeds)))
+        zero = group.zero_channels(relu_dead(model, feeds))
+        assert zero is not None
+        remove = group.admissible(zero)
     result = remove_channels(loaded.graph, NameSource(loaded.graph), group, remove, shift=shift)
     return finish(loaded, model, feeds), group, result
 
@@ -138,7 +150,8 @@ def removable_now(model: onnx.ModelProto, feeds: dict, fold_bn: bool = False) ->
     _, groups = analyse(model, fold_bn)
     dead = relu_dead(model, feeds)
     masks = [g.zero_channels(dead) for g in groups.groups]
-    return sum(int(g.admissible(m).sum()) for g, m in zip(groups.groups, masks) if m is not None and not m.all())
+    pairs = [(g, m) for g, m in zip(groups.groups, masks, strict=True) if m is not None and not m.all()]
+    return sum(int(g.admissible(m).sum()) for g, m in pairs)
 
 
 def weight(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -245,7 +258,8 @@ def test_normalisation_parameters_are_tied(rng, norm):
     if norm == "instance":  # a zero channel normalises to its bias: -1 at the planted channels
         bias = rng.normal(0, 0.2, 6).astype(np.float32)
         bias[[1, 2]] = -1.0
-        h = net.op("InstanceNormalization", [h, net.const(np.ones(6, np.float32), "in_s"), net.const(bias, "in_b")], "in")
+        scale = net.const(np.ones(6, np.float32), "in_s")
+        h = net.op("InstanceNormalization", [h, scale, net.const(bias, "in_b")], "in")
     else:
         h = net.bn(h, 6, name="bn", negative=[1, 2])
     model = net.model({"x": ["N", 3, 6, 6]}, [net.conv(net.op("Relu", [h], "relu1"), 6, 4, name="conv2")])
@@ -441,8 +455,8 @@ def test_grouped_conv_consumer_removes_whole_stripes(rng):
 def test_split_on_the_channel_axis(rng, sizes, opset):
     net = Net(rng, opset)
     h = net.op("Relu", [net.conv("x", 3, 8, name="conv1", dead=[1, 4, 6])], "relu1")
-    split = {"input": dict(inputs=[h, net.const(np.array([3, 5], np.int64))]), "attr": dict(inputs=[h], split=[3, 5]),
-             "equal": dict(inputs=[h], num_outputs=2)}[sizes]
+    split = {"input": {"inputs": [h, net.const(np.array([3, 5], np.int64))]},
+             "attr": {"inputs": [h], "split": [3, 5]}, "equal": {"inputs": [h], "num_outputs": 2}}[sizes]
     first, second = net.op("Split", name="split", outputs=2, axis=1, **split)
     wide = 3 if sizes != "equal" else 4
     model = net.model({"x": ["N", 3, 6, 6]}, [net.op("Add", [net.conv(first, wide, 2, name="convA"),
@@ -529,3 +543,51 @@ def test_must_not_fire(rng, kind, reason):
     _, groups = analyse(_reader(rng, kind))
     assert group_of_producer(groups, "conv1") is None
     assert any(reason in s.reason for s in groups.skips), groups.skips
+
+
+def _zero_consumer_columns(loaded, group, remove: np.ndarray) -> None:
+    """The reference for a removal: the consumers ignore the channels (weight columns 0), nothing else changes."""
+    names = NameSource(loaded.graph)
+    for c in group.consumers:
+        w = c.layer.weight.copy()
+        if c.layer.kind == "conv" and c.layer.group > 1:
+            per, rows = w.shape[1], w.shape[0] // c.layer.group
+            for col in c.columns(remove):
+                g, j = divmod(int(col), per)
+                w[g * rows:(g + 1) * rows, j] = 0.0
+        else:
+            w[:, c.columns(remove)] = 0.0
+        write_linear_layer(loaded.graph, names, c.layer, w, c.layer.bias)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name,shape", [("trained/own_fmnist_cnn_bn.onnx", None),
+                                        ("real/ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192))])
+def test_real_model_every_group_removes_consistently(rng, name, shape):
+    """Removing random channels of each group equals ignoring them at the consumers (any missed reader breaks it)."""
+    path = shared_path("models", *name.split("/"))
+
+    def fresh():
+        loaded = load_model(path)
+        canonicalize(loaded.graph)
+        return loaded, find_channel_groups(loaded.graph)
+
+    loaded, groups = fresh()
+    (inp,) = to_model_proto(loaded.graph, loaded.ctx).graph.input
+    dims = shape or [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    feeds = {inp.name: rng.normal(0, 1, dims).astype(np.float32)}
+    assert groups.groups
+    for index in range(len(groups.groups)):
+        ref, ref_groups = fresh()
+        g = ref_groups.groups[index]
+        stripes = rng.random(g.period) < 0.35
+        stripes[0] = False
+        remove = np.flatnonzero(np.tile(stripes, g.width // g.period))
+        _zero_consumer_columns(ref, g, remove)
+        new, new_groups = fresh()
+        remove_channels(new.graph, NameSource(new.graph), new_groups.groups[index], remove)
+        new.graph.cleanup().toposort()
+        refresh_shapes(new.graph)
+        out = to_model_proto(new.graph, new.ctx)
+        onnx.checker.check_model(out, full_check=True)
+        assert_same_outputs(to_model_proto(ref.graph, ref.ctx), out, feeds)

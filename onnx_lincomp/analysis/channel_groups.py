@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
-from typing import Mapping, Union
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -65,7 +65,7 @@ class ChannelMap:
     hi: int
 
     @staticmethod
-    def identity(width: int) -> "ChannelMap":
+    def identity(width: int) -> ChannelMap:
         return ChannelMap(0, 0, width)
 
     def present(self, channels: np.ndarray) -> np.ndarray:
@@ -77,11 +77,11 @@ class ChannelMap:
         """Tensor channel of each present group channel: ``c + shift``."""
         return self.present(channels) + self.shift
 
-    def concat(self, offset: int) -> "ChannelMap":
+    def concat(self, offset: int) -> ChannelMap:
         """The map after a Concat that puts this tensor at ``offset``."""
         return ChannelMap(self.shift + offset, self.lo, self.hi)
 
-    def window(self, start: int, end: int) -> "ChannelMap | None":
+    def window(self, start: int, end: int) -> ChannelMap | None:
         """The map after keeping tensor channels ``[start, end)`` (None when no group channel is left)."""
         lo, hi = max(self.lo, start - self.shift), min(self.hi, end - self.shift)
         return ChannelMap(self.shift - start, lo, hi) if lo < hi else None
@@ -116,10 +116,10 @@ class TiedWindow:
     position: int = -1  # Slice: the entry of starts/ends that is the channel axis
 
 
-Tied = Union[TiedParam, TiedDepthwise, TiedWindow]
+Tied = TiedParam | TiedDepthwise | TiedWindow
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class GroupConsumer:
     """A linear layer reading group channel ``c`` as input columns ``map(c)*block .. map(c)*block + block-1``."""
 
@@ -135,13 +135,17 @@ class GroupConsumer:
     def offset(self) -> int:
         return self.map.shift
 
+    def __repr__(self) -> str:
+        return (f"GroupConsumer({self.layer.name!r}, block={self.block}, map={self.map}, "
+                f"zero_sources={self.zero_sources})")
+
     def columns(self, channels: np.ndarray) -> np.ndarray:
         """Consumer input columns fed by the group ``channels`` (those the consumer reads)."""
         first = self.map(channels) * self.block
         return (first[:, None] + np.arange(self.block)[None, :]).reshape(-1)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class ChannelGroup:
     """Producers whose output channel ``c`` is read only through the tied parameters and consumers listed."""
 
@@ -153,6 +157,10 @@ class ChannelGroup:
     relus: tuple[str, ...]
     relu_maps: tuple[ChannelMap, ...]
     period: int  # channel c goes only with every c' = c (mod period) (grouped Conv consumers); width if free
+
+    def __repr__(self) -> str:
+        return (f"ChannelGroup(width={self.width}, producers={[p.name for p in self.producers]}, "
+                f"tied={len(self.tied)}, consumers={list(self.consumers)}, period={self.period})")
 
     def member_channels(self, relu: str) -> np.ndarray:
         """Channel of Relu ``relu`` carrying each group channel (-1 where it carries none)."""
@@ -194,6 +202,8 @@ class ChannelGroup:
 class ChannelGroups:
     groups: tuple[ChannelGroup, ...]
     skips: tuple[Skip, ...]
+    skipped_relus: Mapping[str, Skip] = field(default_factory=dict)  # Relus met by a group that was skipped
+    skipped_starts: Mapping[str, Skip] = field(default_factory=dict)  # producer node -> why its group was skipped
 
 
 def groups_of_relu(groups: ChannelGroups, relu: str) -> tuple[ChannelGroup, ...]:
@@ -246,6 +256,7 @@ class _Layers:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self._nodes: dict[int, LinearLayer | Skip | None] = {}
+        self._tensors: dict[int, LinearLayer | Skip | None] = {}
 
     def of_node(self, node: gs.Node) -> LinearLayer | Skip | None:
         if id(node) not in self._nodes:
@@ -253,11 +264,13 @@ class _Layers:
         return self._nodes[id(node)]
 
     def producing(self, tensor: gs.Tensor) -> LinearLayer | Skip | None:
-        found = producer_layer(self.graph, tensor)
-        if isinstance(found, LinearLayer):
-            cached = self.of_node(found.nodes[0])
-            return cached if isinstance(cached, LinearLayer) and cached.output is tensor else found
-        return found
+        if id(tensor) not in self._tensors:
+            found = producer_layer(self.graph, tensor)
+            if isinstance(found, LinearLayer):
+                cached = self.of_node(found.nodes[0])
+                found = cached if isinstance(cached, LinearLayer) and cached.output is tensor else found
+            self._tensors[id(tensor)] = found
+        return self._tensors[id(tensor)]
 
 
 def _axis(value: int, rank: int) -> int:
@@ -337,7 +350,7 @@ def _split_sizes(node: gs.Node, width: int) -> list[int] | None:
         n = len(node.outputs)
         chunk = -(-width // n)
         sizes = [chunk] * (n - 1) + [width - chunk * (n - 1)]
-    return sizes if sum(sizes) == width and min(sizes) >= 0 else None
+    return sizes if len(sizes) == len(node.outputs) and sum(sizes) == width and min(sizes) >= 0 else None
 
 
 def _slice_params(node: gs.Node, s: _Stream) -> tuple[int, int, int] | None:
@@ -507,7 +520,8 @@ class _Explorer:
         variables = [t for t in node.inputs if not isinstance(t, gs.Constant)]
         if len(variables) > 1 and any(v.shape is None or len(v.shape) != s.rank or _dim(v, s.axis) != s.width
                                       for v in variables):
-            raise _Stop(node.name, f"{node.op} of tensors whose channel axes cannot be matched (broadcast or unknown shapes)")
+            raise _Stop(node.name,
+                        f"{node.op} of tensors whose channel axes cannot be matched (broadcast or unknown shapes)")
         return (*variables, node.outputs[0])
 
     def _depthwise(self, layer: LinearLayer, m: ChannelMap, s: _Stream) -> tuple[gs.Tensor, ...]:
@@ -521,8 +535,9 @@ class _Explorer:
 
     def _linear_reader(self, node: gs.Node, t: gs.Variable, m: ChannelMap, s: _Stream) -> None:
         layer = self.layers.of_node(node)
-        if isinstance(layer, Skip):
-            raise _Stop(layer.node, layer.reason)
+        if not isinstance(layer, LinearLayer):
+            raise _Stop(node.name if layer is None else layer.node,
+                        f"{node.op} not read as a linear layer" if layer is None else layer.reason)
         if layer.kind == "conv" and s.axis != 1:
             raise _Stop(node.name, "Conv reads a tensor whose channel axis is not axis 1")
         if layer.kind == "gemm" and s.rank != 2:
@@ -547,8 +562,9 @@ class _Explorer:
             raise _Stop(node.name, "Concat along an axis other than the channel axis")
         if sum(1 for x in node.inputs if x is t) != 1:
             raise _Stop(node.name, "the same tensor enters the Concat more than once")
-        dims = [s.width if x is t else _dim(x, s.axis) for x in node.inputs]
-        if any(d is None for d in dims):
+        found = [s.width if x is t else _dim(x, s.axis) for x in node.inputs]
+        dims = [d for d in found if d is not None]
+        if len(dims) != len(found):
             raise _Stop(node.name, "Concat input shapes unknown (cannot map channels)")
         index = next(i for i, x in enumerate(node.inputs) if x is t)
         out = node.outputs[0]
@@ -568,12 +584,15 @@ class _Explorer:
             if sizes is None:
                 raise _Stop(node.name, "Split sizes unknown or computed at run time")
             ends = np.cumsum(sizes)
-            bounds, pos = tuple((int(e - z), int(e)) for z, e in zip(sizes, ends)), -1
+            bounds, pos = tuple((int(e - z), int(e)) for z, e in zip(sizes, ends, strict=True)), -1
         else:
-            pos, a, b = _slice_params(node, s)
+            params = _slice_params(node, s)
+            if params is None:
+                raise _Stop(node.name, "Slice does not cut the channel axis")
+            pos, a, b = params
             bounds = ((a, b),)
         self.tied.append(TiedWindow(node, s.axis, m, bounds, pos))
-        for out, (a, b) in zip(node.outputs, bounds):
+        for out, (a, b) in zip(node.outputs, bounds, strict=True):
             wm = m.window(a, b)
             if wm is not None:
                 self.entries[out.name] = t
@@ -658,8 +677,9 @@ def _zero_rule(t: gs.Variable, ex: _Explorer, memo: dict) -> tuple[str, ...] | N
     members = [member(x) for x in variables]
     if node.op == "Mul":  # 0 when any factor is 0
         return next((z for z in members if z is not None), None)
-    if node.op in ("Add", "Sum", "Sub") and len(variables) == len(node.inputs) and None not in members:
-        return tuple(dict.fromkeys(r for z in members for r in z))  # 0 when every member is 0
+    known = [z for z in members if z is not None]
+    if node.op in ("Add", "Sum", "Sub") and len(variables) == len(node.inputs) == len(known):
+        return tuple(dict.fromkeys(r for z in known for r in z))  # 0 when every member is 0
     return None
 
 
@@ -680,6 +700,8 @@ def find_channel_groups(graph: gs.Graph) -> ChannelGroups:
     layers = _Layers(graph)
     groups: list[ChannelGroup] = []
     skips: dict[tuple[str, str], Skip] = {}
+    skipped_relus: dict[str, Skip] = {}
+    skipped_starts: dict[str, Skip] = {}
     taken: set[int] = set()
     for node in list(graph.nodes):
         if node.op not in LINEAR_OPS or id(node) in taken:
@@ -695,8 +717,12 @@ def find_channel_groups(graph: gs.Graph) -> ChannelGroups:
             groups.append(explorer.run())
         except _Stop as stop:
             skips.setdefault((stop.skip.node, stop.skip.reason), stop.skip)
+            skipped_starts[node.name] = stop.skip
+            for t, _ in explorer.seen.values():
+                if t.inputs and t.inputs[0].op == "Relu" and t.inputs[0].name:
+                    skipped_relus.setdefault(t.inputs[0].name, stop.skip)
         taken |= set(explorer.producers) | {id(node)}
-    return ChannelGroups(tuple(groups), tuple(skips.values()))
+    return ChannelGroups(tuple(groups), tuple(skips.values()), skipped_relus, skipped_starts)
 
 
 __all__ = ["ChannelGroup", "ChannelGroups", "ChannelMap", "GroupConsumer", "Tied", "TiedDepthwise", "TiedParam",

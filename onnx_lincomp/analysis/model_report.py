@@ -537,7 +537,7 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
 
 def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict) -> dict[str, tuple[int, ...]]:
     """Shapes of ``names`` from one onnxruntime run on random batch-1 inputs (when inference could not tell)."""
-    import onnxruntime as ort
+    from ..runtime.session import SessionOptions, open_session
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -553,11 +553,8 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict
         dims = list(input_shapes.get(inp.name, [d.dim_value if d.dim_value > 0 else 1 for d in tt.shape.dim]))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[inp.name] = rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = open_session(m, options=SessionOptions(optimize=False, log_level=4))
         values = sess.run(names, feeds)
     except Exception:  # shapes stay unknown; the report counts those nodes
         return {}

@@ -78,13 +78,16 @@ class UnitEvidence:
             return tuple(s.relu for s in self.stats.layers)
         return tuple(self.proven)
 
-    def unit_set(self, relu: str, width: int, *, dead_rate: float = 0.0, linear_rate: float = 1.0) -> UnitSet | None:
-        """The decision for ``relu`` (None when the evidence does not cover it or its width changed)."""
+    def unit_set(self, relu: str, width: int | None, *, dead_rate: float = 0.0,
+                 linear_rate: float = 1.0) -> UnitSet | None:
+        """The decision for ``relu`` (None when the evidence does not cover it or its width is not ``width``;
+        ``width=None`` accepts the width the evidence has)."""
         if self.kind == "certificate":
             return self._proven_set(relu, width, dead_rate, linear_rate)
         s = self.stats.get(relu) if self.stats is not None else None
-        if s is None or s.channels != width:
+        if s is None or (width is not None and s.channels != width):
             return None
+        width = s.channels
         dead = s.dead.copy() if dead_rate <= 0 else s.sample_rate <= dead_rate
         linear = (s.always_active if linear_rate >= 1.0 else s.position_rate >= linear_rate) & ~s.dead
         mean = s.act_mean if dead_rate > 0 else np.zeros(width)
@@ -95,8 +98,9 @@ class UnitEvidence:
         if dead_rate > 0 or linear_rate < 1.0:
             raise OptionError("rates apply to statistics only: proven sets are exact (drop --dead-rate/--linear-rate)")
         p = self.proven.get(relu)
-        if p is None or p.inactive.size != width:
+        if p is None or (width is not None and p.inactive.size != width):
             return None
+        width = p.inactive.size
         return UnitSet(relu, p.inactive.copy(), p.active & ~p.inactive, np.zeros(width), ~p.inactive, self.description)
 
     def subset(self, kept: Mapping[str, np.ndarray]) -> UnitEvidence:

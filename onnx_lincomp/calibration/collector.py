@@ -29,10 +29,11 @@ from ..errors import CalibrationDataError
 from ..model_io import ModelContext, to_model_proto
 from ..runtime.feeds import feeds_samples, fixed_batch, iterate_feeds, model_feeds
 from ..runtime.session import SessionOptions, SessionScope, ort_message
-from .data_source import CalibrationSource, input_specs
+from .data_source import CalibrationSource
 from .relu_stats import ReluStats, StatsSet
 
-__all__ = ["CollectOptions", "Progress", "collect_relu_stats", "fixed_batch", "iterate_feeds", "model_feeds"]  # feeds: re-exported
+# fixed_batch, iterate_feeds, model_feeds moved to runtime.feeds; re-exported here for older imports
+__all__ = ["CollectOptions", "Progress", "collect_relu_stats", "fixed_batch", "iterate_feeds", "model_feeds"]
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _BIG = float(2.0**127)
@@ -211,9 +212,10 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
         total = len(source) if stop is None else min(stop, len(source))
         for feeds, _ in iterate_feeds(graph, source, options.batch_size, 0, stop):
             try:
-                values = dict(zip(names, sess.run(names, feeds)))
+                values = dict(zip(names, sess.run(names, feeds), strict=True))
             except Exception as exc:  # onnxruntime's own errors: bad shapes or values in the data
-                raise CalibrationDataError(f"{source.description}: onnxruntime rejected a calibration batch: {ort_message(exc)}") from exc
+                raise CalibrationDataError(f"{source.description}: onnxruntime rejected a calibration batch: "
+                                           f"{ort_message(exc)}") from exc
             for site in sites:
                 stats = _batch_stats(site, [values[n] for n in site.outputs])
                 totals[site.relu] = totals[site.relu].merge(stats) if site.relu in totals else stats

@@ -115,13 +115,13 @@ class PairedDrop:
     drop: Interval
 
     @staticmethod
-    def of(before_correct: np.ndarray, after_correct: np.ndarray, confidence: float = 0.95) -> "PairedDrop":
+    def of(before_correct: np.ndarray, after_correct: np.ndarray, confidence: float = 0.95) -> PairedDrop:
         """From per-sample correctness (boolean arrays of the same length)."""
         x, y = np.asarray(before_correct, bool), np.asarray(after_correct, bool)
         if x.shape != y.shape or x.size == 0:
             raise ValueError(f"need two non-empty correctness arrays of one shape, got {x.shape} and {y.shape}")
-        worse, better = int((x & ~y).sum()), int((~x & y).sum())
-        return PairedDrop(int(x.size), int((x & y).sum()), worse, better, drop_interval(worse, better, int(x.size), confidence))
+        n, worse, better = int(x.size), int((x & ~y).sum()), int((~x & y).sum())
+        return PairedDrop(n, int((x & y).sum()), worse, better, drop_interval(worse, better, n, confidence))
 
     @property
     def confidence(self) -> float:
@@ -152,7 +152,8 @@ class PairedDrop:
         return self.upper_points <= budget_points
 
     def describe(self) -> str:
-        return (f"drop {self.drop_points:.2f} points ({100 * self.confidence:.0f}% CI {self.lower_points:.2f} to "
+        """``'0.40 points (95% CI -0.12 to 0.95; 3 samples lost, 1 gained of 500)'``."""
+        return (f"{self.drop_points:.2f} points ({100 * self.confidence:.0f}% CI {self.lower_points:.2f} to "
                 f"{self.upper_points:.2f}; {self.worse} samples lost, {self.better} gained of {self.n})")
 
     def as_dict(self) -> dict:

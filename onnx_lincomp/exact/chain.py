@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import helper
 
 from ..graph_edit import constant_value, is_graph_output
 from ..relu_sites import relu_nodes
+from ..runtime.session import SessionOptions, open_session
 
 LAYOUT_OPS = {"Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"}
 AFFINE_OPS = {"Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool", "GlobalAveragePool",
@@ -85,10 +85,7 @@ def _linearize_with_ort(node: gs.Node, data: gs.Tensor, shape: tuple[int, ...], 
     graph = helper.make_graph([onnx_node], "op", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = open_session(model, options=SessionOptions(optimize=False, log_level=4))
     basis = np.concatenate([np.zeros((1, size), np.float32), np.eye(size, dtype=np.float32)]).reshape((size + 1,) + shape[1:])
     out = np.asarray(sess.run(None, {"x": basis})[0], np.float64)
     c = out[0].reshape(-1)

@@ -1,15 +1,22 @@
-"""remove-dead: delete Relu units that are never active.
+"""remove-dead: delete channels that every reader sees as exactly zero.
 
-If unit ``i`` of a Relu layer is never positive (``positive == 0`` on the calibration data, or at most a
-fraction ``dead_rate`` of samples when asked), then ``relu(z_i) = 0`` and it contributes nothing to the
-consumers: delete row ``i`` of the producer's weight and bias and the matching input column(s) of every
-consumer (for ``Conv -> ... -> Flatten -> Gemm`` channel ``i`` owns the feature block
-``[i*HW, (i+1)*HW)``). With ``dead_rate = 0`` this is exact on the calibration data.
+If unit ``i`` of a Relu is never positive (``positive == 0`` on the calibration data, or proven stably
+inactive over a domain), ``relu(z_i) = 0``. A channel of a channel group (:mod:`..analysis.channel_groups`:
+producers, tied parameters and consumers sharing one channel axis, through pools, Flatten/Reshape blocks,
+channel Concat offsets, residual Add streams, depthwise convolutions) can be deleted exactly when every
+consumer's input is provably 0 on it: the consumer reads a dead Relu directly or through ops with
+``f(0) = 0``, or an Add/Sum of members that are all dead there. Then the producers' weight rows and biases,
+the tied parameters and the consumers' input columns go (:func:`..rewrite.channels.remove_channels`).
+With ``dead_rate = 0`` this is exact on the evidence.
 
 With ``dead_rate > 0`` a removed unit is not exactly zero: its mean output ``m_i`` (per position) is folded
 into the consumer bias, ``b' = b + W[:, cols(i)] @ m_i`` (summed over the kernel for a Conv consumer),
-which is exact in expectation for a non-padding consumer; across a padding Conv the fold would be wrong
-at the borders, so such channels are kept and the reason is reported.
+exact in expectation for a non-padding consumer. This is done only for groups with one Relu read
+directly by every consumer; across a padding Conv the fold would be wrong at the borders, so such channels
+are kept with that reason.
+
+A layer whose every channel is dead keeps ``keep_at_least`` of them; in a plain Relu group their producer
+rows are zeroed, so everything downstream is provably constant (as it was on the data or the domain).
 """
 from __future__ import annotations
 
@@ -18,11 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..analysis.channel_groups import ChannelGroup, ChannelGroups, find_channel_groups
+from ..analysis.unit_sets import UnitEvidence
 from ..errors import OptionError
 from ..graph_edit import NameSource
-from ..linear_layer import Skip, write_linear_layer
-from ..relu_sites import ConsumerLink, ReluSite, ResidualGroup, find_relu_site, find_residual_group, relu_nodes
-from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named, option
+from ..linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
+from ..relu_sites import relu_nodes
+from ..rewrite.channels import remove_channels, removal_problem
+from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, option
 
 
 @dataclass(frozen=True)
@@ -51,143 +61,166 @@ def aligned(dead: np.ndarray, multiple: int) -> np.ndarray:
     return out
 
 
-def removed_params(site: ReluSite | ResidualGroup, removed: int) -> int:
-    """Parameters that go with ``removed`` units: producer rows (and biases) plus consumer columns."""
-    producers = [m.producer for m in site.members] if isinstance(site, ResidualGroup) else [site.producer]
-    rows = sum(removed * (int(p.weight[0].size) + (1 if p.has_bias else 0)) for p in producers)
-    cols = sum(removed * link.block * link.layer.out_features * link.layer.kernel_size for link in site.consumers)
-    return rows + cols
+def removed_params(group: ChannelGroup, removed: int) -> int:
+    """Parameters that go with ``removed`` channels (first order): producer rows and biases, one entry of
+    every tied parameter, consumer columns."""
+    rows = sum(int(p.weight[0].size) + (1 if p.has_bias else 0) for p in group.producers)
+    cols = sum(c.block * c.layer.out_features * c.layer.kernel_size // max(c.layer.group, 1) for c in group.consumers)
+    return removed * (rows + cols + len(group.tied))
 
 
-def _consumer_bias_shift(link: ConsumerLink, dead: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
-    """Bias change that replaces removed channels by their mean output (None when not exact to do so)."""
-    w = link.layer.weight
-    if not np.any(mean[dead]):
-        return np.zeros(w.shape[0])
-    if link.layer.kind == "conv":
-        if any(link.layer.conv_attrs.get("pads", [])):
-            return None
-        cols = link.columns(np.flatnonzero(dead))
-        return w[:, cols].sum(axis=tuple(range(2, w.ndim))) @ mean[dead]
-    cols = link.columns(np.flatnonzero(dead))
-    return w[:, cols] @ np.repeat(mean[dead], link.block)
+def group_key(group: ChannelGroup) -> str:
+    """A group is found again after other rewrites by the name of its first producer's node."""
+    return group.producers[0].nodes[0].name
 
 
-def _shrink_reshape(graph: gs.Graph, names: NameSource, link: ConsumerLink, removed: int) -> None:
-    node = link.reshape
-    if node is None or node.op != "Reshape":
-        return
-    target = np.asarray(node.inputs[1].values).copy()
-    if target[1] != -1:
-        target[1] -= removed * link.block
-    node.inputs[1] = gs.Constant(names.fresh(node.inputs[1].name), target)
+def _simple(group: ChannelGroup) -> str | None:
+    """The Relu of a plain group (one Relu read directly by every consumer, nothing tied), else None."""
+    if len(group.relus) != 1 or group.tied or len(group.producers) != 1:
+        return None
+    relu = group.relus[0]
+    return relu if all(c.zero_sources == (relu,) for c in group.consumers) else None
 
 
 class RemoveDeadNeurons(Pass):
     name = "remove-dead"
     Options = RemoveDeadOptions
-    summary = "delete units that are never active (producer rows, consumer columns), through pools, Flatten, Concat and residual groups"
+    summary = "delete channels every reader sees as zero (producer rows, tied parameters, consumer columns), group by group"
     options: RemoveDeadOptions
 
-    def _apply(self, graph: gs.Graph, names: NameSource, site: ReluSite | ResidualGroup, dead: np.ndarray,
-               mean: np.ndarray) -> np.ndarray:
-        keep = ~dead
-        placeholder = np.zeros_like(dead)
-        if keep.sum() < self.options.keep_at_least:
-            # a layer with every unit dead keeps placeholders with zero weights: the units output 0 for
-            # every input, so everything downstream is constant (as it was on the data / the domain)
-            placeholder[np.flatnonzero(dead)[: self.options.keep_at_least - keep.sum()]] = True
-            keep |= placeholder
-        producers = [m.producer for m in site.members] if isinstance(site, ResidualGroup) else [site.producer]
-        for p in producers:
-            w, b = p.weight.copy(), p.bias.copy()
-            w[placeholder], b[placeholder] = 0.0, 0.0
-            write_linear_layer(graph, names, p, w[keep], b[keep])
-        removed_cols = np.flatnonzero(~keep)
-        shifts = [_consumer_bias_shift(link, ~keep, mean) for link in site.consumers]
-        for link, shift in zip(site.consumers, shifts):
-            c = link.layer
-            cols = np.setdiff1d(np.arange(c.in_features), link.columns(removed_cols))
-            write_linear_layer(graph, names, c, c.weight[:, cols], c.bias + shift)
-            _shrink_reshape(graph, names, link, int(removed_cols.size))
-        return keep
+    def _dead(self, group: ChannelGroup, evidence: UnitEvidence, rate: float) -> tuple[dict, dict] | str:
+        """Per Relu of the group: dead masks and mean outputs in the Relu's own channels."""
+        dead, mean = {}, {}
+        for relu in group.relus:
+            units = evidence.unit_set(relu, None, dead_rate=rate)
+            if units is None:
+                return "no statistics for a Relu of the group"
+            idx = group.member_channels(relu)
+            if idx.max(initial=-1) >= units.width:
+                return "statistics do not match the group's width"
+            dead[relu] = units.dead
+            mean[relu] = units.mean_output
+        return dead, mean
 
-    def _plan_relu(self, site: ReluSite, ctx: PassContext, tally: SkipTally) -> Match | None:
+    def _mask(self, group: ChannelGroup, zero: np.ndarray) -> np.ndarray:
         o = self.options
-        units = ctx.evidence.unit_set(site.relu.name, site.width, dead_rate=o.dead_rate) if ctx.evidence else None
-        if units is None:
-            tally.add("no statistics for this Relu", site.relu.name)
-            return None
-        dead = aligned(units.dead, o.channel_multiple)
-        if not dead.any():
-            return None
-        if any(_consumer_bias_shift(link, dead, units.mean_output) is None for link in site.consumers):
-            tally.add("removed units are not always zero and a consumer Conv pads (bias fold inexact)", site.relu.name)
-            return None
-        removable = min(int(dead.sum()), site.width - o.keep_at_least)
-        p = site.producer
-        to_zero = bool(dead.all()) and bool(np.any(p.weight) or np.any(p.bias))
-        if removable <= 0 and not to_zero:
-            return None  # nothing removable (a layer keeps at least keep_at_least units)
-        approx = bool(np.any(units.ever_active[dead])) and o.dead_rate > 0
-        return Match(site.relu.name, "remove", max(removable, 0), removed_params(site, max(removable, 0)),
-                     f"{int(dead.sum())} of {site.width} units dead ({units.origin})",
-                     {"dead": dead, "mean": units.mean_output, "approximate": approx})
+        mask = group.admissible(aligned(zero, o.channel_multiple))
+        excess = int(mask.sum()) - (group.width - o.keep_at_least)
+        if excess > 0:  # keep whole stripes back until the layer keeps its minimum width
+            for c in np.flatnonzero(mask)[: group.period]:
+                if excess <= 0:
+                    break
+                mask[c::group.period] = False
+                excess -= group.width // group.period
+        return mask
 
-    def _plan_group(self, group: ResidualGroup, ctx: PassContext, tally: SkipTally) -> Match | None:
-        o = self.options
-        sets = [ctx.evidence.unit_set(m.relu.name, group.width) if ctx.evidence else None for m in group.members]
-        if any(u is None for u in sets):
-            tally.add("residual group member without statistics", group.add.name)
+    def _plan_group(self, group: ChannelGroup, ctx: PassContext, tally: SkipTally) -> Match | None:
+        site, relu = group_key(group), _simple(group)
+        rate = self.options.dead_rate if relu is not None else 0.0  # rates need one directly read Relu
+        found = self._dead(group, ctx.evidence, rate)
+        if isinstance(found, str):
+            tally.add(found, site)
             return None
-        dead = aligned(np.logical_and.reduce([u.dead for u in sets]), o.channel_multiple)  # dead in every member
-        removable = min(int(dead.sum()), group.width - o.keep_at_least)
-        if removable <= 0:
-            return None  # groups are removed only where exactly zero in every member
-        return Match(group.add.name, "remove-group", removable, removed_params(group, removable),
-                     f"{removable} of {group.width} channels dead in all {len(group.members)} members",
-                     {"dead": dead, "members": tuple(m.relu.name for m in group.members)})
+        dead, mean = found
+        zero = group.zero_channels(dead)
+        if zero is None:
+            tally.add("a consumer reads channels that are not provably zero (not through dead Relus)", site)
+            return None
+        mask = self._mask(group, zero)
+        shift = mean[relu][group.member_channels(relu)] if relu is not None and rate > 0 else None
+        if mask.any() and removal_problem(group, mask, shift) is not None:
+            tally.add(removal_problem(group, mask, shift), site)
+            return None
+        zero_rows = relu is not None and bool(zero.all()) and bool(np.any(group.producers[0].weight))
+        if not mask.any() and not zero_rows:
+            return None
+        approximate = rate > 0 and any(
+            np.any(ctx.evidence.unit_set(r, None, dead_rate=rate).ever_active[group.member_channels(r)][mask])
+            for r in group.relus)
+        n = int(mask.sum())
+        return Match(site, "remove", n, removed_params(group, n),
+                     f"{n} of {group.width} channels, {len(group.producers)} producer(s), {len(group.consumers)} consumer(s)",
+                     {"remove": mask, "shift": shift, "zero_rest": zero_rows, "relus": group.relus,
+                      "widths": {r: d.size for r, d in dead.items()}, "approximate": approximate})
 
     def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
         tally, matches = SkipTally(), []
-        for relu in relu_nodes(graph):
-            site = find_relu_site(graph, relu)
-            if isinstance(site, Skip):
-                tally.add(site.reason, relu.name)
+        found = find_channel_groups(graph)
+        covered: set[str] = set()
+        for group in found.groups:
+            covered |= set(group.relus)
+            if not group.relus:
+                continue  # no Relu on the group: nothing says a channel is dead
+            if ctx.evidence is None:
+                tally.add("no statistics for this Relu", group_key(group))
                 continue
-            match = self._plan_relu(site, ctx, tally)
+            match = self._plan_group(group, ctx, tally)
             if match is not None:
                 matches.append(match)
-        for add in [n for n in graph.nodes if n.op in ("Add", "Sum")]:
-            group = find_residual_group(graph, add)
-            if isinstance(group, Skip):
-                tally.add(group.reason, add.name)
-            elif group is not None and self.options.dead_rate <= 0:
-                match = self._plan_group(group, ctx, tally)
-                if match is not None:
-                    matches.append(match)
-        return tally.plan(self.name, matches, approximate=any(m.data.get("approximate") for m in matches))
+        for relu in relu_nodes(graph):
+            if relu.name not in covered:
+                tally.add(_uncovered_reason(graph, found, relu), relu.name)
+        return tally.plan(self.name, matches, approximate=any(m.data["approximate"] for m in matches))
 
     def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
-        names = NameSource(graph)
-        tally, kept, removed, rewritten, approximate = SkipTally(), {}, 0, 0, False
+        names, tally = NameSource(graph), SkipTally()
+        kept: dict[str, np.ndarray] = {}
+        removed = rewritten = 0
         for match in plan.matches:
-            dead = match.data["dead"]
-            node = node_named(graph, match.site)
-            finder = find_residual_group if match.action == "remove-group" else find_relu_site
-            site = None if node is None else finder(graph, node)
-            if not isinstance(site, (ReluSite, ResidualGroup)) or site.width != dead.size:
+            group = _find_group(find_channel_groups(graph), match.site)
+            mask = match.data["remove"]
+            if group is None or group.width != mask.size or tuple(group.relus) != tuple(match.data["relus"]):
                 tally.add("site changed since it was planned", match.site)
                 continue
-            mean = match.data.get("mean", np.zeros(dead.size))
-            keep = self._apply(graph, names, site, dead, mean)
-            members = match.data.get("members", (match.site,))
-            for relu in members:
-                kept[relu] = np.flatnonzero(keep)
-            removed += int((~keep).sum()) * len(members)
+            if any(r in kept for r in group.relus):
+                tally.add("Relu shared by several channel groups (the rest goes in the next round)", match.site)
+                continue
+            keep = np.flatnonzero(~mask)
+            if mask.any():
+                result = remove_channels(graph, names, group, mask, shift=match.data["shift"])
+                keep, removed = result.kept, removed + result.removed * len(group.relus)
+            if match.data["zero_rest"]:
+                _zero_producer(graph, names, group)
+            for relu in group.relus:
+                kept[relu] = _relu_kept(group, relu, keep, match.data["widths"][relu])
             rewritten += 1
-            approximate |= bool(match.data.get("approximate"))
-        return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches),
-                          rewritten=rewritten, approximate=approximate,
-                          skipped=dict(plan.skipped) | dict(tally.counts), counts={"units_removed": removed}, kept=kept)
+        skipped = dict(plan.skipped)
+        for why, n in tally.counts.items():
+            skipped[why] = skipped.get(why, 0) + n
+        return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches), rewritten=rewritten,
+                          approximate=plan.approximate and rewritten > 0, skipped=skipped,
+                          counts={"units_removed": removed}, kept=kept)
 
+
+def _uncovered_reason(graph: gs.Graph, found: ChannelGroups, relu: gs.Node) -> str:
+    """Why no group covers ``relu``: its producer's group was skipped (that reason), or it has no producer."""
+    producer = producer_layer(graph, relu.inputs[0]) if relu.inputs else None
+    skip = found.skipped_starts.get(producer.nodes[0].name) if isinstance(producer, LinearLayer) else None
+    skip = skip or found.skipped_relus.get(relu.name)
+    if isinstance(producer, Skip):
+        return producer.reason
+    if skip is not None:
+        return skip.reason
+    src = relu.inputs[0].inputs[0].op if relu.inputs and relu.inputs[0].inputs else "a graph input"
+    return f"Relu input comes from {src}, not from a channel group of a linear layer"
+
+
+def _find_group(found: ChannelGroups, key: str) -> ChannelGroup | None:
+    return next((g for g in found.groups if group_key(g) == key), None)
+
+
+def _relu_kept(group: ChannelGroup, relu: str, keep_group: np.ndarray, width: int) -> np.ndarray:
+    """Indices (in the Relu's own ``width`` channels before the pass) of the channels that remain."""
+    idx = group.member_channels(relu)
+    kept_group = np.zeros(group.width, bool)
+    kept_group[keep_group] = True
+    gone = np.zeros(width, bool)
+    gone[idx[~kept_group & (idx >= 0)]] = True
+    return np.flatnonzero(~gone)
+
+
+def _zero_producer(graph: gs.Graph, names: NameSource, group: ChannelGroup) -> None:
+    """Zero the remaining rows of a plain group's producer (every unit dead: the output becomes constant)."""
+    layer = match_linear_layer(graph, group.producers[0].nodes[0])
+    if isinstance(layer, LinearLayer):
+        write_linear_layer(graph, names, layer, np.zeros_like(layer.weight), np.zeros_like(layer.bias))

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import onnx_graphsurgeon as gs
 
 from ..analysis.channel_groups import ChannelGroup, GroupConsumer, TiedDepthwise, TiedParam, TiedWindow
@@ -65,7 +66,7 @@ class _AttrEdit:
     value: object  # None deletes the attribute
 
 
-def _indices(remove: np.ndarray, width: int) -> np.ndarray | str:
+def _indices(remove: npt.ArrayLike, width: int) -> np.ndarray | str:
     """``remove`` (a mask of ``width`` or channel indices) as sorted unique indices, or what is wrong."""
     r = np.asarray(remove)
     if r.dtype == bool:
@@ -107,11 +108,13 @@ def _window_problem(group: ChannelGroup, idx: np.ndarray) -> str | None:
     return None
 
 
-def removal_problem(group: ChannelGroup, remove: np.ndarray, shift: np.ndarray | None = None) -> str | None:
+def removal_problem(group: ChannelGroup, remove: npt.ArrayLike, shift: np.ndarray | None = None) -> str | None:
     """Why removing ``remove`` (mask or indices) from ``group`` cannot be done exactly; None when it can."""
     idx = _indices(remove, group.width)
-    if isinstance(idx, str):
-        return idx
+    return idx if isinstance(idx, str) else _index_problem(group, idx, shift)
+
+
+def _index_problem(group: ChannelGroup, idx: np.ndarray, shift: np.ndarray | None) -> str | None:
     if idx.size >= group.width:
         return "cannot remove every channel of a group (keep at least one)"
     mask = np.zeros(group.width, dtype=bool)
@@ -132,14 +135,16 @@ def _drop_columns(link: GroupConsumer, weight: np.ndarray, idx: np.ndarray) -> n
 def _bias_delta(link: GroupConsumer, weight: np.ndarray, idx: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
     """``W[:, columns(R)] @ repeat(shift[R], block)``, summed over the kernel (grouped Conv: per group)."""
     delta = np.zeros(weight.shape[0])
-    values = np.repeat(np.asarray(shift, dtype=np.float64)[link.map.present(idx)], link.block) if shift is not None else None
-    if values is None or not np.any(values):
+    if shift is None:
+        return delta
+    values = np.repeat(np.asarray(shift, dtype=np.float64)[link.map.present(idx)], link.block)
+    if not np.any(values):
         return delta
     cols = link.columns(idx)
     w = weight.sum(axis=tuple(range(2, weight.ndim))) if weight.ndim > 2 else weight
     if link.layer.kind == "conv" and link.layer.group > 1:
         per, rows = weight.shape[1], weight.shape[0] // link.layer.group
-        for col, v in zip(cols, values):
+        for col, v in zip(cols, values, strict=True):
             g, j = divmod(int(col), per)
             delta[g * rows:(g + 1) * rows] += w[g * rows:(g + 1) * rows, j] * v
         return delta
@@ -235,30 +240,30 @@ def _commit(graph: gs.Graph, names: NameSource, layers: list[_LayerEdit], inputs
         if e.group is not None:
             e.layer.nodes[0].attrs["group"] = e.group
         removed += e.layer.param_count - new.param_count
-    for e in inputs:
-        old = e.node.inputs[e.index] if e.index < len(e.node.inputs) else None
-        const = gs.Constant(names.fresh(old.name if old is not None and old.name else f"{e.node.name}_in{e.index}"),
-                            np.ascontiguousarray(e.value))
+    for i in inputs:
+        old = i.node.inputs[i.index] if i.index < len(i.node.inputs) else None
+        const = gs.Constant(names.fresh(old.name if old is not None and old.name else f"{i.node.name}_in{i.index}"),
+                            np.ascontiguousarray(i.value))
         if old is None:
-            e.node.inputs.append(const)
+            i.node.inputs.append(const)
         else:
-            e.node.inputs[e.index] = const
-            removed += int(np.size(old.values)) - int(e.value.size) if isinstance(old, gs.Constant) else 0
-    for e in attrs:
-        if e.value is None:
-            e.node.attrs.pop(e.name, None)
+            i.node.inputs[i.index] = const
+            removed += int(np.size(old.values)) - int(i.value.size) if isinstance(old, gs.Constant) else 0
+    for a in attrs:
+        if a.value is None:
+            a.node.attrs.pop(a.name, None)
         else:
-            e.node.attrs[e.name] = e.value
+            a.node.attrs[a.name] = a.value
     return removed
 
 
-def remove_channels(graph: gs.Graph, names: NameSource, group: ChannelGroup, remove: np.ndarray, *,
+def remove_channels(graph: gs.Graph, names: NameSource, group: ChannelGroup, remove: npt.ArrayLike, *,
                     shift: np.ndarray | None = None) -> ChannelRemoval:
     """Delete group channels ``remove`` (mask or indices) everywhere; ``shift``: their constant consumer input."""
-    problem = removal_problem(group, remove, shift)
-    if problem is not None:
-        raise PassError(f"channel removal refused: {problem}")
     idx = _indices(remove, group.width)
+    problem = idx if isinstance(idx, str) else _index_problem(group, idx, shift)
+    if problem is not None or isinstance(idx, str):
+        raise PassError(f"channel removal refused: {problem}")
     keep = np.setdiff1d(np.arange(group.width), idx)
     if idx.size == 0:
         return ChannelRemoval(0, 0, keep)

@@ -8,7 +8,7 @@ with ``name`` and ``shape`` (for example :class:`~onnx_lincomp.calibration.data_
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -31,7 +31,7 @@ def graph_inputs(graph: gs.Graph | Sequence[InputLike]) -> Sequence[InputLike]:
     return graph.inputs if isinstance(graph, gs.Graph) else graph
 
 
-def fixed_batch(graph: gs.Graph | Sequence[InputLike], per_sample: set[str] = frozenset()) -> int | None:
+def fixed_batch(graph: gs.Graph | Sequence[InputLike], per_sample: Set[str] = frozenset()) -> int | None:
     """The batch size a model with a static leading input dimension accepts, if any."""
     for t in graph_inputs(graph):
         if t.name in per_sample:
@@ -42,13 +42,14 @@ def fixed_batch(graph: gs.Graph | Sequence[InputLike], per_sample: set[str] = fr
 
 
 def model_feeds(graph: gs.Graph | Sequence[InputLike], batch: dict[str, np.ndarray],
-                per_sample: set[str] = frozenset()) -> Feeds:
+                per_sample: Set[str] = frozenset()) -> Feeds:
     """Inputs of one batch as onnxruntime wants them (labels dropped, per-sample inputs unwrapped)."""
     feeds = {}
     for t in graph_inputs(graph):
         value = batch[t.name]
         if t.name in per_sample:
-            value = np.asarray(value[0]) if value.ndim > (len(t.shape) if t.shape is not None else 0) else value.reshape(t.shape or ())
+            rank = len(t.shape) if t.shape is not None else 0
+            value = np.asarray(value[0]) if value.ndim > rank else value.reshape(t.shape or ())
         feeds[t.name] = value
     return feeds
 

@@ -129,7 +129,8 @@ class SessionScope:
     def path(self) -> Path:
         return Path(self._dir.name)
 
-    def open(self, model: onnx.ModelProto | str | Path, options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
+    def open(self, model: onnx.ModelProto | str | Path,
+             options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
         folder = self.path / f"s{self._count}"
         self._count += 1
         folder.mkdir()
@@ -138,7 +139,7 @@ class SessionScope:
     def close(self) -> None:
         self._dir.cleanup()
 
-    def __enter__(self) -> "SessionScope":
+    def __enter__(self) -> SessionScope:
         return self
 
     def __exit__(self, *exc) -> None:
