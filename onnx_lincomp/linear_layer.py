@@ -59,15 +59,6 @@ class LinearLayer:
         return int(np.prod(self.weight.shape[2:], dtype=np.int64)) if self.kind == "conv" else 1
 
     @property
-    def is_pointwise(self) -> bool:
-        """A layer that maps each position independently (Gemm/MatMul or a plain 1x1 Conv)."""
-        if self.kind != "conv":
-            return True
-        a = self.conv_attrs
-        return (self.kernel_size == 1 and self.group == 1 and not any(a.get("pads", []))
-                and all(s == 1 for s in a.get("strides", [1])))
-
-    @property
     def param_count(self) -> int:
         return int(self.weight.size + (self.bias.size if self.has_bias else 0))
 
@@ -246,33 +237,5 @@ def write_linear_layer(graph: gs.Graph, names: NameSource, layer: LinearLayer, w
     return replace(layer, weight=weight, bias=bias, nodes=nodes, has_bias=need_bias)
 
 
-def new_linear_node(graph: gs.Graph, names: NameSource, x: gs.Tensor, weight: np.ndarray,
-                    bias: np.ndarray | None, out: gs.Variable, dtype, like: LinearLayer | None = None) -> gs.Node:
-    """Append a new layer computing ``out = x W^T (+ b)`` (or a Conv with ``like``'s attributes)."""
-    w = np.ascontiguousarray(weight.astype(dtype))
-    if like is not None and like.kind == "conv":
-        inputs = [x, gs.Constant(names.fresh("conv_w"), w)]
-        if bias is not None:
-            inputs.append(gs.Constant(names.fresh("conv_b"), np.ascontiguousarray(bias.astype(dtype))))
-        attrs = {k: v for k, v in like.conv_attrs.items()}
-        attrs["kernel_shape"] = list(weight.shape[2:])
-        node = gs.Node("Conv", names.fresh("lincomp_conv"), attrs=attrs, inputs=inputs, outputs=[out])
-        graph.nodes.append(node)
-        return node
-    if bias is None:
-        node = gs.Node("MatMul", names.fresh("lincomp_matmul"),
-                       inputs=[x, gs.Constant(names.fresh("matmul_w"), np.ascontiguousarray(w.T))], outputs=[out])
-        graph.nodes.append(node)
-        return node
-    mid = gs.Variable(names.fresh(f"{out.name}_mm"), dtype=out.dtype)
-    mm = gs.Node("MatMul", names.fresh("lincomp_matmul"),
-                 inputs=[x, gs.Constant(names.fresh("matmul_w"), np.ascontiguousarray(w.T))], outputs=[mid])
-    add = gs.Node("Add", names.fresh("lincomp_add"),
-                  inputs=[mid, gs.Constant(names.fresh("matmul_b"), np.ascontiguousarray(bias.astype(dtype)))],
-                  outputs=[out])
-    graph.nodes.extend([mm, add])
-    return mm
-
-
 __all__ = ["LinearLayer", "Skip", "match_linear_layer", "producer_layer", "write_linear_layer",
-           "new_linear_node", "is_graph_output"]
+           "is_graph_output"]

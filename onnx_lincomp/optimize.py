@@ -48,6 +48,7 @@ class OptimizeOptions:
     latency: bool = True
     search: bool = False  # with max_accuracy_drop: search the most aggressive linear rate within budget
     allow_larger: bool = False  # a larger or measurably slower output is an error unless allowed
+    check_each_pass: bool = False  # compare with the original on calibration samples after every pass
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -109,11 +110,21 @@ def calibrate(prep: Prepared, options: OptimizeOptions, progress: Progress | Non
                               progress=progress, stop=prep.n_calib)
 
 
-def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe,
-             ctx_metadata: dict[str, str] | None = None) -> tuple[onnx.ModelProto, list[PassRecord]]:
+def pass_check(prep: Prepared, samples: int = 64):
+    """A pipeline check: the graph after a pass against the original on the first calibration samples."""
+    def check(graph, name: str) -> str:
+        model = to_model_proto(graph, prep.loaded.ctx)
+        v = compare_models(prep.original, model, prep.loaded.graph, prep.source, 0, min(samples, prep.n_calib))
+        return f"after {name}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}) on {v.samples} calibration samples"
+    return check
+
+
+def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe, ctx_metadata: dict[str, str] | None = None,
+             check_each_pass: bool = False) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Run the recipe's passes on a copy of the canonical graph; the prepared model is not touched."""
     graph = prep.loaded.graph.copy()
-    records = run_pipeline(graph, recipe.passes, PassContext(evidence))
+    check = pass_check(prep) if check_each_pass and prep.source is not None else None
+    records = run_pipeline(graph, recipe.passes, PassContext(evidence), check=check)
     ctx = prep.loaded.ctx.with_metadata(ctx_metadata) if ctx_metadata else prep.loaded.ctx
     return to_model_proto(graph, ctx), records
 
@@ -197,7 +208,8 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None, opti
         messages.append(f"accuracy-budgeted search chose linear rate {chosen.value}" if chosen is not None else
                         "accuracy-budgeted search found no linear rate within the budget; exact rates kept")
     metadata = exact.metadata if exact is not None else None
-    optimized, records = (chosen.model, list(chosen.records)) if chosen is not None else compress(prep, evidence, recipe, metadata)
+    optimized, records = ((chosen.model, list(chosen.records)) if chosen is not None
+                          else compress(prep, evidence, recipe, metadata, options.check_each_pass))
     if options.latency and any(r.result.count("skip_params") for r in records):
         recipe, optimized, records, note = _cheaper_without_skips(prep, evidence, recipe, metadata, optimized, records, options)
         messages.append(note)

@@ -34,6 +34,7 @@ class PassRecord:
     seconds: float
     round: int = 0
     check: str | None = None
+    shapes: str | None = None  # why shapes could not be re-inferred after the pass (later sites may skip)
 
     @property
     def params_before(self) -> int:
@@ -44,7 +45,7 @@ class PassRecord:
         return self.after.params
 
     def as_dict(self) -> dict:
-        return dict(self.result.as_dict(), round=self.round, seconds=self.seconds, check=self.check,
+        return dict(self.result.as_dict(), round=self.round, seconds=self.seconds, check=self.check, shapes=self.shapes,
                     before=self.before.as_dict(), after=self.after.as_dict(),
                     params_before=self.before.params, params_after=self.after.params)
 
@@ -57,13 +58,14 @@ def _fail(spec_name: str, exc: Exception, records: list[PassRecord]) -> PassErro
     return err
 
 
-def _run_one(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord]) -> PassResult:
+def _run_one(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord]) -> tuple[PassResult, str | None]:
+    """Plan and apply one pass, then clean up and re-infer shapes (a failed inference is reported, not hidden)."""
     try:
         result = p.apply(graph, p.plan(graph, ctx))
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        if result.changed:
-            refresh_shapes(graph)
-        return result
+        refresh = refresh_shapes(graph) if result.changed else None
+        problem = None if refresh is None or refresh.inferred else f"shapes not re-inferred: {refresh.reason}"
+        return result, problem
     except Exception as exc:  # typed or not: name the pass and what ran before, never half-report
         raise _fail(p.name, exc, records) from exc
 
@@ -93,12 +95,12 @@ def run_pipeline(graph: gs.Graph, specs: Sequence[PassSpec], ctx: PassContext, *
 def _step(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord], before: Figures, round_no: int,
           check: Check | None) -> tuple[PassContext, Figures, bool]:
     start = time.perf_counter()
-    result = _run_one(graph, p, ctx, records)
+    result, shapes = _run_one(graph, p, ctx, records)
     after = graph_figures(graph) if result.changed else before
     seconds = time.perf_counter() - start
     summary = check(graph, p.name) if check is not None and result.changed else None
     if result.changed or round_no == 0:
-        records.append(PassRecord(result, before, after, seconds, round_no, summary))
+        records.append(PassRecord(result, before, after, seconds, round_no, summary, shapes))
     if ctx.evidence is not None and result.kept:
         ctx = replace(ctx, evidence=ctx.evidence.subset(result.kept))
     logger.info("pass %s: changed=%s in %.3fs", p.name, result.changed, seconds)

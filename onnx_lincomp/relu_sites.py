@@ -34,10 +34,6 @@ class ConsumerLink:
         first = (np.asarray(channels) + self.offset) * self.block
         return (first[:, None] + np.arange(self.block)[None, :]).reshape(-1)
 
-    @property
-    def through_pool(self) -> bool:
-        return any(n.op.endswith("Pool") and n.op != "GlobalAveragePool" for n in self.path)
-
 
 @dataclass(frozen=True, eq=False)
 class ReluSite:
@@ -100,7 +96,7 @@ def _walk_consumers(graph: gs.Graph, tensor: gs.Tensor, width: int, path: tuple,
         return Skip(tensor.name, "activation has no readers")
     for node in tensor.outputs:
         if node.op in ("Add", "Sum") and not path:
-            return Skip(node.name, "activation feeds a residual Add (removed only as a group of dead members)")
+            return Skip(node.name, "activation feeds a residual Add (fold-linear rewrites chains only)")
         if node.op == "Concat" and reshape is None:
             found = _concat_offset(node, tensor)
             if isinstance(found, Skip):
@@ -161,51 +157,3 @@ def find_relu_site(graph: gs.Graph, relu: gs.Node) -> ReluSite | Skip:
 
 def relu_nodes(graph: gs.Graph) -> list[gs.Node]:
     return [n for n in graph.nodes if n.op == "Relu" and n.domain in (None, "", "ai.onnx")]
-
-
-def find_relu_sites(graph: gs.Graph) -> tuple[list[ReluSite], list[Skip]]:
-    sites, skips = [], []
-    for relu in relu_nodes(graph):
-        found = find_relu_site(graph, relu)
-        (skips if isinstance(found, Skip) else sites).append(found)
-    return sites, skips
-
-
-@dataclass(frozen=True, eq=False)
-class ResidualGroup:
-    """Relu outputs joined by one Add: a channel goes only when it is dead in every member."""
-
-    add: gs.Node
-    members: tuple[ReluSite, ...]  # producer and Relu of each member (their consumers are empty here)
-    consumers: tuple[ConsumerLink, ...]
-
-    @property
-    def width(self) -> int:
-        return self.members[0].width
-
-
-def find_residual_group(graph: gs.Graph, add: gs.Node) -> ResidualGroup | Skip | None:
-    """The residual group of ``add`` (None when no input of it is a Relu output)."""
-    relus = [t.inputs[0] if t.inputs else None for t in add.inputs]
-    if not any(r is not None and r.op == "Relu" for r in relus):
-        return None
-    members = []
-    for t, relu in zip(add.inputs, relus):
-        if relu is None or relu.op != "Relu":
-            return Skip(add.name, f"residual Add member '{t.name}' is not a Relu output (group not removable)")
-        if only_consumer(graph, t) is not add:
-            return Skip(add.name, f"residual Add member '{t.name}' has other readers")
-        pre = relu.inputs[0]
-        producer = producer_layer(graph, pre)
-        if not isinstance(producer, LinearLayer) or only_consumer(graph, pre) is not relu:
-            return Skip(add.name, f"residual Add member '{t.name}' does not come from a linear layer through its Relu")
-        if producer.kind == "conv" and producer.group != 1:
-            return Skip(add.name, "residual Add member comes from a grouped/depthwise Conv")
-        members.append(ReluSite(relu, producer, ()))
-    if len({m.width for m in members}) != 1 or len({id(t) for t in add.inputs}) != len(add.inputs):
-        return Skip(add.name, "residual Add members differ in width or repeat")
-    consumers: list[ConsumerLink] = []
-    skip = _walk_consumers(graph, add.outputs[0], members[0].width, (), 1, None, 0, consumers)
-    if skip is not None:
-        return Skip(add.name, skip.reason)
-    return ResidualGroup(add, tuple(members), tuple(consumers))

@@ -330,3 +330,25 @@ def test_channel_multiple_keeps_aligned_widths(rng):
     conv1 = next(i for i in out.graph.initializer if i.name == next(n for n in out.graph.node if n.name == "conv1").input[1])
     assert conv1.dims[0] % 2 == 0 and conv1.dims[0] < 6
     assert_same_outputs(model, out, {"x": x})
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_remove_dead_through_residual_streams(rng, fold_bn):
+    """ResNet-style graph (Relu after each Add, identity and 1x1 projection shortcuts) with planted dead
+    channels: every channel dead across its stream goes, the outputs stay identical."""
+    from test_channel_groups import _resnet
+
+    model = _resnet(rng)
+    x = rng.random((16, 3, 6, 6), dtype=np.float32)
+    loaded = model_from_proto(model)
+    if fold_bn:
+        canonicalize(loaded.graph)
+    stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
+    records = run_passes(loaded.graph, ("remove-dead",), stats)
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    onnx.checker.check_model(out, full_check=True)
+    assert sum(r.result.neurons_removed for r in records) > 0
+    shapes = weight_shapes(out)
+    widths = sorted({d[0] for d in shapes.values() if len(d) == 4})
+    assert widths == [4, 6, 7] if fold_bn else widths[0] <= 6  # 8-stream -> 6, 6-stream -> 4, b1a 8 -> 7
+    assert_same_outputs(model, out, {"x": x}, rtol=1e-5, atol=1e-5)

@@ -80,6 +80,7 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 4) unless the paired upper bound of the held-out accuracy drop (points) is within this; without explicit rates, search the most aggressive linear rate within it.")
 @click.option("--max-abs-error", type=click.FloatRange(0), help="Gate: fail (exit 4) if any held-out output differs by more.")
 @click.option("--allow-larger", is_flag=True, help="Keep an output that is larger or measurably slower than the input (else exit 4).")
+@click.option("--check-each-pass", is_flag=True, help="Compare with the original on 64 calibration samples after every pass (slower; the report lists each).")
 @click.option("--explain", is_flag=True, help="Show what each pass would do (plans, skip reasons) and write nothing.")
 @click.option("--json", "json_out", help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--save-stats", type=click.Path(dir_okay=False), help="Write the calibration statistics to this .npz.")
@@ -89,7 +90,7 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @with_options(exact_options)
 @click.pass_context
 def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
-             verify_split, labels, max_accuracy_drop, max_abs_error, allow_larger, explain, json_out, save_stats,
+             verify_split, labels, max_accuracy_drop, max_abs_error, allow_larger, check_each_pass, explain, json_out, save_stats,
              stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp, check_points, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
@@ -111,7 +112,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     options = OptimizeOptions(recipe, labels=labels, max_accuracy_drop=max_accuracy_drop, max_abs_error=max_abs_error,
                               batch_size=batch_size, threads=threads, latency=not no_latency,
                               search=max_accuracy_drop is not None and not rates_given and not recipe_file,
-                              allow_larger=allow_larger)
+                              allow_larger=allow_larger, check_each_pass=check_each_pass)
     stats = StatsSet.load(stats_file) if stats_file else None
     if explain:
         return _explain(model, calib, options, stats)

@@ -63,7 +63,7 @@ def _print_passes(r) -> None:
                    f"{p.params_after:>12,} {fmt_int(p.after.macs):>12} {p.seconds * 1000:>6.1f}ms")
         for why, n in res.skipped.items():
             click.echo(f"{'':<14} skipped {n}x: {why}")
-        for note in res.notes:
+        for note in res.notes + tuple(x for x in (p.shapes, p.check) if x):
             click.echo(f"{'':<14} {note}")
 
 

@@ -10,7 +10,7 @@ median_r,i / median_r,0``. The reported ratio is the median over rounds and its 
 distribution-free confidence interval of a median: the order statistics ``(ratio_(j), ratio_(R+1-j))``
 with the largest j such that ``P(Bin(R, 1/2) < j) <= (1 - confidence) / 2``. The verdict is "no
 change" when that interval contains 1 or the median ratio is within ``noise_band`` of 1 (5% by
-default: byte-identical copies of a 10 µs model measured up to 2.1% apart, consistently within one
+default: byte-identical copies of 10-30 µs models measured up to 2.5% apart, consistently within one
 comparison, on a loaded 2-core machine; see benchmarks/latency_noise.py);
 otherwise "x.xx× slower" (ratio > 1) or "x.xx× faster" (1 / ratio).
 Sessions for comparisons should be pinned (:func:`pinned_options`: a fixed intra-op thread count, 1 by
