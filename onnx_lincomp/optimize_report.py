@@ -8,7 +8,7 @@ from .canonicalize import CanonicalizeReport
 from .pipeline import PassRecord
 from .recipe import Recipe
 from .runtime.latency import Latency, RatioEstimate
-from .verify import Verification
+from .evaluate.evaluator import Verification
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class OptimizeReport:
     not_analysed: tuple[tuple[str, str], ...] = ()
     search: tuple[dict, ...] = ()
     certificate: dict | None = None  # exact mode: the certificate, witness check and box check
+    on_all: Verification | None = None  # --gate-on all: every sample (the budget was judged here)
 
     @property
     def exact_on_calibration(self) -> bool:
@@ -84,5 +85,6 @@ class OptimizeReport:
             "verification_heldout": self.on_heldout.as_dict() if self.on_heldout else None,
             "exact_on_evidence": self.exact_on_evidence, "messages": list(self.messages),
             "not_analysed": [list(x) for x in self.not_analysed], "search": list(self.search),
+            "verification_all": self.on_all.as_dict() if self.on_all else None,
             "certificate": self.certificate, "recipe": self.recipe.as_dict(),
         }

@@ -62,17 +62,25 @@ def test_gate_failure_exit_code_and_no_output(runner, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_budget_the_heldout_split_cannot_support_is_refused(runner, tmp_path):
+    out = tmp_path / "s.onnx"
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--max-accuracy-drop", "1", "--no-latency")
+    assert result.exit_code == 4
+    assert "108 held-out samples cannot support a 1-point budget" in result.output and "--gate-on all" in result.output
+    assert not out.exists()
+
+
 def test_accuracy_budget_search(runner, tmp_path):
     result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", tmp_path / "s.onnx", "--max-accuracy-drop", "1",
-                    "--json", "-", "--no-latency")
+                    "--gate-on", "all", "--json", "-", "--no-latency")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert len(report["search"]) == 20
-    held = report["verification_heldout"]
-    assert 100 * (held["accuracy_before"] - held["accuracy_after"]) <= 1.0
+    gate = report["verification_all"]
+    assert gate["samples"] == 540 and gate["accuracy_drop"]["upper_points"] <= 1.0
     rate = next(p for p in report["recipe"]["passes"] if p["name"] == "fold-linear")["linear_rate"]
     chosen = [r for r in report["search"] if r["linear_rate"] == rate][0]
-    assert chosen["within_budget"]
+    assert chosen["within_budget"] and chosen["chosen"]
 
 
 @pytest.mark.parametrize("args,code,message", [

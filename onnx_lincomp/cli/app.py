@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -48,8 +49,19 @@ def progress(label: str):
     return update
 
 
+def _finite(obj):
+    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan" (json would write Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(target: str, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, default=_json_default)
+    text = json.dumps(_finite(json.loads(json.dumps(payload, default=_json_default))), indent=2, allow_nan=False)
     if target == "-":
         click.echo(text)
     else:

@@ -9,7 +9,7 @@ from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes,
 from .render import print_certificate, print_optimize, print_plans
 
 STATS_ONLY = ("--dead-rate", "--linear-rate", "--max-accuracy-drop", "--labels", "--stats", "--save-stats",
-              "--verify-split")
+              "--verify-split", "--gate-on")
 EXACT_ONLY = ("--input-range", "--milp-time-limit", "--no-milp", "--check-points")
 
 
@@ -78,6 +78,8 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @click.option("--verify-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Fraction of the data held out for verification.")
 @click.option("--labels", help="Key of the labels array in the calibration data (accuracy report).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 4) unless the paired upper bound of the held-out accuracy drop (points) is within this; without explicit rates, search the most aggressive linear rate within it.")
+@click.option("--gate-on", type=click.Choice(["heldout", "all"]), default="heldout", show_default=True,
+              help="Split the --max-accuracy-drop bound is judged on: the held-out part, or every sample (statistics still come from the calibration part only).")
 @click.option("--max-abs-error", type=click.FloatRange(0), help="Gate: fail (exit 4) if any held-out output differs by more.")
 @click.option("--allow-larger", is_flag=True, help="Keep an output that is larger or measurably slower than the input (else exit 4).")
 @click.option("--check-each-pass", is_flag=True, help="Compare with the original on 64 calibration samples after every pass (slower; the report lists each).")
@@ -90,7 +92,7 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @with_options(exact_options)
 @click.pass_context
 def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
-             verify_split, labels, max_accuracy_drop, max_abs_error, allow_larger, check_each_pass, explain, json_out, save_stats,
+             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, allow_larger, check_each_pass, explain, json_out, save_stats,
              stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp, check_points, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
@@ -98,7 +100,8 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     """
     from ..calibration import StatsSet
     from ..model_io import save_model_proto
-    from ..optimize import OptimizeOptions, calibrate, optimize as run_optimize, prepare
+    from ..optimize import OptimizeOptions, optimize as run_optimize
+    from ..prepared import calibrate, prepare
 
     model, calib = resolve(model, calib, example)
     if example and labels is None and not exact:
@@ -110,6 +113,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     recipe = _recipe(ctx, recipe_file, passes, pass_values, calibration, exact_settings)
     rates_given = any(v is not None for k, v in pass_values.items() if k in ("pass_dead_rate", "pass_linear_rate"))
     options = OptimizeOptions(recipe, labels=labels, max_accuracy_drop=max_accuracy_drop, max_abs_error=max_abs_error,
+                              gate_on=gate_on,
                               batch_size=batch_size, threads=threads, latency=not no_latency,
                               search=max_accuracy_drop is not None and not rates_given and not recipe_file,
                               allow_larger=allow_larger, check_each_pass=check_each_pass)
@@ -117,7 +121,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     if explain:
         return _explain(model, calib, options, stats)
     if save_stats and stats is None:
-        stats = calibrate(prepare(model, calib, options), options, progress("calibrating"))
+        stats = calibrate(prepare(model, calib, recipe, labels), batch_size, threads, progress("calibrating"))
         stats.save(save_stats)
     result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
     save_model_proto(result.model, output, overwrite_input=None if overwrite else model)

@@ -81,15 +81,16 @@ def _print_sizes(r) -> None:
 
 
 def _print_verification(r) -> None:
-    for label, v in (("calibration" if r.certificate is None else "box check", r.on_calibration), ("held-out", r.on_heldout)):
+    splits = (("calibration" if r.certificate is None else "box check", r.on_calibration), ("held-out", r.on_heldout),
+              ("all samples (gate)", r.on_all))
+    for label, v in splits:
         if v is None:
             continue
         acc = ""
-        if v.accuracy_before is not None:
-            acc = f", accuracy {100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%"
-            paired = getattr(v, "paired", None)
-            if paired is not None:
-                acc += f" (drop {paired.describe()})"
+        if v.paired is not None:
+            p = v.paired
+            acc = (f", accuracy {p.accuracy_before.describe(unit='%')} -> {p.accuracy_after.describe(unit='%')}, "
+                   f"drop {p.describe()}")
         agree = [o.top1_agreement for o in v.outputs if o.top1_agreement is not None]
         click.echo(f"{label}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}) on {v.samples} samples"
                    + (f", top-1 agreement {100 * min(agree):.2f}%" if agree else "") + acc)

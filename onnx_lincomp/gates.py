@@ -1,0 +1,85 @@
+"""The checks a result must pass before it is written, and the latency figures they read.
+
+* accuracy budget: gated on the upper end of the paired interval of the drop (never the point estimate),
+  and refused up front when the gate split is too small to certify the budget at all;
+* output error: the largest held-out difference;
+* never worse by surprise: more parameters or MACs, or a measurably slower batch-1 run (interleaved
+  rounds, outside the noise), is a gate failure unless the user allows it.
+"""
+from __future__ import annotations
+
+import onnx
+
+from .calibration import input_specs, open_calibration
+from .errors import VerificationGateError
+from .evaluate.paired import BudgetSupport, budget_supportable
+from .evaluate.evaluator import Verification
+from .optimize_report import SizeFigures
+from .prepared import GateOn, Prepared
+from .runtime.feeds import benchmark_feeds, fixed_batch
+from .runtime.latency import CompareOptions, compare_models_latency
+
+
+def require_budget_support(prep: Prepared, budget: float, gate_on: GateOn, confidence: float = 0.95) -> BudgetSupport:
+    """Refuse (before any work) a budget the gate split cannot certify even for an unchanged model."""
+    n = prep.gate_count(gate_on)
+    if n <= 0:
+        raise VerificationGateError("--max-accuracy-drop needs held-out samples (--verify-split > 0, or --gate-on all)")
+    support = budget_supportable(n, budget, confidence)
+    if not support:
+        hint = " (try --gate-on all: the statistics stay on the calibration part)" if gate_on == "heldout" else ""
+        raise VerificationGateError(f"{support.message}{hint}; nothing written")
+    return support
+
+
+def check_gates(gate: Verification | None, max_abs_error: float | None, max_accuracy_drop: float | None) -> None:
+    """Raise when the output error or the paired accuracy-drop bound on the gate split exceeds its limit."""
+    if gate is None:
+        return
+    if gate.non_finite:
+        raise VerificationGateError(f"the optimised model gives {gate.non_finite} NaN/Inf outputs where the original "
+                                    "does not; nothing written")
+    if max_abs_error is not None and gate.max_abs > max_abs_error:
+        raise VerificationGateError(f"max abs error {gate.max_abs:.3g} exceeds --max-abs-error {max_abs_error:g}; "
+                                    "no output written")
+    if max_accuracy_drop is not None and gate.paired is not None and gate.paired.upper_points > max_accuracy_drop:
+        raise VerificationGateError(f"accuracy drop {gate.paired.describe()} exceeds --max-accuracy-drop "
+                                    f"{max_accuracy_drop:g} at its upper bound; no output written")
+
+
+def check_not_worse(before: SizeFigures, after: SizeFigures, allow_larger: bool) -> str | None:
+    """Never worse by surprise: a larger or more expensive output is a gate failure unless allowed."""
+    worse = [f"{what} {x:,} -> {y:,}" for what, x, y in (("parameters", before.params, after.params),
+                                                         ("MACs", before.macs, after.macs)) if y > x]
+    if after.latency_verdict == "slower":
+        worse.append(f"batch-1 latency {after.latency_ratio:.2f}x the original (outside the noise)")
+    if not worse:
+        return None
+    message = "the output is worse than the input: " + "; ".join(worse)
+    if not allow_larger:
+        raise VerificationGateError(message + " (pass --allow-larger to keep it); no output written")
+    return message + " (allowed by --allow-larger)"
+
+
+def latency_feeds(prep: Prepared, batch_size: int, input_shapes: dict) -> tuple[dict, dict, bool]:
+    """(batch-1 feeds, batch feeds, whether the model takes only one batch shape)."""
+    graph = prep.loaded.graph
+    source = prep.source or open_calibration(f"random:{batch_size}", input_specs(graph), shape_overrides=input_shapes)
+    feeds_b, _ = benchmark_feeds(graph, source, batch_size)
+    fixed = bool(source.per_sample) or fixed_batch(graph, source.per_sample) is not None
+    return (feeds_b if fixed else {k: v[:1] for k, v in feeds_b.items()}), feeds_b, fixed
+
+
+def compare_two(first: onnx.ModelProto, second: onnx.ModelProto, feeds: dict, threads: int, batch: int = 1):
+    """The second model's latency against the first, in interleaved rounds with pinned threads."""
+    return compare_models_latency([first, second], feeds, CompareOptions(threads=threads or 1, batch_size=batch))
+
+
+def latencies(prep: Prepared, model: onnx.ModelProto, batch_size: int, threads: int, input_shapes: dict):
+    """((before b1, before batch), (after b1, after batch, change b1, change batch)) from interleaved rounds."""
+    feeds_1, feeds_b, fixed = latency_feeds(prep, batch_size, input_shapes)
+    c1 = compare_two(prep.original, model, feeds_1, threads)
+    if fixed:
+        return (c1.latencies[0], None), (c1.latencies[1], None, c1.ratios[1], None)
+    cb = compare_two(prep.original, model, feeds_b, threads, len(next(iter(feeds_b.values()))))
+    return (c1.latencies[0], cb.latencies[0]), (c1.latencies[1], cb.latencies[1], c1.ratios[1], cb.ratios[1])

@@ -1,0 +1,114 @@
+"""A model ready to optimise: loaded, canonical, its original kept, its data split into a calibration
+part (statistics) and a held-out part (verification), and the evaluators that judge candidates on them.
+
+The split: the first ``1 - verify_split`` of the samples calibrate, the rest are held out. Random data
+is verified on fresh random samples. ``gate_on="all"`` judges the accuracy budget on every sample
+(calibration and held-out) while the statistics still come from the calibration part only: more
+samples for the paired bound, at the price of judging partly on data the statistics saw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import onnx
+
+from .calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
+from .calibration.collector import Progress
+from .calibration.data_source import CalibrationSource
+from .canonicalize import CanonicalizeReport, canonicalize
+from .errors import OptionError
+from .evaluate.evaluator import Evaluator
+from .model_io import LoadedModel, load_model, model_from_proto, to_model_proto
+from .recipe import Recipe
+
+GateOn = Literal["heldout", "all"]
+
+
+@dataclass
+class Prepared:
+    """A loaded model in canonical form, its original proto and the calibration split."""
+
+    original: onnx.ModelProto
+    loaded: LoadedModel
+    canon: CanonicalizeReport
+    source: CalibrationSource | None
+    n_calib: int
+    source_name: str = ""
+    labels: str | None = None
+    _evaluators: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def heldout_count(self) -> int:
+        """Samples the held-out split will verify on (fresh random samples for random data)."""
+        if self.source is None:
+            return 0
+        return len(self.source) if self.source.is_random else len(self.source) - self.n_calib
+
+    def gate_count(self, gate_on: GateOn) -> int:
+        if self.source is None or self.source.is_random:
+            return self.heldout_count
+        return len(self.source) if gate_on == "all" else self.heldout_count
+
+    def evaluator(self, split: Literal["calibration", "heldout", "all"], threads: int = 0) -> Evaluator | None:
+        """The evaluator of one split (built once: the original runs once per split)."""
+        if split not in self._evaluators:
+            self._evaluators[split] = self._make_evaluator(split, threads)
+        return self._evaluators[split]
+
+    def _make_evaluator(self, split: str, threads: int) -> Evaluator | None:
+        g, s = self.loaded.graph, self.source
+        if s is None:
+            return None
+        labels = None if s.is_random else self.labels
+        if split == "calibration":
+            return Evaluator(self.original, g, s, 0, self.n_calib, labels, threads=threads)
+        if s.is_random:
+            fresh = CalibrationSource(s.specs, random_samples=2 * len(s), shape_overrides=s.shape_overrides,
+                                      seed=s.seed, description=s.description)
+            return Evaluator(self.original, g, fresh, len(s), 2 * len(s), threads=threads)
+        if split == "all":
+            return Evaluator(self.original, g, s, 0, None, labels, threads=threads)
+        if self.n_calib >= len(s):
+            return None
+        return Evaluator(self.original, g, s, self.n_calib, None, labels, threads=threads)
+
+
+def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recipe: Recipe,
+            labels: str | None = None) -> Prepared:
+    """Load and canonicalise ``model`` and open ``calib`` split as the recipe's calibration settings say."""
+    if isinstance(model, onnx.ModelProto):
+        loaded, name = model_from_proto(model), "<in-memory model>"
+    else:
+        loaded, name = load_model(model), str(model)
+    original = to_model_proto(loaded.graph, loaded.ctx)
+    canon = canonicalize(loaded.graph, ctx=loaded.ctx)
+    cal = recipe.calibration
+    if calib is None:
+        return Prepared(original, loaded, canon, None, 0, name, labels)
+    source = open_calibration(calib, input_specs(loaded.graph), labels=labels, max_samples=cal.max_samples,
+                              shape_overrides=dict(cal.input_shapes))
+    n = len(source)
+    split = 0.0 if recipe.exact is not None else cal.verify_split
+    n_calib = n if source.is_random or split == 0 else max(1, int(round(n * (1 - split))))
+    return Prepared(original, loaded, canon, source, n_calib, name, labels)
+
+
+def calibrate(prep: Prepared, batch_size: int = 16, threads: int = 0, progress: Progress | None = None) -> StatsSet:
+    """Statistics of the calibration part (never the held-out part)."""
+    if prep.source is None:
+        raise OptionError("give --calib DATA (or --stats FILE)")
+    return collect_relu_stats(prep.loaded.graph, prep.loaded.ctx, prep.source,
+                              CollectOptions(batch_size=batch_size, threads=threads), progress=progress,
+                              stop=prep.n_calib)
+
+
+def pass_check(prep: Prepared, samples: int = 64):
+    """A pipeline check: the graph after a pass against the original on the first calibration samples."""
+    evaluator = Evaluator(prep.original, prep.loaded.graph, prep.source, 0, min(samples, prep.n_calib))
+
+    def check(graph, name: str) -> str:
+        v = evaluator.score(to_model_proto(graph, prep.loaded.ctx))
+        return f"after {name}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}) on {v.samples} calibration samples"
+    return check
