@@ -27,8 +27,9 @@ def require_budget_support(prep: Prepared, budget: float, gate_on: GateOn, confi
         raise VerificationGateError("--max-accuracy-drop needs held-out samples (--verify-split > 0, or --gate-on all)")
     support = budget_supportable(n, budget, confidence)
     if not support:
+        message = support.message if gate_on == "heldout" else support.message.replace("held-out samples", "samples")
         hint = " (try --gate-on all: the statistics stay on the calibration part)" if gate_on == "heldout" else ""
-        raise VerificationGateError(f"{support.message}{hint}; nothing written")
+        raise VerificationGateError(f"{message}{hint}; nothing written")
     return support
 
 
