@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import SHARED, read_idx  # noqa: E402
-
 from onnx_lincomp.calibration import input_specs, open_calibration  # noqa: E402
 from onnx_lincomp.errors import VerificationGateError  # noqa: E402
 from onnx_lincomp.evaluate.evaluator import Evaluator  # noqa: E402
@@ -56,7 +54,8 @@ def fmnist_data(tmp: Path) -> tuple[str, str, str]:
     labels = read_idx(SHARED / "data" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
     np.savez(tmp / "fm_seen.npz", input=images[:2000], y=labels[:2000])
     np.savez(tmp / "fm_unseen.npz", input=images[2000:], y=labels[2000:])
-    return str(SHARED / "models" / "trained" / "own_fmnist_mlp_l1.onnx"), str(tmp / "fm_seen.npz"), str(tmp / "fm_unseen.npz")
+    return (str(SHARED / "models" / "trained" / "own_fmnist_mlp_l1.onnx"), str(tmp / "fm_seen.npz"),
+            str(tmp / "fm_unseen.npz"))
 
 
 def unseen_drop(original_path: str, model, unseen: str) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,8 @@ def conv_model(seed: int = 0) -> onnx.ModelProto:
     inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (10, 64)).astype(np.float32), "wf"))
     nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
               helper.make_node("Gemm", ["flat", "wf"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "calib_bench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+    graph = helper.make_graph(nodes, "calib_bench",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -162,8 +162,10 @@ def main() -> None:
             times["ort-minmax"].append(run_ort_minmax(model, data, args.batch_size, args.threads, workdir))
             times["dump-numpy"].append(run_dump(model, data, args.batch_size, args.threads))
         med = {k: statistics.median(v) for k, v in times.items()}
-        memory = {} if args.no_memory else {n: peak_memory(n, args.batch_size, args.threads, workdir) for n in (256, 1024, 4096)}
-    print(f"statistics pass, {args.samples} samples, batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
+        memory = {} if args.no_memory else {n: peak_memory(n, args.batch_size, args.threads, workdir)
+                                            for n in (256, 1024, 4096)}
+    print(f"statistics pass, {args.samples} samples, batch {args.batch_size}, {args.threads} threads, median of "
+          f"{args.repeats}")
     print(f"{'variant':<12} {'seconds':>8} {'ratio to plain':>15}")
     for k, v in med.items():
         print(f"{k:<12} {v:>8.3f} {v / med['plain']:>15.3f}")

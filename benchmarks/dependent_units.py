@@ -40,7 +40,8 @@ for n, f in ((300, 784), (900, 784), (1200, 400)):
         t = time.perf_counter()
         r = fn(rows)
         dt = time.perf_counter() - t
-        results.append({"rows": n, "features": f, "method": name, "seconds": dt, "dependent": 0 if r is None else len(r[1])})
+        results.append({"rows": n, "features": f, "method": name, "seconds": dt,
+                        "dependent": 0 if r is None else len(r[1])})
         print(f"{n}x{f:<5} {name:<24} {dt:8.3f} s  dependent={results[-1]['dependent']}")
 out = Path(__file__).resolve().parent / "results" / "dependent_units.json"
 out.parent.mkdir(exist_ok=True)

@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lincomp.analysis.model_report import model_report
 from onnx_lincomp.calibration import input_specs
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
 from onnx_lincomp.exact.compress import compress_exact
 from onnx_lincomp.model_io import load_model
-from onnx_lincomp.analysis.model_report import model_report
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -39,7 +39,7 @@ RESULTS = HERE / "results"
 def train_l1_mlp(x, y, widths, l1, epochs, seed=0, lr=1e-3):
     """Plain numpy MLP (Relu hidden layers, softmax cross-entropy) with an L1 penalty on all weights."""
     rng = np.random.default_rng(seed)
-    ws = [rng.normal(0, np.sqrt(2 / a), (b, a)) for a, b in zip(widths[:-1], widths[1:])]
+    ws = [rng.normal(0, np.sqrt(2 / a), (b, a)) for a, b in zip(widths[:-1], widths[1:], strict=True)]
     bs = [np.zeros(b) for b in widths[1:]]
     params = ws + bs
     m = [np.zeros_like(p) for p in params]
@@ -50,7 +50,7 @@ def train_l1_mlp(x, y, widths, l1, epochs, seed=0, lr=1e-3):
         for s in range(0, len(x), 64):
             idx = order[s:s + 64]
             hs = [x[idx]]
-            for w, b in zip(ws[:-1], bs[:-1]):
+            for w, b in zip(ws[:-1], bs[:-1], strict=True):
                 hs.append(np.maximum(hs[-1] @ w.T + b, 0))
             logits = hs[-1] @ ws[-1].T + bs[-1]
             p = np.exp(logits - logits.max(1, keepdims=True))
@@ -64,7 +64,7 @@ def train_l1_mlp(x, y, widths, l1, epochs, seed=0, lr=1e-3):
                 if k:
                     g = (g @ ws[k]) * (hs[k] > 0)
             step += 1
-            for j, (par, gr) in enumerate(zip(params, gws + gbs)):
+            for j, (par, gr) in enumerate(zip(params, gws + gbs, strict=True)):
                 m[j] = 0.9 * m[j] + 0.1 * gr
                 v[j] = 0.999 * v[j] + 0.001 * gr**2
                 par -= lr * (m[j] / (1 - 0.9**step)) / (np.sqrt(v[j] / (1 - 0.999**step)) + 1e-8)
@@ -73,15 +73,18 @@ def train_l1_mlp(x, y, widths, l1, epochs, seed=0, lr=1e-3):
 
 def to_onnx(ws, bs, path: Path) -> None:
     nodes, inits, x = [], [], "input"
-    for i, (w, b) in enumerate(zip(ws, bs)):
-        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"), numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+    for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
         out = f"z{i}" if i < len(ws) - 1 else "logits"
         nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out], name=f"fc{i}", transB=1))
         if i < len(ws) - 1:
             nodes.append(helper.make_node("Relu", [out], [f"h{i}"], name=f"relu{i}"))
             x = f"h{i}"
-    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", ws[0].shape[1]])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", ws[-1].shape[0]])], inits)
+    graph = helper.make_graph(nodes, path.stem,
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", ws[0].shape[1]])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", ws[-1].shape[0]])],
+                              inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
@@ -92,7 +95,8 @@ def trained_models(out: Path) -> list[Path]:
     d = load_digits()
     xd, yd = (d.data / 16.0), d.target
     paths = []
-    for name, widths, l1, epochs in (("digits_l1_64x64", [64, 64, 64, 10], 1e-3, 60), ("digits_l1_100x100", [64, 100, 100, 10], 5e-4, 60)):
+    for name, widths, l1, epochs in (("digits_l1_64x64", [64, 64, 64, 10], 1e-3, 60),
+                                     ("digits_l1_100x100", [64, 100, 100, 10], 5e-4, 60)):
         path = out / f"{name}.onnx"
         if not path.exists():
             to_onnx(*train_l1_mlp(xd[:1400], yd[:1400], widths, l1, epochs), path)
@@ -119,9 +123,11 @@ def ours(path: Path, time_limit: float) -> dict:
     result = compress_exact(load_model(path), ("0,1",), certificate=cert, check_points=10000)
     before, after = model_report(result.original), model_report(result.model)
     return {"seconds": seconds, "complete": cert.complete, "stage_seconds": cert.seconds,
-            "layers": [l.as_dict() for l in cert.layers], "params_before": before.params, "params_after": after.params,
+            "layers": [layer.as_dict() for layer in cert.layers], "params_before": before.params,
+            "params_after": after.params,
             "box_check_max_abs": result.box_check.max_abs, "box_check_rel": result.box_check.rel_max,
-            "box_check_within_1e-5": result.box_check.within(1e-5), "witnesses_confirmed": result.witness_check.confirmed,
+            "box_check_within_1e-5": result.box_check.within(1e-5),
+            "witnesses_confirmed": result.witness_check.confirmed,
             "claimed_unstable": result.witness_check.channels_claimed_unstable}
 
 
@@ -135,8 +141,9 @@ def theirs(path: Path) -> dict | None:
     start = time.perf_counter()
     rep = stable_relu_prune.analyze(model, {name: (0.0, 1.0)})
     return {"seconds": time.perf_counter() - start,
-            "layers": [{"relu": l.relu, "dead": l.dead, "on": l.always_on, "by_method": {k: list(v) for k, v in l.by_method.items()}}
-                       for l in rep.layers]}
+            "layers": [{"relu": layer.relu, "dead": layer.dead, "on": layer.always_on,
+                        "by_method": {k: list(v) for k, v in layer.by_method.items()}}
+                       for layer in rep.layers]}
 
 
 def main() -> None:
@@ -160,16 +167,19 @@ def main() -> None:
               + f"; params {mine['params_before']:,} -> {mine['params_after']:,}; 10,000 box points max abs err "
               f"{mine['box_check_max_abs']:.2g} (within 1e-5 rel: {mine['box_check_within_1e-5']}); witnesses "
               f"{mine['witnesses_confirmed']}/{mine['claimed_unstable']}")
-        print(f"  {'relu':<10} {'units':>5} {'interval a/i':>12} {'+relax a/i':>11} {'+milp a/i':>10} {'total a/i':>10} "
-              f"{'unstable s/w/m':>15} {'open':>5} {'onnxsim a/i':>12}")
-        for k, l in enumerate(mine["layers"]):
-            tot = (l["interval"]["active"] + l["relaxation"]["active"] + l["milp"]["active"],
-                   l["interval"]["inactive"] + l["relaxation"]["inactive"] + l["milp"]["inactive"])
+        print(f"  {'relu':<10} {'units':>5} {'interval a/i':>12} {'+relax a/i':>11} {'+milp a/i':>10} "
+              f"{'total a/i':>10} {'unstable s/w/m':>15} {'open':>5} {'onnxsim a/i':>12}")
+        for k, layer in enumerate(mine["layers"]):
+            tot = (layer["interval"]["active"] + layer["relaxation"]["active"] + layer["milp"]["active"],
+                   layer["interval"]["inactive"] + layer["relaxation"]["inactive"] + layer["milp"]["inactive"])
             theirs_s = "-" if other is None else f"{other['layers'][k]['on']}/{other['layers'][k]['dead']}"
-            print(f"  {l['relu'][:10]:<10} {l['units']:>5} {l['interval']['active']:>5}/{l['interval']['inactive']:<6} "
-                  f"{l['relaxation']['active']:>4}/{l['relaxation']['inactive']:<6} {l['milp']['active']:>4}/{l['milp']['inactive']:<5} "
-                  f"{tot[0]:>4}/{tot[1]:<5} {l['sampled_unstable']:>5}/{l['search']['unstable']}/{l['milp']['unstable']:<5} "
-                  f"{l['unproven']:>5} {theirs_s:>12}")
+            print(f"  {layer['relu'][:10]:<10} {layer['units']:>5} "
+                  f"{layer['interval']['active']:>5}/{layer['interval']['inactive']:<6} "
+                  f"{layer['relaxation']['active']:>4}/{layer['relaxation']['inactive']:<6} "
+                  f"{layer['milp']['active']:>4}/{layer['milp']['inactive']:<5} "
+                  f"{tot[0]:>4}/{tot[1]:<5} "
+                  f"{layer['sampled_unstable']:>5}/{layer['search']['unstable']}/{layer['milp']['unstable']:<5} "
+                  f"{layer['unproven']:>5} {theirs_s:>12}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "exact_certify.json").write_text(json.dumps(rows, indent=2, default=str))
 

@@ -39,7 +39,7 @@ def mlp(xtr, xte, ytr, yte) -> None:
     clf = MLPClassifier(hidden_layer_sizes=(96, 64), alpha=1e-3, max_iter=600, random_state=0).fit(xtr, ytr)
     print(f"digits-mlp held-out accuracy {clf.score(xte, yte):.4f}")
     nodes, inits, x = [], [], "input"
-    for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_)):
+    for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_, strict=True)):
         inits += [numpy_helper.from_array(w.T.astype(np.float32), f"fc{i}.weight"),
                   numpy_helper.from_array(b.astype(np.float32), f"fc{i}.bias")]
         out = f"fc{i}" if i < len(clf.coefs_) - 1 else "logits"
@@ -47,7 +47,8 @@ def mlp(xtr, xte, ytr, yte) -> None:
         if i < len(clf.coefs_) - 1:
             nodes.append(helper.make_node("Relu", [out], [f"relu{i}"], name=f"relu{i}"))
             x = f"relu{i}"
-    graph = helper.make_graph(nodes, "digits_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+    graph = helper.make_graph(nodes, "digits_mlp",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), "digits_mlp.onnx")
     np.savez(OUT / "digits_mlp_calib.npz", input=xte, y=yte)
@@ -124,7 +125,7 @@ def cnn(xtr, xte, ytr, yte) -> None:
     v = {k: np.zeros_like(v) for k, v in p.items()}
     xtr4, xte4 = xtr.reshape(-1, 1, 8, 8).astype(np.float64), xte.reshape(-1, 1, 8, 8)
     step = 0
-    for epoch in range(40):
+    for _epoch in range(40):
         order = rng.permutation(len(xtr4))
         for s in range(0, len(order), 32):
             idx = order[s:s + 32]
@@ -138,17 +139,21 @@ def cnn(xtr, xte, ytr, yte) -> None:
     print(f"digits-cnn held-out accuracy {acc:.4f}")
     f32 = {k: val.astype(np.float32) for k, val in p.items()}
     nodes = [
-        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["conv1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["conv1"], name="conv1", pads=[1, 1, 1, 1],
+                         kernel_shape=[3, 3]),
         helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
         helper.make_node("MaxPool", ["relu1"], ["pool1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["pool1", "conv2.weight", "conv2.bias"], ["conv2"], name="conv2", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Conv", ["pool1", "conv2.weight", "conv2.bias"], ["conv2"], name="conv2", pads=[1, 1, 1, 1],
+                         kernel_shape=[3, 3]),
         helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2"),
         helper.make_node("Flatten", ["relu2"], ["flat"], name="flatten", axis=1),
         helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
     ]
-    inits = [numpy_helper.from_array(f32[a], b) for a, b in (("w1", "conv1.weight"), ("b1", "conv1.bias"), ("w2", "conv2.weight"),
-                                                             ("b2", "conv2.bias"), ("w3", "fc.weight"), ("b3", "fc.bias"))]
-    graph = helper.make_graph(nodes, "digits_cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+    inits = [numpy_helper.from_array(f32[a], b)
+             for a, b in (("w1", "conv1.weight"), ("b1", "conv1.bias"), ("w2", "conv2.weight"),
+                          ("b2", "conv2.bias"), ("w3", "fc.weight"), ("b3", "fc.bias"))]
+    graph = helper.make_graph(nodes, "digits_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), "digits_cnn.onnx")
     np.savez(OUT / "digits_cnn_calib.npz", input=xte.reshape(-1, 1, 8, 8), y=yte)

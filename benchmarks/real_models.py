@@ -19,11 +19,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from real_models import REAL_MODELS, calibration_file  # noqa: E402
 from conftest import SHARED  # noqa: E402
-
 from onnx_lincomp.examples import example_paths  # noqa: E402
 from onnx_lincomp.optimize import OptimizeOptions, optimize  # noqa: E402
+from real_models import REAL_MODELS, calibration_file  # noqa: E402
 
 
 def row(name, result, seconds):
@@ -55,7 +54,8 @@ def main() -> None:
             calib = calibration_file(full, Path(tmp))
             split = 0.8 if labelled else (0.2 if spec.data in ("crepe", "digits") else 0.0)
             options = OptimizeOptions(verify_split=split, labels="y" if labelled or spec.data == "digits" else None,
-                                      latency=args.latency, input_shapes=tuple(spec.input_shapes.items()), batch_size=16)
+                                      latency=args.latency, input_shapes=tuple(spec.input_shapes.items()),
+                                      batch_size=16)
             start = time.perf_counter()
             result = optimize(SHARED / "models" / spec.path, calib, options)
             rows.append(row(spec.path, result, time.perf_counter() - start))
@@ -64,13 +64,16 @@ def main() -> None:
             start = time.perf_counter()
             result = optimize(model, calib, OptimizeOptions(labels="y", latency=args.latency))
             rows.append(row(f"example {name}", result, time.perf_counter() - start))
-    print(f"{'model':<52} {'calib':>11} {'rm':>4} {'fold':>4} {'params before':>13} {'after':>10} {'MACs before':>12} {'after':>12} {'lat':>6} {'acc before':>10} {'after':>7} {'exact':>5}")
+    print(f"{'model':<52} {'calib':>11} {'rm':>4} {'fold':>4} {'params before':>13} {'after':>10} {'MACs before':>12} "
+          f"{'after':>12} {'lat':>6} {'acc before':>10} {'after':>7} {'exact':>5}")
     for r in rows:
         lat = "-" if r["latency_ratio_b1"] is None else f"{r['latency_ratio_b1']:.2f}"
         acc_b = "-" if r["acc_before"] is None else f"{100 * r['acc_before']:.2f}"
         acc_a = "-" if r["acc_after"] is None else f"{100 * r['acc_after']:.2f}"
-        print(f"{r['model'][-52:]:<52} {r['calibration']:>11} {r['removed']:>4} {r['folded']:>4} {r['params_before']:>13,} {r['params_after']:>10,} "
-              f"{r['macs_before']:>12,} {r['macs_after']:>12,} {lat:>6} {acc_b:>10} {acc_a:>7} {str(r['calib_exact_1e-5']):>5}")
+        print(f"{r['model'][-52:]:<52} {r['calibration']:>11} {r['removed']:>4} {r['folded']:>4} "
+              f"{r['params_before']:>13,} {r['params_after']:>10,} "
+              f"{r['macs_before']:>12,} {r['macs_after']:>12,} {lat:>6} {acc_b:>10} {acc_a:>7} "
+              f"{str(r['calib_exact_1e-5']):>5}")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "real_models.json").write_text(json.dumps(rows, indent=2, default=str))
 

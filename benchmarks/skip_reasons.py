@@ -19,8 +19,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import SHARED  # noqa: E402
-from real_models import REAL_MODELS, calibration_file  # noqa: E402
-
 from onnx_lincomp.analysis.unit_sets import UnitEvidence  # noqa: E402
 from onnx_lincomp.calibration import CollectOptions, collect_relu_stats, input_specs, open_calibration  # noqa: E402
 from onnx_lincomp.canonicalize import canonicalize  # noqa: E402
@@ -28,6 +26,7 @@ from onnx_lincomp.model_io import load_model  # noqa: E402
 from onnx_lincomp.passes import PassContext  # noqa: E402
 from onnx_lincomp.pipeline import plan_pipeline  # noqa: E402
 from onnx_lincomp.recipe import PassSpec  # noqa: E402
+from real_models import REAL_MODELS, calibration_file  # noqa: E402
 
 
 def plan_model(spec, tmp: Path) -> dict:

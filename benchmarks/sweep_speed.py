@@ -31,10 +31,12 @@ def main() -> None:
     print(f"{'threshold':>9} {'params':>8} {'layer':>8} {'skip':>6} {'MACs':>8} {'lat ms':>7} {'accuracy':>9}")
     for r in rows:
         lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.4f}"
-        print(f"{r['threshold']:>9.2f} {r['params']:>8,} {r['layer_params']:>8,} {r['skip_params']:>6,} {r['macs']:>8,} {lat:>7} {100 * r['accuracy']:>8.2f}%")
+        print(f"{r['threshold']:>9.2f} {r['params']:>8,} {r['layer_params']:>8,} {r['skip_params']:>6,} "
+              f"{r['macs']:>8,} {lat:>7} {100 * r['accuracy']:>8.2f}%")
     print(f"20-threshold sweep on {args.example}: {seconds:.2f} s (latency {'off' if args.no_latency else 'on'})")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep_speed.json").write_text(json.dumps({"example": args.example, "seconds": seconds, "rows": rows}, indent=2))
+    (RESULTS / "sweep_speed.json").write_text(json.dumps({"example": args.example, "seconds": seconds, "rows": rows},
+                                                         indent=2))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
 """onnx-lincomp: calibration-driven ReLU linearity compression for ONNX graphs."""
 __version__ = "0.1.0"
 
-from .errors import (CalibrationDataError, InvalidModelError, LincompError, NumericalMismatchError,  # noqa: E402
-                     PassError, UnsupportedModelError, VerificationGateError)
+from .errors import (  # noqa: E402
+                     CalibrationDataError,
+                     InvalidModelError,
+                     LincompError,
+                     NumericalMismatchError,
+                     PassError,
+                     UnsupportedModelError,
+                     VerificationGateError,
+)
 from .optimize import OptimizeOptions, Result, optimize, sweep  # noqa: E402
 
 __all__ = ["optimize", "sweep", "OptimizeOptions", "Result", "LincompError", "InvalidModelError",

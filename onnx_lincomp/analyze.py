@@ -38,8 +38,8 @@ class LayerAnalysis:
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        d["sample_rate_hist"] = dict(zip(RATE_BIN_LABELS, self.sample_rate_hist))
-        d["position_rate_hist"] = dict(zip(RATE_BIN_LABELS, self.position_rate_hist))
+        d["sample_rate_hist"] = dict(zip(RATE_BIN_LABELS, self.sample_rate_hist, strict=True))
+        d["position_rate_hist"] = dict(zip(RATE_BIN_LABELS, self.position_rate_hist, strict=True))
         return d
 
 

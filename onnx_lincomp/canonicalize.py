@@ -17,8 +17,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph_edit import NameSource, is_graph_output, only_consumer
+from .linear_layer import Skip, producer_layer, write_linear_layer
 from .model_io import ModelContext
-from .linear_layer import LinearLayer, Skip, producer_layer, write_linear_layer
 
 
 @dataclass(frozen=True)

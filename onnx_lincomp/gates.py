@@ -12,8 +12,8 @@ import onnx
 
 from .calibration import input_specs, open_calibration
 from .errors import VerificationGateError
-from .evaluate.paired import BudgetSupport, budget_supportable
 from .evaluate.evaluator import Verification
+from .evaluate.paired import BudgetSupport, budget_supportable
 from .optimize_report import SizeFigures
 from .prepared import GateOn, Prepared
 from .runtime.feeds import benchmark_feeds, fixed_batch

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_edit import NameSource, constant_value, is_graph_output, only_consumer
+from .graph_edit import NameSource, is_graph_output, only_consumer
 
 LayerKind = Literal["gemm", "matmul", "conv"]
 

@@ -48,7 +48,7 @@ class ModelContext:
     def default_opset(self) -> int:
         return dict(self.opset_imports).get("", dict(self.opset_imports).get("ai.onnx", 1))
 
-    def with_metadata(self, items: dict[str, str]) -> "ModelContext":
+    def with_metadata(self, items: dict[str, str]) -> ModelContext:
         """A copy whose saved model gets these metadata_props too (overriding same keys)."""
         merged = dict(self.extra_metadata)
         merged.update(items)
@@ -77,7 +77,8 @@ def _read(path: str | os.PathLike, load_external_data: bool = True) -> tuple[onn
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         return model, external
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise InvalidModelError(f"{p}: not a valid ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        raise InvalidModelError(f"{p}: not a valid ONNX model "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     except FileNotFoundError as exc:
         raise InvalidModelError(f"{p}: external data file missing ({exc.filename})") from exc
 
@@ -229,7 +230,8 @@ def save_model_proto(
     except (ValueError, EncodeError) as exc:
         raise LincompError(f"{out}: cannot serialise model ({exc}); try external data") from exc
     except onnx.checker.ValidationError as exc:
-        raise LincompError(f"{out}: result failed the ONNX checker, nothing written: {str(exc).splitlines()[0]}") from exc
+        raise LincompError(f"{out}: result failed the ONNX checker, nothing written: "
+                           f"{str(exc).splitlines()[0]}") from exc
     finally:
         for leftover in Path(tmpdir).iterdir():
             leftover.unlink()

@@ -129,7 +129,8 @@ def _verify(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions,
     return on_cal, on_held, on_held or on_cal
 
 
-def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None, options: OptimizeOptions = OptimizeOptions(),
+def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
+             options: OptimizeOptions = OptimizeOptions(),
              stats: StatsSet | None = None, progress: Progress | None = None, certificate=None) -> Result:
     """Compress ``model``; raises on a failed verification gate (nothing is returned to write)."""
     prep = _prepare(model, calib, options)
@@ -167,7 +168,8 @@ def with_linear_rate(recipe: Recipe, rate: float) -> Recipe:
 
 
 def _with_fold_options(recipe: Recipe, **changes) -> Recipe:
-    specs = tuple(PassSpec(s.name, replace(s.options, **changes)) if s.name == "fold-linear" else s for s in recipe.passes)
+    specs = tuple(PassSpec(s.name, replace(s.options, **changes)) if s.name == "fold-linear" else s
+                  for s in recipe.passes)
     return replace(recipe, passes=specs)
 
 
@@ -202,7 +204,8 @@ def _threshold_candidates(prep: Prepared, evidence: UnitEvidence, options: Optim
 
     def score(model) -> CandidateScore:
         v = judge.score(model)
-        lat = latencies(prep, model, options.batch_size, options.threads, options.input_shapes)[1][0] if latency else None
+        lat = (latencies(prep, model, options.batch_size, options.threads, options.input_shapes)[1][0] if latency
+               else None)
         p = v.paired
         return CandidateScore(v.accuracy_after, p.drop_points if p else None, p.lower_points if p else None,
                               p.upper_points if p else None, lat.median_ms if lat else None, v.max_abs)
@@ -210,7 +213,8 @@ def _threshold_candidates(prep: Prepared, evidence: UnitEvidence, options: Optim
     return scan(thresholds, build, measure, score)
 
 
-def _search_linear_rate(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions) -> tuple[Candidate | None, list[dict]]:
+def _search_linear_rate(prep: Prepared, evidence: UnitEvidence,
+                        options: OptimizeOptions) -> tuple[Candidate | None, list[dict]]:
     """The fewest-parameter linear rate whose paired drop bound keeps the budget, and every row scanned."""
     candidates = _threshold_candidates(prep, evidence, options, sorted(SWEEP_THRESHOLDS, reverse=True), latency=False)
     best = smallest_within(candidates, options.max_accuracy_drop)

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 from .analysis.model_report import ModelReport
 from .canonicalize import CanonicalizeReport
+from .evaluate.evaluator import Verification
 from .pipeline import PassRecord
 from .recipe import Recipe
 from .runtime.latency import Latency, RatioEstimate
-from .evaluate.evaluator import Verification
 
 
 @dataclass(frozen=True)

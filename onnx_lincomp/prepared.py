@@ -110,5 +110,6 @@ def pass_check(prep: Prepared, samples: int = 64):
 
     def check(graph, name: str) -> str:
         v = evaluator.score(to_model_proto(graph, prep.loaded.ctx))
-        return f"after {name}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}) on {v.samples} calibration samples"
+        return (f"after {name}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}) on {v.samples} "
+                "calibration samples")
     return check

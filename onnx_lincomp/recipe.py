@@ -137,7 +137,8 @@ def _settings_dict(settings: Any) -> dict[str, Any]:
     out = {}
     for f in fields(settings):
         v = getattr(settings, f.name)
-        out[f.name] = [[k, list(s)] for k, s in v] if f.name == "input_shapes" else (list(v) if isinstance(v, tuple) else v)
+        out[f.name] = ([[k, list(s)] for k, s in v] if f.name == "input_shapes"
+                       else (list(v) if isinstance(v, tuple) else v))
     return out
 
 
@@ -145,7 +146,8 @@ def _settings(cls: type, values: Mapping[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise OptionError(f"{where}: unknown {cls.__name__} key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
+        raise OptionError(f"{where}: unknown {cls.__name__} key '{sorted(unknown)[0]}' (known: "
+                          f"{', '.join(sorted(known))})")
     v = dict(values)
     if "input_shapes" in v:
         v["input_shapes"] = tuple((str(k), tuple(int(d) for d in s)) for k, s in v["input_shapes"])
@@ -167,7 +169,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise OptionError(f"--recipe {p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'} ({exc})") from exc
+        raise OptionError(f"--recipe {p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'TOML'} "
+                          f"({exc})") from exc
     if not isinstance(data, dict):
         raise OptionError(f"--recipe {p}: expected a table/object at the top level")
     return Recipe.from_dict(data, str(p))
@@ -228,7 +231,8 @@ def recipe_from_flags(passes: tuple[str, ...], flags: Mapping[str, Any], calibra
     for flag in given:
         owner = table[flag][0]
         if owner not in passes:
-            raise OptionError(f"{flag} is an option of pass '{owner}', which is not in --passes ({', '.join(passes) or 'none'})")
+            raise OptionError(f"{flag} is an option of pass '{owner}', which is not in --passes "
+                              f"({', '.join(passes) or 'none'})")
     specs = []
     for name in passes:
         mine = {f: v for f, v in given.items() if table[f][0] == name}

@@ -131,7 +131,8 @@ def _walk_consumers(graph: gs.Graph, tensor: gs.Tensor, width: int, path: tuple,
         if layer.kind == "conv" and layer.group != 1:
             return Skip(node.name, "consumer is a grouped/depthwise Conv")
         if layer.in_features != width * block:
-            return Skip(node.name, f"consumer input width {layer.in_features} does not match {width} channels x {block}")
+            return Skip(node.name,
+                        f"consumer input width {layer.in_features} does not match {width} channels x {block}")
         out.append(ConsumerLink(layer, block, path, reshape, offset))
     return None
 
@@ -141,7 +142,8 @@ def find_relu_site(graph: gs.Graph, relu: gs.Node) -> ReluSite | Skip:
     pre = relu.inputs[0]
     producer = producer_layer(graph, pre)
     if producer is None:
-        return Skip(relu.name, f"Relu input comes from {pre.inputs[0].op if pre.inputs else 'a graph input'}, not a linear layer")
+        return Skip(relu.name,
+                    f"Relu input comes from {pre.inputs[0].op if pre.inputs else 'a graph input'}, not a linear layer")
     if isinstance(producer, Skip):
         return Skip(relu.name, producer.reason)
     if only_consumer(graph, pre) is not relu:

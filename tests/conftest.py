@@ -20,7 +20,8 @@ if not SHARED.is_dir():
 def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: the third-party models and data live in ../shared next to the repository (CI has them)")
+        pytest.skip(f"{path} is absent: the third-party models and data live in ../shared next to the repository (CI "
+                    "has them)")
     return path
 
 
@@ -58,7 +59,7 @@ def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, rtol: float = 1e-5, atol: float = 1e-5):
     """Both models on the same feeds; error relative to the output scale."""
-    for x, y in zip(run(a, feeds), run(b, feeds)):
+    for x, y in zip(run(a, feeds), run(b, feeds), strict=True):
         scale = max(float(np.abs(x).max(initial=0.0)), 1.0)
         np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * scale)
 

@@ -62,7 +62,8 @@ def calibration_file(model: RealModel, out_dir: Path, start: int = 0) -> str:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        arrays = {"X": (d.data[start:start + n] / 16.0).astype(np.float32), "y": d.target[start:start + n].astype(np.int64)}
+        arrays = {"X": (d.data[start:start + n] / 16.0).astype(np.float32),
+                  "y": d.target[start:start + n].astype(np.int64)}
     elif model.data == "silero":
         rng = np.random.default_rng(0)
         arrays = {"input": rng.normal(0, 0.1, (n, 1, 512)).astype(np.float32),

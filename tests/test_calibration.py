@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from conftest import cnn_model, mlp_model, run
-from onnx_lincomp.calibration import CollectOptions, ReluStats, StatsSet, collect_relu_stats, input_specs, open_calibration
+from onnx_lincomp.calibration import (
+    CollectOptions,
+    ReluStats,
+    StatsSet,
+    collect_relu_stats,
+    input_specs,
+    open_calibration,
+)
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.errors import CalibrationDataError
 from onnx_lincomp.model_io import model_from_proto
@@ -23,7 +30,7 @@ def _reference(model, x, tensors, axis):
     for t in tensors:
         m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
     outs = run(m, {"x": x})[1:]
-    return [ReluStats.from_pre_activation(t, t, z, axis) for t, z in zip(tensors, outs)]
+    return [ReluStats.from_pre_activation(t, t, z, axis) for t, z in zip(tensors, outs, strict=True)]
 
 
 def _assert_equal_stats(got: ReluStats, ref: ReluStats):
@@ -40,11 +47,12 @@ def test_conv_stats_match_numpy_reference(tmp_path, rng, mode):
     x = rng.random((37, 1, 6, 6), dtype=np.float32)
     np.savez(tmp_path / "d.npz", x=x)
     loaded = _loaded(model)
-    stats = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(tmp_path / "d.npz", input_specs(loaded.graph)),
+    stats = collect_relu_stats(loaded.graph, loaded.ctx,
+                               open_calibration(tmp_path / "d.npz", input_specs(loaded.graph)),
                                CollectOptions(batch_size=8, mode=mode))
     refs = _reference(model, x, ["c1", "c2"], 1)
     assert [s.observed for s in stats.layers] == (["post", "post"] if mode == "auto" else ["pre", "pre"])
-    for got, ref in zip(stats.layers, refs):
+    for got, ref in zip(stats.layers, refs, strict=True):
         _assert_equal_stats(got, ref)
     assert stats.layers[0].dead[1] and stats.layers[0].always_active[2]
     if mode == "pre":
@@ -56,10 +64,11 @@ def test_mlp_stats_exact_including_pre_activation(tmp_path, rng):
     x = rng.random((50, 6), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     loaded = _loaded(model)
-    stats = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(tmp_path / "x.npy", input_specs(loaded.graph)),
+    stats = collect_relu_stats(loaded.graph, loaded.ctx,
+                               open_calibration(tmp_path / "x.npy", input_specs(loaded.graph)),
                                CollectOptions(batch_size=7))
     refs = _reference(model, x, ["z0", "z1"], 1)
-    for got, ref in zip(stats.layers, refs):
+    for got, ref in zip(stats.layers, refs, strict=True):
         _assert_equal_stats(got, ref)
         np.testing.assert_allclose(got.pre_min, ref.pre_min, rtol=1e-6)
         np.testing.assert_allclose(got.pre_max, ref.pre_max, rtol=1e-6)
@@ -76,12 +85,14 @@ def test_shards_merge_to_one_pass(tmp_path, rng):
     np.savez(tmp_path / "all.npz", x=x)
     loaded = _loaded(model)
     specs = input_specs(loaded.graph)
-    one = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(tmp_path / "all.npz", specs), CollectOptions(batch_size=30))
-    sharded = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(shards, specs), CollectOptions(batch_size=4))
+    one = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(tmp_path / "all.npz", specs),
+                             CollectOptions(batch_size=30))
+    sharded = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(shards, specs),
+                                 CollectOptions(batch_size=4))
     a = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(shards / "a.npz", specs))
     b = collect_relu_stats(loaded.graph, loaded.ctx, open_calibration(shards / "b.npz", specs))
     for merged in (sharded, a.merge(b), b.merge(a)):
-        for got, ref in zip(merged.layers, one.layers):
+        for got, ref in zip(merged.layers, one.layers, strict=True):
             _assert_equal_stats(got, ref)
 
 

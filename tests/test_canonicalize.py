@@ -1,6 +1,5 @@
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
@@ -11,8 +10,10 @@ from onnx_lincomp.model_io import model_from_proto, to_model_proto
 
 
 def _bn(rng, c, name="bn", x="z", y="y"):
-    inits = [init(f"{name}_s", rng.uniform(0.5, 2, c).astype(np.float32)), init(f"{name}_b", rng.normal(size=c).astype(np.float32)),
-             init(f"{name}_m", rng.normal(size=c).astype(np.float32)), init(f"{name}_v", rng.uniform(0.5, 2, c).astype(np.float32))]
+    inits = [init(f"{name}_s", rng.uniform(0.5, 2, c).astype(np.float32)),
+             init(f"{name}_b", rng.normal(size=c).astype(np.float32)),
+             init(f"{name}_m", rng.normal(size=c).astype(np.float32)),
+             init(f"{name}_v", rng.uniform(0.5, 2, c).astype(np.float32))]
     node = helper.make_node("BatchNormalization", [x] + [i.name for i in inits], [y], name=name, epsilon=1e-3)
     return node, inits
 
@@ -67,7 +68,8 @@ def test_matmul_add_view_and_bn_fold(rng, bias_first):
     out, report, loaded = _canon(model)
     assert report.batchnorms_folded == 1
     layer = match_linear_layer(loaded.graph, next(n for n in loaded.graph.nodes if n.op == "MatMul"))
-    assert isinstance(layer, LinearLayer) and layer.kind == "matmul" and layer.weight.shape == (6, 3) and len(layer.nodes) == 2
+    assert (isinstance(layer, LinearLayer) and layer.kind == "matmul" and layer.weight.shape == (6, 3)
+            and len(layer.nodes) == 2)
     assert_same_outputs(model, out, {"x": rng.normal(size=(4, 3)).astype(np.float32)})
 
 
@@ -87,7 +89,8 @@ def test_batchnorm_not_folded_when_conv_output_has_another_reader(rng):
     conv = helper.make_node("Conv", ["x", "w"], ["z"])
     bn, bn_inits = _bn(rng, 2)
     model = make_model([conv, bn, helper.make_node("Relu", ["z"], ["r"])], [vinfo("x", ["N", 2, 4, 4])],
-                       [vinfo("y", None), vinfo("r", None)], [init("w", rng.normal(size=(2, 2, 1, 1)).astype(np.float32))] + bn_inits)
+                       [vinfo("y", None), vinfo("r", None)],
+                       [init("w", rng.normal(size=(2, 2, 1, 1)).astype(np.float32))] + bn_inits)
     out, report, _ = _canon(model)
     assert report.batchnorms_folded == 0 and "BatchNormalization input has other readers" in report.skipped
     assert_same_outputs(model, out, {"x": rng.normal(size=(1, 2, 4, 4)).astype(np.float32)})
@@ -100,10 +103,12 @@ def _layer_of(model, op):
 
 def test_linear_layer_skips(rng):
     w = rng.normal(size=(3, 3)).astype(np.float32)
-    trans_a = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], transA=1)], [vinfo("x", [3, "N"])], [vinfo("y", None)], [init("w", w)])
+    trans_a = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], transA=1)], [vinfo("x", [3, "N"])],
+                         [vinfo("y", None)], [init("w", w)])
     assert isinstance(_layer_of(trans_a, "Gemm"), Skip) and "transA" in _layer_of(trans_a, "Gemm").reason
     shared = make_model([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["y"])],
                         [vinfo("x", ["N", 3])], [vinfo("y", None)], [init("w", w)])
     assert "shared" in _layer_of(shared, "MatMul").reason
-    as_input = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vinfo("x", ["N", 3]), vinfo("w", [3, 3])], [vinfo("y", None)], [])
+    as_input = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vinfo("x", ["N", 3]), vinfo("w", [3, 3])],
+                          [vinfo("y", None)], [])
     assert "not a constant" in _layer_of(as_input, "MatMul").reason

@@ -20,14 +20,15 @@ def invoke(runner, *args):
 
 
 def test_analyze_example_json(runner, tmp_path):
-    result = invoke(runner, "analyze", "--example", "digits-mlp", "--json", tmp_path / "a.json", "--save-stats", tmp_path / "s.npz")
+    result = invoke(runner, "analyze", "--example", "digits-mlp", "--json", tmp_path / "a.json", "--save-stats",
+                    tmp_path / "s.npz")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "a.json").read_text())
-    assert [l["relu"] for l in data["layers"]] == ["relu0", "relu1"]
+    assert [layer["relu"] for layer in data["layers"]] == ["relu0", "relu1"]
     assert data["params_after_exact_passes"] < data["params"]
     plan = next(p for p in data["plans"] if p["pass"] == "remove-dead")
     assert plan["params_saved"] == data["params"] - data["params_after_exact_passes"] > 0
-    assert sum(l["dead"] for l in data["layers"]) > 0
+    assert sum(layer["dead"] for layer in data["layers"]) > 0
     # the saved statistics give the same analysis without calibrating again
     again = invoke(runner, "analyze", "--example", "digits-mlp", "--stats", tmp_path / "s.npz", "--json", "-")
     assert json.loads(again.stdout)["layers"] == data["layers"]
@@ -41,7 +42,8 @@ def test_analyze_plot(runner, tmp_path):
 
 def test_optimize_example_writes_smaller_equal_model(runner, tmp_path):
     out = tmp_path / "small.onnx"
-    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--json", tmp_path / "r.json", "--no-latency")
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--json", tmp_path / "r.json",
+                    "--no-latency")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["after"]["params"] < report["before"]["params"]
@@ -64,15 +66,16 @@ def test_gate_failure_exit_code_and_no_output(runner, tmp_path):
 
 def test_budget_the_heldout_split_cannot_support_is_refused(runner, tmp_path):
     out = tmp_path / "s.onnx"
-    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--max-accuracy-drop", "1", "--no-latency")
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", out, "--max-accuracy-drop", "1",
+                    "--no-latency")
     assert result.exit_code == 4
     assert "108 held-out samples cannot support a 1-point budget" in result.output and "--gate-on all" in result.output
     assert not out.exists()
 
 
 def test_accuracy_budget_search(runner, tmp_path):
-    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", tmp_path / "s.onnx", "--max-accuracy-drop", "1",
-                    "--gate-on", "all", "--json", "-", "--no-latency")
+    result = invoke(runner, "optimize", "--example", "digits-mlp", "-o", tmp_path / "s.onnx", "--max-accuracy-drop",
+                    "1", "--gate-on", "all", "--json", "-", "--no-latency")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert len(report["search"]) == 20
@@ -118,8 +121,8 @@ def test_bench_and_report(runner, tmp_path):
 
 def test_sweep_csv_and_plot(runner, tmp_path):
     pytest.importorskip("matplotlib")
-    result = invoke(runner, "sweep", "--example", "digits-mlp", "--csv", tmp_path / "s.csv", "--plot", tmp_path / "s.png",
-                    "--no-latency", "--json", "-")
+    result = invoke(runner, "sweep", "--example", "digits-mlp", "--csv", tmp_path / "s.csv", "--plot",
+                    tmp_path / "s.png", "--no-latency", "--json", "-")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert [r["threshold"] for r in rows] == [round(0.05 * i, 2) for i in range(1, 21)]
@@ -134,6 +137,7 @@ def test_no_relu_model_message(runner, tmp_path, rng):
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vinfo("x", ["N", 3])], [vinfo("y", ["N", 2])],
                        [init("w", rng.normal(size=(3, 2)).astype(np.float32))])
     onnx.save(model, tmp_path / "m.onnx")
-    result = invoke(runner, "optimize", tmp_path / "m.onnx", "--calib", "random:8", "-o", tmp_path / "o.onnx", "--no-latency")
+    result = invoke(runner, "optimize", tmp_path / "m.onnx", "--calib", "random:8", "-o", tmp_path / "o.onnx",
+                    "--no-latency")
     assert result.exit_code == 0 and "no Relu" in result.output
     assert_same_outputs(model, onnx.load(tmp_path / "o.onnx"), {"x": rng.random((2, 3), dtype=np.float32)})

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_same_outputs, mlp_model, read_idx, run, shared_path
@@ -16,9 +16,9 @@ from onnx_lincomp.errors import CalibrationDataError
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
 from onnx_lincomp.exact.bounds import relaxed_bounds
 from onnx_lincomp.exact.chain import extract_chain
-from onnx_lincomp.optimize import compress_exact
 from onnx_lincomp.exact.milp import decide_candidates
 from onnx_lincomp.model_io import load_model, model_from_proto
+from onnx_lincomp.optimize import compress_exact
 
 SETTINGS = settings()  # the profile (conftest) sets examples: 25 derandomised in CI, HYPOTHESIS_PROFILE=long for 500
 
@@ -39,7 +39,7 @@ def test_bounds_are_sound_and_relaxation_is_tighter(seed, widths):
     interval, tight = relaxed_bounds(chain, lo, hi)
     x = rng.uniform(-1, 1, (4000, widths[0]))
     x[:8] = np.where(rng.random((8, widths[0])) < 0.5, -1.0, 1.0)  # corners
-    for z, ib, tb in zip(chain.forward(x), interval, tight):
+    for z, ib, tb in zip(chain.forward(x), interval, tight, strict=True):
         assert np.all(z >= tb.lower - 1e-9) and np.all(z <= tb.upper + 1e-9)
         assert np.all(tb.lower >= ib.lower - 1e-9) and np.all(tb.upper <= ib.upper + 1e-9)
 
@@ -52,7 +52,7 @@ def test_chain_matches_onnxruntime(rng):
     ref.CopyFrom(model)
     ref.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in ("z0", "z1"))
     outs = run(ref, {"x": x})[1:]
-    for z, r in zip(chain.forward(x), outs):
+    for z, r in zip(chain.forward(x), outs, strict=True):
         np.testing.assert_allclose(z, r, rtol=1e-5, atol=1e-5)
 
 
@@ -110,20 +110,22 @@ def test_domain_parsing(tmp_path, rng):
     assert parse_domain(["x=-1,2"], specs).upper.tolist() == [2.0] * 4
     np.savez(tmp_path / "b.npz", lower=np.zeros(4), upper=np.arange(1, 5))
     assert parse_domain([str(tmp_path / "b.npz")], specs).upper.tolist() == [1, 2, 3, 4]
-    for bad, msg in ((["2,1"], "above upper"), (["y=0,1"], "names input 'y'"), (["a,b"], "LO,HI"), ([], "needs --input-range")):
+    for bad, msg in ((["2,1"], "above upper"), (["y=0,1"], "names input 'y'"), (["a,b"], "LO,HI"),
+                     ([], "needs --input-range")):
         with pytest.raises(CalibrationDataError, match=msg):
             parse_domain(bad, specs)
 
 
 def test_serra_mnist_has_no_stable_neurons_and_accuracy_is_unchanged(tmp_path):
     path = shared_path("models", "exact-compression", "serra_mnist_100x100.onnx")
-    images = read_idx(shared_path("data", "mnist", "t10k-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255
+    images = read_idx(shared_path("data", "mnist",
+                                  "t10k-images-idx3-ubyte.gz")).reshape(-1, 784).astype(np.float32) / 255
     labels = read_idx(shared_path("data", "mnist", "t10k-labels-idx1-ubyte.gz"))
     np.savez(tmp_path / "mnist.npz", input=images, y=labels)
     result = compress_exact(load_model(path), ("0,1",), calib=str(tmp_path / "mnist.npz"), check_points=2000)
     cert = result.exact.certificate
     assert cert.complete
-    assert all(int(l.stably_active.sum()) == 0 and int(l.stably_inactive.sum()) == 0 for l in cert.layers)
+    assert all(int(lc.stably_active.sum()) == 0 and int(lc.stably_inactive.sum()) == 0 for lc in cert.layers)
     acc_before = (run(onnx.load(path), {"input": images})[0].argmax(1) == labels).mean()
     acc_after = (run(result.model, {"input": images})[0].argmax(1) == labels).mean()
     assert acc_before == acc_after == pytest.approx(0.9789, abs=1e-4)
@@ -133,8 +135,9 @@ def test_serra_cifar10_sound_and_complete():
     path = shared_path("models", "exact-compression", "serra_cifar10_400x400_l1_pruned.onnx")
     loaded = load_model(path)
     canonicalize(loaded.graph)
-    cert = certify(loaded.graph, loaded.ctx, parse_domain(["0,1"], input_specs(loaded.graph)), options=CertifyOptions(time_limit=60))
-    counts = [(int(l.stably_active.sum()), int(l.stably_inactive.sum())) for l in cert.layers]
+    cert = certify(loaded.graph, loaded.ctx, parse_domain(["0,1"], input_specs(loaded.graph)),
+                   options=CertifyOptions(time_limit=60))
+    counts = [(int(lc.stably_active.sum()), int(lc.stably_inactive.sum())) for lc in cert.layers]
     assert counts == [(85, 0), (116, 0)] and cert.complete
     assert cert.seconds["total"] < 30
     from onnx_lincomp.exact.witness_check import check_witnesses

@@ -16,7 +16,7 @@ from onnx_lincomp.errors import InvalidModelError, OptionError, PassError
 from onnx_lincomp.model_io import model_from_proto, to_model_proto
 from onnx_lincomp.passes import PASSES, FoldLinearOptions, PassContext
 from onnx_lincomp.pipeline import plan_pipeline, run_pipeline
-from onnx_lincomp.recipe import PassSpec, Recipe, load_recipe, recipe_from_flags, CalibrationSettings
+from onnx_lincomp.recipe import CalibrationSettings, PassSpec, Recipe, load_recipe, recipe_from_flags
 from test_passes import _array_source
 
 

@@ -8,10 +8,10 @@ import pytest
 from onnx import helper
 
 from conftest import assert_same_outputs, cnn_model, init, make_model, mlp_model, vinfo
+from onnx_lincomp.analysis.unit_sets import UnitEvidence
 from onnx_lincomp.calibration import CollectOptions, collect_relu_stats, input_specs, open_calibration
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.model_io import model_from_proto, to_model_proto
-from onnx_lincomp.analysis.unit_sets import UnitEvidence
 from onnx_lincomp.passes import PassContext
 from onnx_lincomp.pipeline import run_pipeline
 from onnx_lincomp.recipe import PassSpec
@@ -151,22 +151,29 @@ def test_merge_affine(rng, case):
     if case == "kxk_then_kxk":  # 1->2->1 channels: a 5x5 kernel (25 weights) beats 18 + 18
         nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 2, 1, 0], kernel_shape=[3, 3]),
                  helper.make_node("Conv", ["h", "w2", "b2"], ["y"], kernel_shape=[3, 3])]
-        inits = [init("w1", rng.normal(size=(2, 1, 3, 3)).astype(np.float32)), init("b1", rng.normal(size=2).astype(np.float32)),
-                 init("w2", rng.normal(size=(1, 2, 3, 3)).astype(np.float32)), init("b2", rng.normal(size=1).astype(np.float32))]
+        inits = [init("w1", rng.normal(size=(2, 1, 3, 3)).astype(np.float32)),
+                 init("b1", rng.normal(size=2).astype(np.float32)),
+                 init("w2", rng.normal(size=(1, 2, 3, 3)).astype(np.float32)),
+                 init("b2", rng.normal(size=1).astype(np.float32))]
         model = make_model(nodes, [vinfo("x", ["N", 1, 8, 9])], [vinfo("y", None)], inits)
         feeds = {"x": rng.normal(size=(2, 1, 8, 9)).astype(np.float32)}
     elif case == "gemm_pair":
-        nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], transB=1)]
-        inits = [init("w1", rng.normal(size=(16, 4)).astype(np.float32)), init("w2", rng.normal(size=(3, 16)).astype(np.float32)),
+        nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+                 helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], transB=1)]
+        inits = [init("w1", rng.normal(size=(16, 4)).astype(np.float32)),
+                 init("w2", rng.normal(size=(3, 16)).astype(np.float32)),
                  init("b2", rng.normal(size=3).astype(np.float32))]
         model = make_model(nodes, [vinfo("x", ["N", 4])], [vinfo("y", ["N", 3])], inits)
         feeds = {"x": rng.normal(size=(5, 4)).astype(np.float32)}
     else:
         first_k, second_k = ((3, 1) if case == "kxk_then_1x1" else (1, 3))
-        nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1] * 4 if first_k == 3 else [0] * 4, strides=[2, 2] if first_k == 3 else [1, 1]),
+        nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1] * 4 if first_k == 3 else [0] * 4,
+                                  strides=[2, 2] if first_k == 3 else [1, 1]),
                  helper.make_node("Conv", ["h", "w2", "b2"], ["y"], pads=[0] * 4)]
-        inits = [init("w1", rng.normal(size=(8, 3, first_k, first_k)).astype(np.float32)), init("b1", rng.normal(size=8).astype(np.float32)),
-                 init("w2", rng.normal(size=(2, 8, second_k, second_k)).astype(np.float32)), init("b2", rng.normal(size=2).astype(np.float32))]
+        inits = [init("w1", rng.normal(size=(8, 3, first_k, first_k)).astype(np.float32)),
+                 init("b1", rng.normal(size=8).astype(np.float32)),
+                 init("w2", rng.normal(size=(2, 8, second_k, second_k)).astype(np.float32)),
+                 init("b2", rng.normal(size=2).astype(np.float32))]
         model = make_model(nodes, [vinfo("x", ["N", 3, 7, 7])], [vinfo("y", None)], inits)
         feeds = {"x": rng.normal(size=(2, 3, 7, 7)).astype(np.float32)}
     out, res, _ = compress(model, feeds["x"], passes=("merge-affine",))
@@ -176,7 +183,8 @@ def test_merge_affine(rng, case):
 
 
 def test_merge_skipped_when_second_conv_pads_and_first_has_bias(rng):
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"]), helper.make_node("Conv", ["h", "w2"], ["y"], pads=[1] * 4)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"]),
+             helper.make_node("Conv", ["h", "w2"], ["y"], pads=[1] * 4)]
     inits = [init("w1", rng.normal(size=(2, 3, 1, 1)).astype(np.float32)), init("b1", np.ones(2, np.float32)),
              init("w2", rng.normal(size=(2, 2, 3, 3)).astype(np.float32))]
     model = make_model(nodes, [vinfo("x", ["N", 3, 5, 5])], [vinfo("y", None)], inits)
@@ -243,7 +251,8 @@ def test_rate_based_removal_not_across_padding_conv(rng):
 
 def test_model_without_relu_round_trips(rng):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-    model = make_model(nodes, [vinfo("x", ["N", 3])], [vinfo("y", ["N", 2])], [init("w", rng.normal(size=(3, 2)).astype(np.float32))])
+    model = make_model(nodes, [vinfo("x", ["N", 3])], [vinfo("y", ["N", 2])],
+                       [init("w", rng.normal(size=(3, 2)).astype(np.float32))])
     x = rng.random((5, 3), dtype=np.float32)
     out, res, _ = compress(model, x)
     assert not any(r.changed for r in res.values()) and ops(out) == ["MatMul"]
@@ -288,7 +297,8 @@ def test_remove_dead_through_concat(rng, after):
         nodes.append(helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3"))
         inits.append(init("w3", rng.normal(size=(2, 7, 1, 1)).astype(np.float32)))
     else:
-        nodes += [helper.make_node("Flatten", ["cat"], ["f"], name="flat"), helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1)]
+        nodes += [helper.make_node("Flatten", ["cat"], ["f"], name="flat"),
+                  helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1)]
         inits.append(init("w3", rng.normal(size=(2, 7 * 25)).astype(np.float32)))
     model = make_model(nodes, [vinfo("x", ["N", 1, 5, 5])], [vinfo("y", None)], inits)
     x = rng.random((10, 1, 5, 5), dtype=np.float32)
@@ -304,11 +314,15 @@ def test_residual_group_removes_only_channels_dead_in_every_member(rng):
     w1, w2 = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
     b1 = np.array([-100, -100, 0.1, 0.2, -100, 0.3], np.float32)  # dead: 0, 1, 4
     b2 = np.array([-100, 0.1, 0.2, -100, -100, 0.3], np.float32)  # dead: 0, 3, 4
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["z1"], name="fc1", transB=1), helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
-             helper.make_node("Gemm", ["x", "w2", "b2"], ["z2"], name="fc2", transB=1), helper.make_node("Relu", ["z2"], ["h2"], name="relu2"),
-             helper.make_node("Add", ["h1", "h2"], ["s"], name="res"), helper.make_node("Gemm", ["s", "w3"], ["y"], name="fc3", transB=1)]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["z1"], name="fc1", transB=1),
+             helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["z2"], name="fc2", transB=1),
+             helper.make_node("Relu", ["z2"], ["h2"], name="relu2"),
+             helper.make_node("Add", ["h1", "h2"], ["s"], name="res"),
+             helper.make_node("Gemm", ["s", "w3"], ["y"], name="fc3", transB=1)]
     model = make_model(nodes, [vinfo("x", ["N", 4])], [vinfo("y", ["N", 3])],
-                       [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", b2), init("w3", rng.normal(size=(3, 6)).astype(np.float32))])
+                       [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", b2),
+                        init("w3", rng.normal(size=(3, 6)).astype(np.float32))])
     x = rng.random((40, 4), dtype=np.float32)
     out, res, stats = compress(model, x, passes=("remove-dead",))
     common = stats.layers[0].dead & stats.layers[1].dead
@@ -327,7 +341,8 @@ def test_channel_multiple_keeps_aligned_widths(rng):
     stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
     run_passes(loaded.graph, ("remove-dead",), stats, channel_multiple=2)
     out = to_model_proto(loaded.graph, loaded.ctx)
-    conv1 = next(i for i in out.graph.initializer if i.name == next(n for n in out.graph.node if n.name == "conv1").input[1])
+    conv1 = next(i for i in out.graph.initializer
+                 if i.name == next(n for n in out.graph.node if n.name == "conv1").input[1])
     assert conv1.dims[0] % 2 == 0 and conv1.dims[0] < 6
     assert_same_outputs(model, out, {"x": x})
 

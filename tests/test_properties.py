@@ -1,10 +1,10 @@
 """Property tests: random chains with planted dead and linear units."""
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import helper
 
 from conftest import assert_same_outputs, init, make_model, mlp_model, vinfo
-from onnx import helper
 from test_passes import compress
 
 SETTINGS = settings()  # the profile (conftest) sets examples: 25 derandomised in CI, HYPOTHESIS_PROFILE=long for 500
@@ -13,7 +13,8 @@ SETTINGS = settings()  # the profile (conftest) sets examples: 25 derandomised i
 @st.composite
 def mlp_case(draw):
     depth = draw(st.integers(2, 4))
-    widths = [draw(st.integers(2, 10))] + [draw(st.integers(2, 16)) for _ in range(depth - 1)] + [draw(st.integers(1, 4))]
+    widths = ([draw(st.integers(2, 10))] + [draw(st.integers(2, 16)) for _ in range(depth - 1)]
+              + [draw(st.integers(1, 4))])
     dead, linear = {}, {}
     for layer in range(depth - 1):
         units = list(range(widths[layer + 1]))
@@ -61,7 +62,8 @@ def test_random_conv_chains(case):
     w2 = rng.normal(0, 0.5, (c2, c1, 3, 3)).astype(np.float32)
     b2 = rng.normal(0, 0.1, c2).astype(np.float32)
     b2[dead2] = -100
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[pad] * 4, strides=[stride] * 2, dilations=[dil] * 2),
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[pad] * 4, strides=[stride] * 2,
+                              dilations=[dil] * 2),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4),
              helper.make_node("Relu", ["c2"], ["r2"]),

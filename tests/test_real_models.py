@@ -1,11 +1,9 @@
 """Every model in ../shared/models: load, canonicalise, calibrate, round-trip and optimise exactly."""
-import numpy as np
 import onnx
 import pytest
 
-from conftest import SHARED, shared_path
+from conftest import shared_path
 from onnx_lincomp.calibration import CollectOptions, collect_relu_stats, input_specs, open_calibration
-from onnx_lincomp.calibration.collector import iterate_feeds
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.model_io import load_model, to_model_proto
 from onnx_lincomp.optimize import OptimizeOptions, optimize
@@ -43,8 +41,9 @@ def test_load_canonicalise_calibrate_round_trip(spec, tmp_path):
 def test_optimize_is_exact_on_calibration_data(spec, tmp_path):
     path = shared_path("models", spec.path)
     calib = calibration_file(spec, tmp_path)
-    options = OptimizeOptions(Recipe(calibration=CalibrationSettings(0.0, input_shapes=tuple(spec.input_shapes.items()))),
-                              latency=False, batch_size=8)
+    options = OptimizeOptions(
+        Recipe(calibration=CalibrationSettings(0.0, input_shapes=tuple(spec.input_shapes.items()))),
+        latency=False, batch_size=8)
     result = optimize(path, calib, options)
     onnx.checker.check_model(result.model)
     v = result.report.on_calibration
@@ -60,7 +59,8 @@ def test_fmnist_mlp_dead_units_all_go(tmp_path):
 
     full = dc_replace(spec, samples=10000)
     calib = calibration_file(full, tmp_path)
-    result = optimize(path, calib, OptimizeOptions(Recipe(calibration=CalibrationSettings(0.8)), labels="y", latency=False))
+    result = optimize(path, calib,
+                      OptimizeOptions(Recipe(calibration=CalibrationSettings(0.8)), labels="y", latency=False))
     rd = next(p for p in result.report.passes if p.result.name == "remove-dead")
     assert rd.result.neurons_removed == 78
     saved = 1 - result.report.after.params / result.report.before.params

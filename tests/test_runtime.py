@@ -125,8 +125,8 @@ def test_measure_reports_compatible_figures(rng):
 
 
 def test_old_latency_module_still_exports_its_names():
-    from onnx_lincomp.latency import Latency as L
-    from onnx_lincomp.latency import LatencyOptions, make_session, measure_latency, measure_session
+    from onnx_lincomp.runtime.latency import Latency as L
+    from onnx_lincomp.runtime.latency import LatencyOptions, make_session, measure_latency, measure_session
 
     assert L is Latency and callable(make_session) and callable(measure_latency) and callable(measure_session)
     assert LatencyOptions().runs == 50

@@ -558,7 +558,7 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict
         values = sess.run(names, feeds)
     except Exception:  # shapes stay unknown; the report counts those nodes
         return {}
-    return {n: tuple(v.shape) for n, v in zip(names, values)}
+    return {n: tuple(v.shape) for n, v in zip(names, values, strict=True)}
 
 
 def _int_attrs(node: onnx.NodeProto) -> dict[str, int]:

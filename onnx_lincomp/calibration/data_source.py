@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import CalibrationDataError
@@ -37,7 +36,8 @@ def input_specs(graph: gs.Graph) -> list[InputSpec]:
     specs = []
     for t in graph.inputs:
         dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
-        shape = None if t.shape is None else tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None) for d in t.shape)
+        shape = None if t.shape is None else tuple(d if isinstance(d, int) and d >= 0
+                                                   else (d if isinstance(d, str) else None) for d in t.shape)
         specs.append(InputSpec(t.name, dtype, shape))
     return specs
 
@@ -45,7 +45,8 @@ def input_specs(graph: gs.Graph) -> list[InputSpec]:
 class _ArrayReader:
     """Reads rows ``[start, stop)`` of one array in a file without loading the rest."""
 
-    def __init__(self, label: str, array: np.ndarray | None = None, zip_path: Path | None = None, member: str | None = None):
+    def __init__(self, label: str, array: np.ndarray | None = None, zip_path: Path | None = None,
+                 member: str | None = None):
         self.label = label
         self._array = array
         self._zip_path = zip_path
@@ -115,7 +116,8 @@ def _open_npz_members(path: Path) -> dict[str, _ArrayReader]:
                     offset = info.header_offset + 30 + int(name_len) + int(extra_len) + header_len
                     if dtype.hasobject or fortran:
                         raise ValueError("object or Fortran-ordered array")
-                    arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if np.prod(shape) else np.zeros(shape, dtype)
+                    arr = (np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if np.prod(shape)
+                           else np.zeros(shape, dtype))
                     readers[key] = _ArrayReader(f"{path}:{key}", array=arr)
                     continue
                 except ValueError as exc:
@@ -135,7 +137,8 @@ def _open_file(path: Path) -> dict[str, _ArrayReader]:
         except (ValueError, OSError) as exc:
             raise CalibrationDataError(f"{path}: not a readable .npy file ({exc})") from exc
         return {"": _ArrayReader(str(path), array=arr)}
-    raise CalibrationDataError(f"{path}: calibration data must be .npz, .npy or a folder of them (found '{path.suffix or 'no suffix'}')")
+    raise CalibrationDataError(f"{path}: calibration data must be .npz, .npy or a folder of them (found "
+                               f"'{path.suffix or 'no suffix'}')")
 
 
 class CalibrationSource:
@@ -176,15 +179,18 @@ class CalibrationSource:
         names = [s.name for s in self.specs]
         if "" in found or (len(found) == 1 and len(names) == 1 and names[0] not in found):
             if len(names) != 1:
-                raise CalibrationDataError(f"{path}: a single array can only feed a single-input model (inputs: {', '.join(names)})")
+                raise CalibrationDataError(f"{path}: a single array can only feed a single-input model (inputs: "
+                                           f"{', '.join(names)})")
             return {names[0]: next(iter(found.values()))}
         missing = [n for n in names if n not in found]
         if missing:
-            raise CalibrationDataError(f"{path}: no array for input '{missing[0]}' (model inputs: {', '.join(names)}; file keys: {', '.join(sorted(found))})")
+            raise CalibrationDataError(f"{path}: no array for input '{missing[0]}' (model inputs: {', '.join(names)}; "
+                                       f"file keys: {', '.join(sorted(found))})")
         wanted = {n: found[n] for n in names}
         if self.labels is not None:
             if self.labels not in found:
-                raise CalibrationDataError(f"{path}: no labels array '{self.labels}' (file keys: {', '.join(sorted(found))})")
+                raise CalibrationDataError(f"{path}: no labels array '{self.labels}' (file keys: "
+                                           f"{', '.join(sorted(found))})")
             wanted[self.labels] = found[self.labels]
         return wanted
 
@@ -209,16 +215,19 @@ class CalibrationSource:
         """Validate an array against its input; True when it holds one whole input per sample."""
         found_kind, want_kind = reader.dtype.kind, spec.dtype.kind
         if (found_kind in "fc") != (want_kind in "fc") or (want_kind == "b") != (found_kind == "b"):
-            raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.dtype.name}, found {reader.dtype.name}")
+            raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.dtype.name}, found "
+                                       f"{reader.dtype.name}")
         if spec.shape is None:
             return False
         per_sample = len(reader.shape) == len(spec.shape) + 1
         if len(reader.shape) != len(spec.shape) and not per_sample:
-            raise CalibrationDataError(f"{path}: input '{spec.name}' expects rank {len(spec.shape)} ({spec.describe()}), found shape {tuple(reader.shape)}")
+            raise CalibrationDataError(f"{path}: input '{spec.name}' expects rank {len(spec.shape)} "
+                                       f"({spec.describe()}), found shape {tuple(reader.shape)}")
         found = tuple(reader.shape[1:]) if per_sample else tuple(reader.shape)
-        for axis, (want, got) in enumerate(zip(spec.shape, found)):
+        for axis, (want, got) in enumerate(zip(spec.shape, found, strict=True)):
             if isinstance(want, int) and want != got and (per_sample or axis > 0):
-                raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.describe()}, found shape {tuple(reader.shape)} (axis {axis + per_sample})")
+                raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.describe()}, found shape "
+                                           f"{tuple(reader.shape)} (axis {axis + per_sample})")
         return per_sample
 
     # ---- random source -------------------------------------------------------------------------

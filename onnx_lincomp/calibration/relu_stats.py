@@ -70,9 +70,10 @@ class ReluStats:
         """Mean Relu output per position (what a removed channel contributes on average)."""
         return self.act_sum / max(self.positions, 1)
 
-    def merge(self, other: "ReluStats") -> "ReluStats":
+    def merge(self, other: ReluStats) -> ReluStats:
         if (other.relu, other.channels, other.observed) != (self.relu, self.channels, self.observed):
-            raise CalibrationDataError(f"cannot merge statistics of {other.relu} ({other.channels} channels, {other.observed}) into {self.relu} ({self.channels}, {self.observed})")
+            raise CalibrationDataError(f"cannot merge statistics of {other.relu} ({other.channels} channels, "
+                                       f"{other.observed}) into {self.relu} ({self.channels}, {self.observed})")
         return replace(
             self,
             n_samples=self.n_samples + other.n_samples,
@@ -87,12 +88,12 @@ class ReluStats:
             pre_sum=self.pre_sum + other.pre_sum,
         )
 
-    def subset(self, keep: np.ndarray) -> "ReluStats":
+    def subset(self, keep: np.ndarray) -> ReluStats:
         """Statistics of the units ``keep`` (indices), after a pass removed the others."""
         return replace(self, **{name: getattr(self, name)[keep] for name in _ARRAYS})
 
     @staticmethod
-    def from_pre_activation(relu: str, tensor: str, z: np.ndarray, channel_axis: int) -> "ReluStats":
+    def from_pre_activation(relu: str, tensor: str, z: np.ndarray, channel_axis: int) -> ReluStats:
         """Exact statistics of one batch of pre-activations (used for dumped tensors and as the reference)."""
         z = np.moveaxis(np.asarray(z, dtype=np.float64), channel_axis, 1)
         n, c = z.shape[0], z.shape[1]
@@ -106,7 +107,7 @@ class ReluStats:
 
     @staticmethod
     def from_pooled(relu: str, tensor: str, per_sample_max: np.ndarray, per_sample_mean: np.ndarray,
-                    per_sample_rate: np.ndarray, spatial: int) -> "ReluStats":
+                    per_sample_rate: np.ndarray, spatial: int) -> ReluStats:
         """Statistics of one batch from per-(sample, channel) max, mean and positive rate of the Relu output."""
         mx = per_sample_max.reshape(per_sample_max.shape[0], -1).astype(np.float64)
         n, c = mx.shape
@@ -114,7 +115,8 @@ class ReluStats:
         nan = np.full(c, np.nan)
         return ReluStats(relu, tensor, 1, "post", n, n * spatial, count.sum(axis=0), (count > 0).sum(axis=0),
                          (count == spatial).sum(axis=0), mx.max(axis=0),
-                         per_sample_mean.reshape(n, c).astype(np.float64).sum(axis=0) * spatial, nan, nan.copy(), nan.copy())
+                         per_sample_mean.reshape(n, c).astype(np.float64).sum(axis=0) * spatial, nan, nan.copy(),
+                         nan.copy())
 
 
 @dataclass(frozen=True)
@@ -133,14 +135,14 @@ class StatsSet:
     def n_samples(self) -> int:
         return max((s.n_samples for s in self.layers), default=0)
 
-    def merge(self, other: "StatsSet") -> "StatsSet":
+    def merge(self, other: StatsSet) -> StatsSet:
         mine = {s.relu for s in self.layers}
         if mine != {s.relu for s in other.layers}:
             raise CalibrationDataError("cannot merge statistics of different models (Relu names differ)")
         merged = tuple(s.merge(other.get(s.relu)) for s in self.layers)
         return StatsSet(merged, f"{self.source}+{other.source}", self.random or other.random, self.not_analysed)
 
-    def subset(self, kept: dict[str, np.ndarray]) -> "StatsSet":
+    def subset(self, kept: dict[str, np.ndarray]) -> StatsSet:
         """The statistics after passes removed units (``kept``: Relu name -> remaining indices)."""
         if not kept:
             return self
@@ -163,7 +165,7 @@ class StatsSet:
         tmp.replace(out)
 
     @staticmethod
-    def load(path: str | Path) -> "StatsSet":
+    def load(path: str | Path) -> StatsSet:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["__meta__"]).decode())

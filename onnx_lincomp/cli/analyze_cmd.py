@@ -11,10 +11,13 @@ from .render import print_analysis
 @click.argument("model", required=False)
 @with_options(common_calib)
 @click.option("--save-stats", type=click.Path(dir_okay=False), help="Write the statistics to this .npz.")
-@click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False), help="Reuse statistics saved earlier.")
+@click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False),
+              help="Reuse statistics saved earlier.")
 @click.option("--json", "json_out", help="Write the analysis as JSON to this file ('-' for stdout).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Draw activation-rate distributions to this PNG (extra 'plot').")
-def analyze(model, calib, batch_size, max_samples, input_shape, threads, example, save_stats, stats_file, json_out, plot):
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw activation-rate distributions to this PNG (extra 'plot').")
+def analyze(model, calib, batch_size, max_samples, input_shape, threads, example, save_stats, stats_file, json_out,
+            plot):
     """Report dead and always-active ReLU units per layer and what removing/folding them could save."""
     from ..analyze import analyze as run_analysis
     from ..calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
@@ -34,7 +37,8 @@ def analyze(model, calib, batch_size, max_samples, input_shape, threads, example
             raise click.UsageError("give --calib DATA (or --stats FILE)")
         source = open_calibration(calib, input_specs(loaded.graph), max_samples=max_samples,
                                   shape_overrides=dict(shapes(input_shape)))
-        stats = collect_relu_stats(loaded.graph, loaded.ctx, source, CollectOptions(batch_size=batch_size, threads=threads),
+        stats = collect_relu_stats(loaded.graph, loaded.ctx, source,
+                                   CollectOptions(batch_size=batch_size, threads=threads),
                                    progress=progress("calibrating"))
     if save_stats:
         stats.save(save_stats)

@@ -107,9 +107,12 @@ def with_options(options):
 
 common_calib = [
     click.option("--calib", "calib", help="Calibration data: .npz/.npy, a folder of shards, or random[:N]."),
-    click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Samples per onnxruntime run."),
+    click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+                 help="Samples per onnxruntime run."),
     click.option("--max-samples", type=click.IntRange(1), help="Use at most this many samples."),
-    click.option("--input-shape", "input_shape", multiple=True, help="NAME=D1,D2,... for dynamic dimensions (random data, MACs)."),
+    click.option("--input-shape", "input_shape", multiple=True,
+                 help="NAME=D1,D2,... for dynamic dimensions (random data, MACs)."),
     click.option("--threads", default=0, type=click.IntRange(0), help="onnxruntime intra-op threads (0: default)."),
-    click.option("--example", type=click.Choice(["digits-mlp", "digits-cnn"]), help="Use a bundled example model and data."),
+    click.option("--example", type=click.Choice(["digits-mlp", "digits-cnn"]),
+                 help="Use a bundled example model and data."),
 ]

@@ -9,7 +9,8 @@ from .render import print_bench, print_certificate, print_report
 
 @main.command(epilog="Example: onnx-lincomp certify model.onnx --input-range 0,1 --json -\n\n" + EXIT_CODES_HELP)
 @click.argument("model")
-@click.option("--input-range", "input_range", multiple=True, required=True, help="Domain: LO,HI, NAME=LO,HI, bounds.npz, or from-calib.")
+@click.option("--input-range", "input_range", multiple=True, required=True,
+              help="Domain: LO,HI, NAME=LO,HI, bounds.npz, or from-calib.")
 @click.option("--calib", help="Calibration data: its points disprove stability cheaply (and give from-calib ranges).")
 @click.option("--input-shape", multiple=True, help="NAME=D1,D2,... for dynamic dimensions.")
 @click.option("--milp-time-limit", default=240.0, show_default=True, type=click.FloatRange(min=1))
@@ -38,13 +39,16 @@ def certify(model, input_range, calib, input_shape, milp_time_limit, no_milp, js
             return
     click.echo(model)
     print_certificate(cert)
-    click.echo(f"witnesses: {witness.confirmed}/{witness.channels_claimed_unstable} claimed-unstable channels confirmed in onnxruntime")
+    click.echo(f"witnesses: {witness.confirmed}/{witness.channels_claimed_unstable} claimed-unstable channels "
+               "confirmed in onnxruntime")
 
 
 @main.command(epilog="Example: onnx-lincomp bench a.onnx b.onnx --batch-size 8\n\n" + EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True)
-@click.option("--rounds", default=21, show_default=True, type=click.IntRange(3), help="Interleaved rounds (each runs every model once in a block).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="onnxruntime intra-op threads (pinned).")
+@click.option("--rounds", default=21, show_default=True, type=click.IntRange(3),
+              help="Interleaved rounds (each runs every model once in a block).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="onnxruntime intra-op threads (pinned).")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--input-shape", multiple=True, help="NAME=D1,D2,... for dynamic dimensions.")
 @click.option("--json", "json_out", help="Write results as JSON to this file ('-' for stdout).")
@@ -57,7 +61,8 @@ def bench(models, rounds, threads, batch_size, input_shape, json_out):
     from ..runtime.latency import CompareOptions, compare_models_latency
 
     loaded = [load_model(p) for p in models]
-    source = open_calibration(f"random:{batch_size}", input_specs(loaded[0].graph), shape_overrides=dict(shapes(input_shape)))
+    source = open_calibration(f"random:{batch_size}", input_specs(loaded[0].graph),
+                              shape_overrides=dict(shapes(input_shape)))
     feeds, used = benchmark_feeds(loaded[0].graph, source, batch_size)
     protos = [to_model_proto(m.graph, m.ctx, infer_shapes=False) for m in loaded]
     comparison = compare_models_latency(protos, feeds, CompareOptions(rounds=rounds, threads=threads, batch_size=used))

@@ -23,11 +23,16 @@ def _pass_flag_options():
 
 
 exact_options = [
-    click.option("--exact", is_flag=True, help="Prove stability over --input-range (bounds + MILP) instead of using statistics."),
-    click.option("--input-range", "input_range", multiple=True, help="Domain: LO,HI for every feature, NAME=LO,HI, bounds.npz (lower/upper), or from-calib."),
-    click.option("--milp-time-limit", type=click.FloatRange(min=1), help="Seconds for the MILP stage in total (default 240)."),
-    click.option("--no-milp", is_flag=True, default=None, help="Stop after the bound stages (sound, possibly incomplete)."),
-    click.option("--check-points", type=click.IntRange(1), help="Random points of the box to compare outputs on before saving (default 10000)."),
+    click.option("--exact", is_flag=True,
+                 help="Prove stability over --input-range (bounds + MILP) instead of using statistics."),
+    click.option("--input-range", "input_range", multiple=True,
+                 help="Domain: LO,HI for every feature, NAME=LO,HI, bounds.npz (lower/upper), or from-calib."),
+    click.option("--milp-time-limit", type=click.FloatRange(min=1),
+                 help="Seconds for the MILP stage in total (default 240)."),
+    click.option("--no-milp", is_flag=True, default=None,
+                 help="Stop after the bound stages (sound, possibly incomplete)."),
+    click.option("--check-points", type=click.IntRange(1),
+                 help="Random points of the box to compare outputs on before saving (default 10000)."),
 ]
 
 
@@ -59,7 +64,8 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
         if given:
             raise OptionError(f"--recipe already sets the passes and their options: drop {given[0]}")
         recipe = load_recipe(recipe_file)
-        return Recipe(recipe.passes, recipe.calibration if not _given(ctx, ("--verify-split", "--max-samples", "--input-shape"))
+        return Recipe(recipe.passes,
+                      recipe.calibration if not _given(ctx, ("--verify-split", "--max-samples", "--input-shape"))
                       else calibration, exact or recipe.exact)
     names = tuple(p.strip() for p in passes.split(",") if p.strip())
     if not names:
@@ -71,36 +77,50 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @main.command(epilog="Example: onnx-lincomp optimize --example digits-mlp -o small.onnx\n\n" + EXIT_CODES_HELP)
 @click.argument("model", required=False)
 @with_options(common_calib)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the optimised model.")
-@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), help="Run this recipe (TOML, or a JSON report's 'recipe') instead of --passes.")
-@click.option("--passes", default="remove-dead,fold-linear,merge-affine", show_default=True, help="Comma-separated passes, in order.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the optimised model.")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
+              help="Run this recipe (TOML, or a JSON report's 'recipe') instead of --passes.")
+@click.option("--passes", default="remove-dead,fold-linear,merge-affine", show_default=True,
+              help="Comma-separated passes, in order.")
 @with_options(_pass_flag_options())
-@click.option("--verify-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Fraction of the data held out for verification.")
+@click.option("--verify-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Fraction of the data held out for verification.")
 @click.option("--labels", help="Key of the labels array in the calibration data (accuracy report).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Gate: fail (exit 4) unless the paired upper bound of the held-out accuracy drop (points) is within this; without explicit rates, search the most aggressive linear rate within it.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0),
+              help="Gate: fail (exit 4) unless the paired upper bound of the held-out accuracy drop (points) is within "
+                   "this; without explicit rates, search the most aggressive linear rate within it.")
 @click.option("--gate-on", type=click.Choice(["heldout", "all"]), default="heldout", show_default=True,
-              help="Split the --max-accuracy-drop bound is judged on: the held-out part, or every sample (statistics still come from the calibration part only).")
-@click.option("--max-abs-error", type=click.FloatRange(0), help="Gate: fail (exit 4) if any held-out output differs by more.")
-@click.option("--allow-larger", is_flag=True, help="Keep an output that is larger or measurably slower than the input (else exit 4).")
-@click.option("--check-each-pass", is_flag=True, help="Compare with the original on 64 calibration samples after every pass (slower; the report lists each).")
+              help="Split the --max-accuracy-drop bound is judged on: the held-out part, or every sample (statistics "
+                   "still come from the calibration part only).")
+@click.option("--max-abs-error", type=click.FloatRange(0),
+              help="Gate: fail (exit 4) if any held-out output differs by more.")
+@click.option("--allow-larger", is_flag=True,
+              help="Keep an output that is larger or measurably slower than the input (else exit 4).")
+@click.option("--check-each-pass", is_flag=True,
+              help="Compare with the original on 64 calibration samples after every pass "
+                   "(slower; the report lists each).")
 @click.option("--explain", is_flag=True, help="Show what each pass would do (plans, skip reasons) and write nothing.")
 @click.option("--json", "json_out", help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--save-stats", type=click.Path(dir_okay=False), help="Write the calibration statistics to this .npz.")
-@click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False), help="Reuse statistics saved earlier.")
+@click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False),
+              help="Reuse statistics saved earlier.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
 @with_options(exact_options)
 @click.pass_context
 def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
-             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, allow_larger, check_each_pass, explain, json_out, save_stats,
-             stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp, check_points, **pass_values):
+             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, allow_larger, check_each_pass, explain,
+             json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
+             check_points, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
     """
     from ..calibration import StatsSet
     from ..model_io import save_model_proto
-    from ..optimize import OptimizeOptions, optimize as run_optimize
+    from ..optimize import OptimizeOptions
+    from ..optimize import optimize as run_optimize
     from ..prepared import calibrate, prepare
 
     model, calib = resolve(model, calib, example)

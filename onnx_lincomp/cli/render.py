@@ -9,7 +9,8 @@ def fmt_int(n) -> str:
 
 
 def print_analysis(model: str, a) -> None:
-    src = f"{a.calibration} ({a.samples} samples{', RANDOM data: rates say little about real inputs' if a.random else ''})"
+    src = (f"{a.calibration} ({a.samples} samples"
+           f"{', RANDOM data: rates say little about real inputs' if a.random else ''})")
     click.echo(f"{model}\ncalibration: {src}")
     click.echo(f"{'relu':<34} {'width':>6} {'dead':>6} {'always':>6} {'med.rate':>8} {'dead params':>11}  note")
     for layer in a.layers:
@@ -28,7 +29,8 @@ def print_plans(plans) -> None:
         click.echo(f"{plan.pass_name}: {len(plan.matches)} sites, ~{plan.params_saved:,} parameters saved"
                    + (" (approximate)" if plan.approximate else ""))
         for m in plan.matches:
-            click.echo(f"  {m.action:<13} {m.site[:40]:<40} {m.units:>6} units  ~{m.params_saved:>10,} params  {m.detail}")
+            click.echo(f"  {m.action:<13} {m.site[:40]:<40} {m.units:>6} units  ~{m.params_saved:>10,} params  "
+                       f"{m.detail}")
         for why, n in plan.skipped.items():
             names = ", ".join(plan.examples.get(why, ()))
             click.echo(f"  skipped {n}x: {why}" + (f" (e.g. {names})" if names else ""))
@@ -36,8 +38,8 @@ def print_plans(plans) -> None:
 
 def print_certificate(cert) -> None:
     click.echo(f"domain: {cert.domain.description}")
-    click.echo(f"{'relu':<20} {'units':>6} {'sampled':>8} {'search':>7} {'interval a/i':>13} {'relax a/i':>10} {'milp a/i':>9} "
-               f"{'milp unst':>9} {'open':>5} {'stable a/i ch':>14}")
+    click.echo(f"{'relu':<20} {'units':>6} {'sampled':>8} {'search':>7} {'interval a/i':>13} {'relax a/i':>10} "
+               f"{'milp a/i':>9} {'milp unst':>9} {'open':>5} {'stable a/i ch':>14}")
     for lc in cert.layers:
         click.echo(f"{lc.relu[:20]:<20} {lc.units:>6} {lc.sampled_unstable:>8} {lc.search_unstable:>7} "
                    f"{lc.interval_active:>6}/{lc.interval_inactive:<6} {lc.relaxed_active:>4}/{lc.relaxed_inactive:<5} "
@@ -56,7 +58,8 @@ def _lat(lat) -> str:
 
 
 def _print_passes(r) -> None:
-    click.echo(f"{'pass':<14} {'removed':>8} {'folded':>7} {'params before':>14} {'after':>12} {'MACs after':>12} {'time':>8}")
+    click.echo(f"{'pass':<14} {'removed':>8} {'folded':>7} {'params before':>14} {'after':>12} {'MACs after':>12} "
+               f"{'time':>8}")
     for p in r.passes:
         res = p.result
         click.echo(f"{res.name:<14} {res.neurons_removed:>8} {res.neurons_folded:>7} {p.params_before:>14,} "
@@ -98,7 +101,8 @@ def _print_verification(r) -> None:
 
 def print_optimize(r, output: str) -> None:
     click.echo(f"{r.model} -> {output}")
-    click.echo(f"evidence: {r.evidence}" + (f"; held-out: {r.heldout_samples} samples" if r.certificate is None else ""))
+    click.echo(f"evidence: {r.evidence}"
+               + (f"; held-out: {r.heldout_samples} samples" if r.certificate is None else ""))
     c = r.canonicalize
     click.echo(f"canonicalised: {c.batchnorms_folded} BatchNorm folded, {c.constants_lifted} Constant nodes lifted"
                + "".join(f"; skipped {n}x: {why}" for why, n in c.skipped.items()))
@@ -115,13 +119,14 @@ def print_optimize(r, output: str) -> None:
 
 def print_bench(comparison, names: list[str]) -> None:
     click.echo(f"{'model':<48} {'median ms':>10} {'p90 ms':>9} {'samples/s':>10} {'vs first':>8}  verdict")
-    for name, lat, ratio in zip(names, comparison.latencies, comparison.ratios):
+    for name, lat, ratio in zip(names, comparison.latencies, comparison.ratios, strict=True):
         click.echo(f"{name[-48:]:<48} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} {lat.throughput:>10.1f} "
                    f"{ratio.ratio:>8.3f}  {ratio.verdict} ({ratio.low:.3f}-{ratio.high:.3f})")
 
 
 def print_report(model: str, rep, per_node: bool) -> None:
-    unknown = f" ({rep.nodes_without_shapes} nodes without static shapes not counted)" if rep.nodes_without_shapes else ""
+    unknown = (f" ({rep.nodes_without_shapes} nodes without static shapes not counted)" if rep.nodes_without_shapes
+               else "")
     by_dtype = getattr(rep, "params_by_dtype", None)
     dtypes = (" (" + ", ".join(f"{k} {v:,}" for k, v in by_dtype.items()) + ")") if by_dtype else ""
     click.echo(f"{model}\nparameters {rep.params:,}{dtypes}\nMACs/sample {rep.macs:,}{unknown}"

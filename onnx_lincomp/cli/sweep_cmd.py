@@ -9,20 +9,24 @@ from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes,
 from .render import print_sweep
 
 
-@main.command(epilog="Example: onnx-lincomp sweep --example digits-mlp --csv sweep.csv --plot sweep.png\n\n" + EXIT_CODES_HELP)
+@main.command(epilog="Example: onnx-lincomp sweep --example digits-mlp --csv sweep.csv --plot sweep.png\n\n"
+              + EXIT_CODES_HELP)
 @click.argument("model", required=False)
 @with_options(common_calib)
 @click.option("--labels", help="Key of the labels array in the calibration data.")
 @click.option("--verify-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--layer-threshold", default="auto", show_default=True, help="fold-linear's layer threshold (N, F or 'auto').")
+@click.option("--layer-threshold", default="auto", show_default=True,
+              help="fold-linear's layer threshold (N, F or 'auto').")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the table as CSV.")
 @click.option("--json", "json_out", help="Write the table as JSON ('-' for stdout).")
-@click.option("--plot", type=click.Path(dir_okay=False), help="PNG of size and accuracy against threshold (extra 'plot').")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="PNG of size and accuracy against threshold (extra 'plot').")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement per threshold.")
 def sweep(model, calib, batch_size, max_samples, input_shape, threads, example, labels, verify_split, layer_threshold,
           csv_out, json_out, plot, no_latency):
     """Compress at the 20 linear-rate thresholds 0.05..1.00 from one calibration pass and compare."""
-    from ..optimize import OptimizeOptions, sweep as run_sweep
+    from ..optimize import OptimizeOptions
+    from ..optimize import sweep as run_sweep
     from ..recipe import CalibrationSettings, recipe_from_flags
     from .plots import plot_sweep, pyplot
 

@@ -42,19 +42,20 @@ def interval_bounds(chain: AffineChain, lo: np.ndarray, hi: np.ndarray) -> list[
 
 def _relaxation(b: LayerBounds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(upper slope, upper offset, lower slope) of relu(z) per unit."""
-    l, u = b.lower, b.upper
-    active, inactive = l >= 0, u <= 0
+    lo, u = b.lower, b.upper
+    active, inactive = lo >= 0, u <= 0
     unstable = ~(active | inactive)
     lam = np.where(active, 1.0, 0.0)
-    mu = np.zeros_like(l)
-    denom = np.where(unstable, u - l, 1.0)
+    mu = np.zeros_like(lo)
+    denom = np.where(unstable, u - lo, 1.0)
     lam = np.where(unstable, u / denom, lam)
-    mu = np.where(unstable, -lam * l, mu)
-    alpha = np.where(active, 1.0, np.where(unstable & (u >= -l), 1.0, 0.0))
+    mu = np.where(unstable, -lam * lo, mu)
+    alpha = np.where(active, 1.0, np.where(unstable & (u >= -lo), 1.0, 0.0))
     return lam, mu, alpha
 
 
-def _back_substitute(chain: AffineChain, k: int, relax: list, lo: np.ndarray, hi: np.ndarray, upper: bool) -> np.ndarray:
+def _back_substitute(chain: AffineChain, k: int, relax: list, lo: np.ndarray, hi: np.ndarray,
+                     upper: bool) -> np.ndarray:
     layer = chain.layers[k]
     coef, const = layer.weight.copy(), layer.bias.copy()
     for j in range(k - 1, -1, -1):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..calibration.data_source import CalibrationSource
 from ..analysis.unit_sets import ProvenUnits, UnitEvidence
+from ..calibration.data_source import CalibrationSource
 from ..model_io import ModelContext
 from .bounds import relaxed_bounds
 from .chain import AffineChain, extract_chain
@@ -65,11 +65,13 @@ class LayerCertificate:
     @property
     def stably_active(self) -> np.ndarray:
         """Channel mask: every unit of the channel proven active."""
-        return np.bincount(self.channel_of, self.active_units, self.channels) == np.bincount(self.channel_of, minlength=self.channels)
+        return (np.bincount(self.channel_of, self.active_units, self.channels)
+                == np.bincount(self.channel_of, minlength=self.channels))
 
     @property
     def stably_inactive(self) -> np.ndarray:
-        return np.bincount(self.channel_of, self.inactive_units, self.channels) == np.bincount(self.channel_of, minlength=self.channels)
+        return (np.bincount(self.channel_of, self.inactive_units, self.channels)
+                == np.bincount(self.channel_of, minlength=self.channels))
 
     def as_dict(self) -> dict:
         return {"relu": self.relu, "units": self.units, "channels": self.channels,
@@ -104,7 +106,7 @@ class Certificate:
     def as_dict(self) -> dict:
         return {"domain": self.domain.as_dict(), "complete": self.complete, "seconds": self.seconds,
                 "milp_solves": self.milp_solves, "witnesses": len(self.witnesses),
-                "layers": [l.as_dict() for l in self.layers], "not_certified": list(self.not_certified),
+                "layers": [layer.as_dict() for layer in self.layers], "not_certified": list(self.not_certified),
                 "stop_reason": self.stop_reason}
 
 
@@ -119,7 +121,7 @@ class _Signs:
 
 
 def _sample_signs(chain: AffineChain, points: np.ndarray) -> _Signs:
-    widths = [l.width for l in chain.layers]
+    widths = [layer.width for layer in chain.layers]
     pos = [np.zeros(w, bool) for w in widths]
     neg = [np.zeros(w, bool) for w in widths]
     hi_val = [np.full(w, -np.inf) for w in widths]
@@ -182,13 +184,16 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
     i_inact = [b.upper <= 0 for b in interval]
     r_act = [b.lower >= 0 for b in tight]
     r_inact = [b.upper <= 0 for b in tight]
-    inactive_c = {(k, int(i)) for k in range(len(chain.layers)) for i in np.flatnonzero(~pos[k] & ~r_inact[k] & ~r_act[k])}
-    active_c = {(k, int(i)) for k in range(len(chain.layers)) for i in np.flatnonzero(~neg[k] & ~r_act[k] & ~r_inact[k])}
+    inactive_c = {(k, int(i)) for k in range(len(chain.layers))
+                  for i in np.flatnonzero(~pos[k] & ~r_inact[k] & ~r_act[k])}
+    active_c = {(k, int(i)) for k in range(len(chain.layers))
+                for i in np.flatnonzero(~neg[k] & ~r_act[k] & ~r_inact[k])}
     searched_pos = _search_flips(chain, domain, points, signs, inactive_c, +1.0, options.search_restarts, options.seed)
     searched_neg = _search_flips(chain, domain, points, signs, active_c, -1.0, options.search_restarts, options.seed)
     t_search = time.perf_counter()
     outcome = (decide_candidates(chain, tight, domain.lower, domain.upper, inactive_c - set(searched_pos),
-                                 active_c - set(searched_neg), time_limit=options.time_limit, solve_limit=options.solve_limit)
+                                 active_c - set(searched_neg), time_limit=options.time_limit,
+                                 solve_limit=options.solve_limit)
                if options.milp else MilpOutcome(unproven_inactive=inactive_c - set(searched_pos),
                                                 unproven_active=active_c - set(searched_neg)))
     outcome.complete = outcome.complete or not (outcome.unproven_inactive | outcome.unproven_active) and options.milp
@@ -198,7 +203,7 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
             target[cand] = len(outcome.witnesses) - 1
     t_milp = time.perf_counter()
     layers, flips = [], []
-    searched = {**{c: "positive" for c in searched_pos}, **{c: "negative" for c in searched_neg}}
+    searched = {**dict.fromkeys(searched_pos, "positive"), **dict.fromkeys(searched_neg, "negative")}
     for k, layer in enumerate(chain.layers):
         m_act = np.zeros(layer.width, bool)
         m_inact = np.zeros(layer.width, bool)
@@ -215,7 +220,8 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
         decided = set(np.flatnonzero(act | inact))
         layers.append(LayerCertificate(
             layer.relu, layer.width, layer.channels, int((pos[k] & neg[k]).sum()),
-            int(i_act[k].sum()), int(i_inact[k].sum()), int((r_act[k] & ~i_act[k]).sum()), int((r_inact[k] & ~i_inact[k]).sum()),
+            int(i_act[k].sum()), int(i_inact[k].sum()), int((r_act[k] & ~i_act[k]).sum()),
+            int((r_inact[k] & ~i_inact[k]).sum()),
             int(m_act.sum()), int(m_inact.sum()), len(milp_unstable - decided), len(unproven - decided),
             len(search_unstable - decided), act, inact, layer.channel_of, tuple(sorted(unproven - decided))))
     evidence = _evidence(points, signs, layers, outcome.witnesses)
@@ -226,10 +232,11 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
                        tuple(outcome.witnesses), tuple(flips), evidence)
 
 
-def _evidence(points: np.ndarray, signs: _Signs, layers: list[LayerCertificate], witnesses: list[np.ndarray]) -> np.ndarray:
+def _evidence(points: np.ndarray, signs: _Signs, layers: list[LayerCertificate],
+              witnesses: list[np.ndarray]) -> np.ndarray:
     """The sample points closest to each sign of every unit, plus all witnesses."""
     idx = set()
-    for k, lc in enumerate(layers):
+    for k in range(len(layers)):
         idx.update(int(i) for i in signs.best_pos[k])
         idx.update(int(i) for i in signs.best_neg[k])
     parts = [points[sorted(idx)]] + ([np.stack(witnesses)] if witnesses else [])

@@ -68,7 +68,8 @@ def _affine_inputs_ok(node: gs.Node, data: gs.Tensor) -> bool:
     return node.op in ("Add", "Mul") or node.inputs[0] is data
 
 
-def _linearize_with_ort(node: gs.Node, data: gs.Tensor, shape: tuple[int, ...], opset: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+def _linearize_with_ort(node: gs.Node, data: gs.Tensor, shape: tuple[int, ...],
+                        opset: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """(M, c, output shape) with ``op(x) = M x + c`` read off onnxruntime on zero and unit inputs."""
     size = int(np.prod(shape[1:]))
     inputs, inits = [], []
@@ -80,13 +81,15 @@ def _linearize_with_ort(node: gs.Node, data: gs.Tensor, shape: tuple[int, ...], 
         else:
             inits.append(onnx.numpy_helper.from_array(np.asarray(constant_value(t)), f"c{i}"))
             inputs.append(f"c{i}")
-    attrs = {k: v for k, v in node.attrs.items()}
-    onnx_node = helper.make_node(node.op, inputs, ["y"], **{k: (v.values if isinstance(v, gs.Constant) else v) for k, v in attrs.items()})
+    attrs = dict(node.attrs)
+    onnx_node = helper.make_node(node.op, inputs, ["y"],
+                                 **{k: (v.values if isinstance(v, gs.Constant) else v) for k, v in attrs.items()})
     graph = helper.make_graph([onnx_node], "op", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     sess = open_session(model, options=SessionOptions(optimize=False, log_level=4))
-    basis = np.concatenate([np.zeros((1, size), np.float32), np.eye(size, dtype=np.float32)]).reshape((size + 1,) + shape[1:])
+    basis = np.concatenate([np.zeros((1, size), np.float32),
+                            np.eye(size, dtype=np.float32)]).reshape((size + 1,) + shape[1:])
     out = np.asarray(sess.run(None, {"x": basis})[0], np.float64)
     c = out[0].reshape(-1)
     m = (out[1:].reshape(size, -1) - c).T
@@ -119,7 +122,8 @@ def extract_chain(graph: gs.Graph, input_shape: tuple[int, ...], opset: int) -> 
         if node.op in LAYOUT_OPS or (node.op == "Cast" and int(node.attrs.get("to", 0)) == onnx.TensorProto.FLOAT):
             out_shape = node.outputs[0].shape
             t = node.outputs[0]
-            shape = (1, c.size) if out_shape is None else (1,) + tuple(int(d) if isinstance(d, int) else -1 for d in out_shape[1:])
+            shape = ((1, c.size) if out_shape is None
+                     else (1,) + tuple(int(d) if isinstance(d, int) else -1 for d in out_shape[1:]))
             if -1 in shape[1:]:
                 shape = (1, c.size)
             continue
@@ -131,7 +135,8 @@ def extract_chain(graph: gs.Graph, input_shape: tuple[int, ...], opset: int) -> 
             stop = f"{node.op} '{node.name}': input of {size_in} features is too large for dense exact analysis"
             break
         try:
-            m, c0, shape = _linearize_with_ort(node, t, (1,) + tuple(shape[1:]) if len(shape) > 1 else (1, size_in), opset)
+            m, c0, shape = _linearize_with_ort(node, t, (1,) + tuple(shape[1:]) if len(shape) > 1 else (1, size_in),
+                                               opset)
         except Exception as exc:  # an op onnxruntime cannot run alone: end the chain here
             stop = f"{node.op} '{node.name}' could not be linearised ({str(exc).splitlines()[0][:80]})"
             break
@@ -140,5 +145,5 @@ def extract_chain(graph: gs.Graph, input_shape: tuple[int, ...], opset: int) -> 
             break
         a, c = m @ a, m @ c + c0
         t = node.outputs[0]
-    covered = {l.relu for l in layers}
+    covered = {layer.relu for layer in layers}
     return AffineChain(x.name, n0, tuple(layers), stop, tuple(r for r in all_relus if r not in covered))

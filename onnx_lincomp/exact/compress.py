@@ -1,10 +1,10 @@
 """Exact mode's part of an ``optimize`` run: certify, re-check witnesses, check on the box, stamp.
 
-The proven sets become unit evidence (:meth:`Certificate.unit_evidence`) for the ordinary passes, so
-exact and statistical modes share every rewrite and one orchestrator (:func:`onnx_lincomp.optimize.optimize`). Before anything is returned the result is
-compared with the original on random points of the box in onnxruntime; a mismatch raises
-:class:`~onnx_lincomp.errors.NumericalMismatchError` and nothing is written. The domain and what was
-proven travel with the model in ``metadata_props`` (``onnx_lincomp.exact.*``).
+The proven sets become unit evidence (:meth:`Certificate.unit_evidence`) for the ordinary passes, so exact and
+statistical modes share every rewrite and one orchestrator (:func:`onnx_lincomp.optimize.optimize`). Before
+anything is returned the result is compared with the original on random points of the box in onnxruntime; a
+mismatch raises :class:`~onnx_lincomp.errors.NumericalMismatchError` and nothing is written. The domain and
+what was proven travel with the model in ``metadata_props`` (``onnx_lincomp.exact.*``).
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ class ExactOutcome:
 
 def box_source(graph, domain: Domain, points: int, seed: int) -> CalibrationSource:
     x = domain.sample(np.random.default_rng(seed + 1), points).astype(np.float32)
-    return CalibrationSource(input_specs(graph), arrays={domain.input: x}, description=f"{points} random points of the box")
+    return CalibrationSource(input_specs(graph), arrays={domain.input: x},
+                             description=f"{points} random points of the box")
 
 
 def certificate_metadata(cert: Certificate, witness: WitnessCheck) -> dict[str, str]:
@@ -71,11 +72,13 @@ def certify_for(loaded: LoadedModel, source: CalibrationSource | None, settings:
     return ExactOutcome(cert, witness, settings.check_points, options.seed)
 
 
-def stamp_and_check(original: onnx.ModelProto, optimized: onnx.ModelProto, graph, outcome: ExactOutcome) -> Verification:
+def stamp_and_check(original: onnx.ModelProto, optimized: onnx.ModelProto, graph,
+                    outcome: ExactOutcome) -> Verification:
     """Compare the result with the original on random points of the domain; a mismatch raises and nothing is written."""
     source = box_source(graph, outcome.certificate.domain, outcome.check_points, outcome.seed)
     check = compare_models(original, optimized, graph, source, batch_size=256)
     if not check.within(outcome.tolerance):
         raise NumericalMismatchError(f"exact compression differs from the original on random points of the box "
-                                     f"(max abs error {check.max_abs:.3g}, relative {check.rel_max:.3g}); nothing written")
+                                     f"(max abs error {check.max_abs:.3g}, relative {check.rel_max:.3g}); "
+                                     "nothing written")
     return check

@@ -59,12 +59,14 @@ def parse_domain(ranges: tuple[str, ...] | list[str], specs: list[InputSpec], *,
     """The box of the model's single float input from ``--input-range`` arguments."""
     floats = [s for s in specs if s.dtype.kind == "f"]
     if len(floats) != 1 or len(specs) != 1:
-        raise CalibrationDataError(f"exact mode needs a model with one float input (found: {', '.join(s.name + ' ' + s.describe() for s in specs)})")
+        raise CalibrationDataError("exact mode needs a model with one float input (found: "
+                                   f"{', '.join(s.name + ' ' + s.describe() for s in specs)})")
     spec = floats[0]
     shape = _sample_shape(spec, overrides or {})
     size = int(np.prod(shape))
     if not ranges:
-        raise CalibrationDataError("exact mode needs --input-range (LO,HI, NAME=LO,HI, a .npz of bounds, or from-calib)")
+        raise CalibrationDataError("exact mode needs --input-range (LO,HI, NAME=LO,HI, a .npz of bounds, or "
+                                   "from-calib)")
     text = ranges[-1]
     if text == "from-calib":
         if calib is None:
@@ -81,10 +83,12 @@ def parse_domain(ranges: tuple[str, ...] | list[str], specs: list[InputSpec], *,
         with np.load(path) as data:
             keys = (f"{spec.name}_lower", f"{spec.name}_upper") if f"{spec.name}_lower" in data else ("lower", "upper")
             if keys[0] not in data or keys[1] not in data:
-                raise CalibrationDataError(f"{path}: expected arrays 'lower' and 'upper' (found {', '.join(data.files)})")
+                raise CalibrationDataError(f"{path}: expected arrays 'lower' and 'upper' (found "
+                                           f"{', '.join(data.files)})")
             lo, hi = (np.asarray(data[k], np.float64).reshape(-1) for k in keys)
         if lo.size != size or hi.size != size:
-            raise CalibrationDataError(f"{path}: bounds have {lo.size} values, input '{spec.name}' has {size} features per sample")
+            raise CalibrationDataError(f"{path}: bounds have {lo.size} values, input '{spec.name}' has {size} features "
+                                       "per sample")
         if np.any(lo > hi):
             raise CalibrationDataError(f"{path}: some lower bounds are above their upper bounds")
         return Domain(spec.name, shape, lo, hi, f"per-feature box from {path}")

@@ -114,7 +114,8 @@ class _Program:
                 u, ones = unstable, np.ones(unstable.size)
                 blocks.append(self._sparse_rows([(h[u], ones), (z[u], -ones)], u.size))  # h >= z
                 lbs.append(np.zeros(u.size)), ubs.append(np.full(u.size, np.inf))
-                blocks.append(self._sparse_rows([(h[u], ones), (z[u], -ones), (d[u], -b.lower[u])], u.size))  # h <= z - l(1-d)
+                blocks.append(self._sparse_rows([(h[u], ones), (z[u], -ones), (d[u], -b.lower[u])],
+                                                u.size))  # h <= z - l(1-d)
                 lbs.append(np.full(u.size, -np.inf)), ubs.append(-b.lower[u])
                 blocks.append(self._sparse_rows([(h[u], ones), (d[u], -b.upper[u])], u.size))  # h <= u d
                 lbs.append(np.full(u.size, -np.inf)), ubs.append(np.zeros(u.size))
@@ -165,7 +166,8 @@ class _Program:
         bounds = Bounds(np.concatenate([self.lower, np.zeros(extra)]), np.concatenate([self.upper, np.ones(extra)]))
         integ = np.concatenate([self.integrality, np.zeros(extra)])
         res = milp(c, integrality=integ, bounds=bounds, constraints=LinearConstraint(a, lb, ub),
-                   options={"time_limit": max(time_limit, 0.1), "mip_rel_gap": 0.5, "presolve": True, "disp": self.verbose})
+                   options={"time_limit": max(time_limit, 0.1), "mip_rel_gap": 0.5, "presolve": True,
+                            "disp": self.verbose})
         x = None if res.x is None else np.clip(res.x[:self.n0], self.lower[:self.n0], self.upper[:self.n0])
         return res.status, x
 
@@ -198,7 +200,8 @@ def decide_candidates(chain: AffineChain, bounds: list[LayerBounds], lo: np.ndar
         left = time_limit - (time.perf_counter() - start)
         if left <= 0:
             break
-        logger.info("MILP solve %d: %d candidates open, margin %g, %.0f s left", out.solves + 1, len(pc) + len(qc), margin, left)
+        logger.info("MILP solve %d: %d candidates open, margin %g, %.0f s left", out.solves + 1, len(pc) + len(qc),
+                    margin, left)
         status, x = program.solve(sorted(pc), sorted(qc), margin, min(solve_limit, left))
         out.solves += 1
         if status == 2:  # infeasible: nothing can flip with this margin

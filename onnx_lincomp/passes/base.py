@@ -54,7 +54,8 @@ class PassOptions:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = [k for k in values if k not in known]
         if unknown:
-            raise OptionError(f"pass '{pass_name}': unknown option '{unknown[0]}' (known: {', '.join(known) or 'none'})")
+            raise OptionError(f"pass '{pass_name}': unknown option '{unknown[0]}' (known: "
+                              f"{', '.join(known) or 'none'})")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(v, hints[k], pass_name, k) for k, v in values.items()})
 
@@ -73,7 +74,8 @@ def _plain(value: Any) -> Any:
 
 def _coerce(value: Any, hint: Any, pass_name: str, key: str) -> Any:
     """``value`` as the field type ``hint`` (int, float, bool, str, unions, tuples, Literal)."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    allowed = (typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+               else (hint,))
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -45,10 +45,12 @@ class FoldLinearOptions(PassOptions):
                                      "evidence).", flag="--linear-rate")
     layer_threshold: int | float | str = option("auto", "Fold a partly linear layer through a skip path when it has "
                                                 "more than N (int) linear units, more than fraction F (float), or "
-                                                "'auto' (when the skip path saves parameters).", flag="--layer-threshold")
+                                                "'auto' (when the skip path saves parameters).",
+                                                flag="--layer-threshold")
     fold_dependent: bool = option(True, "Fold linearly dependent always-active units exactly where no skip path pays.")
     skip_paths: bool = option(True, "Allow skip paths (partial folds add a MatMul from the layer input). optimize "
-                                    "measures both forms in onnxruntime and records False here when skip paths are slower.")
+                                    "measures both forms in onnxruntime and records False here when skip paths are "
+                                    "slower.")
 
     def __post_init__(self):
         t = self.layer_threshold
@@ -138,7 +140,8 @@ class _SkipBook:
             for u, s in entries:
                 out = gs.Variable(names.fresh(f"{target.name}_skip"), dtype=target.dtype)
                 graph.nodes.append(gs.Node("MatMul", names.fresh("lincomp_skip_matmul"),
-                                           inputs=[u, gs.Constant(names.fresh("skip_w"), np.ascontiguousarray(s.T.astype(dtype)))],
+                                           inputs=[u, gs.Constant(names.fresh("skip_w"),
+                                                                  np.ascontiguousarray(s.T.astype(dtype)))],
                                            outputs=[out]))
                 parts.append(out)
                 added += int(s.size)
@@ -159,7 +162,8 @@ class FoldLinearRelu(Pass):
     options: FoldLinearOptions
 
     def _plan_site(self, site: ReluSite, ctx: PassContext, tally: SkipTally) -> Match | None:
-        units = ctx.evidence.unit_set(site.relu.name, site.width, linear_rate=self.options.linear_rate) if ctx.evidence else None
+        units = (ctx.evidence.unit_set(site.relu.name, site.width, linear_rate=self.options.linear_rate)
+                 if ctx.evidence else None)
         if units is None:
             tally.add("no statistics for this Relu", site.relu.name)
             return None

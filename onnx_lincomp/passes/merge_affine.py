@@ -72,7 +72,7 @@ def _compose_kernels(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarra
     k1, k2 = np.array(w1.shape[2:]), np.array(w2.shape[2:])
     merged = np.zeros((w2.shape[0], w1.shape[1], *(k1 + k2 - 1)))
     for v in np.ndindex(*k2):
-        window = (slice(None), slice(None)) + tuple(slice(vi, vi + ki) for vi, ki in zip(v, k1))
+        window = (slice(None), slice(None)) + tuple(slice(vi, vi + ki) for vi, ki in zip(v, k1, strict=True))
         merged[window] += np.einsum("om,mi...->oi...", w2[(slice(None), slice(None)) + v], w1)
     bias = second.bias + w2.sum(axis=tuple(range(2, w2.ndim))) @ first.bias
     return merged, bias, "first"

@@ -31,7 +31,7 @@ from ..errors import OptionError
 from ..graph_edit import NameSource
 from ..linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
 from ..relu_sites import relu_nodes
-from ..rewrite.channels import remove_channels, removal_problem
+from ..rewrite.channels import removal_problem, remove_channels
 from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, option
 
 
@@ -85,7 +85,8 @@ def _simple(group: ChannelGroup) -> str | None:
 class RemoveDeadNeurons(Pass):
     name = "remove-dead"
     Options = RemoveDeadOptions
-    summary = "delete channels every reader sees as zero (producer rows, tied parameters, consumer columns), group by group"
+    summary = ("delete channels every reader sees as zero (producer rows, tied parameters, consumer columns), "
+               "group by group")
     options: RemoveDeadOptions
 
     def _dead(self, group: ChannelGroup, evidence: UnitEvidence, rate: float) -> tuple[dict, dict] | str:
@@ -139,7 +140,8 @@ class RemoveDeadNeurons(Pass):
             for r in group.relus)
         n = int(mask.sum())
         return Match(site, "remove", n, removed_params(group, n),
-                     f"{n} of {group.width} channels, {len(group.producers)} producer(s), {len(group.consumers)} consumer(s)",
+                     f"{n} of {group.width} channels, {len(group.producers)} producer(s), {len(group.consumers)} "
+                     "consumer(s)",
                      {"remove": mask, "shift": shift, "zero_rest": zero_rows, "relus": group.relus,
                       "widths": {r: d.size for r, d in dead.items()}, "approximate": approximate})
 
