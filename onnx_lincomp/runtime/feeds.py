@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence, Set
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-if TYPE_CHECKING:  # calibration imports this module; a runtime import would be circular
-    from ..calibration.data_source import CalibrationSource
-
 logger = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
+
+
+class BatchSource(Protocol):
+    """What feeding needs of a data source (:class:`~onnx_lincomp.calibration.data_source.CalibrationSource`)."""
+
+    per_sample: Set[str]
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]: ...
 
 
 class InputLike(Protocol):
@@ -54,7 +61,7 @@ def model_feeds(graph: gs.Graph | Sequence[InputLike], batch: dict[str, np.ndarr
     return feeds
 
 
-def iterate_feeds(graph: gs.Graph | Sequence[InputLike], source: CalibrationSource, batch_size: int, start: int = 0,
+def iterate_feeds(graph: gs.Graph | Sequence[InputLike], source: BatchSource, batch_size: int, start: int = 0,
                   stop: int | None = None) -> Iterator[tuple[Feeds, dict[str, np.ndarray]]]:
     """(feeds, batch) pairs; models with a fixed batch dimension are fed exactly that many samples,
     and inputs that hold one whole model input per sample are fed one sample a run."""
@@ -79,7 +86,7 @@ def feeds_samples(feeds: Feeds) -> int:
     return len(next(iter(feeds.values()))) if feeds else 1
 
 
-def benchmark_feeds(graph: gs.Graph | Sequence[InputLike], source: CalibrationSource, batch_size: int,
+def benchmark_feeds(graph: gs.Graph | Sequence[InputLike], source: BatchSource, batch_size: int,
                     start: int = 0, stop: int | None = None) -> tuple[Feeds, int]:
     """One run's feeds of ``batch_size`` samples for timing, and the batch actually used.
 
