@@ -1,4 +1,26 @@
-"""Canonical form before analysis: constants lifted, initializer inputs dropped, BatchNorm folded.
+"""Canonical form before analysis: constants lifted and folded, initializer inputs dropped, Conv bias
+adds fused, BatchNorm folded.
+
+Constant folding: weights that a graph computes from constants (``ConstantOfShape``/``Expand``-built
+weights in the onnx model-zoo test graphs, ``Transpose``/``Cast``/``Reshape`` of a stored weight in
+exporter output) are evaluated once by onnx-graphsurgeon's ``Graph.fold_constants`` (which runs them in
+onnxruntime) and become constants the linear-layer view can read. Folding is exact: the values are what
+onnxruntime computed at run time. It is bounded and conservative:
+
+* only top-level nodes whose inputs are all constants are folded (``fold_shapes=False``): nothing that
+  reads a graph input is touched, not even ``Shape`` of an input with a static shape; subgraphs and
+  functions are left alone; random ops, ops outside the default domain and nodes writing a graph output
+  stay;
+* a result above ``FoldOptions.size_limit_bytes`` (64 MiB) stays computed, reported with the reason;
+* the folder runs once on the whole graph; if onnxruntime fails on it, it runs again part by part
+  (graphsurgeon's recursive partitioning) and the first error is reported; nothing raises.
+
+graphsurgeon never folds ``QuantizeLinear``/``DequantizeLinear`` (TensorRT wants them kept). With
+``FoldOptions.dequantize`` those whose inputs are constants are evaluated in onnxruntime as well, so an int8
+weight behind a ``DequantizeLinear`` becomes a float weight (4x its stored bytes, counted in the report).
+
+Conv bias adds: ``Add(Conv(x, W), c)`` where ``c`` (shape ``[1, C, 1, 1]``, ``[C, 1, 1]`` or a scalar, as
+Paddle and CNTK export a bias) varies along the channel axis only is ``Conv(x, W, b + c)``: exact.
 
 BatchNorm folding: ``BN(z) = gamma * (z - mean) / sqrt(var + eps) + beta`` is affine per channel, so with
 ``s = gamma / sqrt(var + eps)`` a preceding linear layer ``z = W x + b`` becomes
@@ -6,32 +28,128 @@ BatchNorm folding: ``BN(z) = gamma * (z - mean) / sqrt(var + eps) + beta`` is af
 layer's output and normalises the layer's output-channel axis (axis 1 of a Conv output or of a 2-D
 Gemm/MatMul output). A BN anywhere else (after a Relu, after a 3-D MatMul) is left in place with a
 reason: folding it backwards across a Relu would change the function.
+
+Skip reasons are grouped: the quoted tensor and node names are taken out of the reason text and the first
+few names of each reason are kept as examples.
 """
 from __future__ import annotations
 
+import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
+from .errors import LincompError, OptionError
 from .graph_edit import NameSource, is_graph_output, only_consumer
-from .linear_layer import Skip, producer_layer, write_linear_layer
+from .linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
 from .model_io import ModelContext
+
+logger = logging.getLogger(__name__)
+
+FOLD_LIMIT_BYTES = 64 * 2**20
+EXAMPLES_PER_REASON = 3
+_DEFAULT_DOMAINS = (None, "", "ai.onnx")
+_QUANTIZE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli"})
+_QUOTED_NAME = re.compile(r"\s*'[^']*'")
+
+
+def reason_kind(reason: str) -> str:
+    """``reason`` without its quoted tensor/node names, so that like reasons group together."""
+    return _QUOTED_NAME.sub("", reason)
+
+
+class ReasonTally:
+    """Skip reasons (names taken out) with counts and the first few names each."""
+
+    def __init__(self, examples: int = EXAMPLES_PER_REASON):
+        self.counts: Counter = Counter()
+        self.names: dict[str, list[str]] = {}
+        self._examples = examples
+
+    def add(self, reason: str, name: str) -> None:
+        kind = reason_kind(reason)
+        self.counts[kind] += 1
+        names = self.names.setdefault(kind, [])
+        if len(names) < self._examples and name not in names:
+            names.append(name)
+
+    def merge(self, skipped: dict[str, int], examples: dict[str, tuple[str, ...]], prefix: str = "") -> None:
+        """Add grouped reasons (another tally's ``skipped`` and ``examples``), each prefixed."""
+        for kind, n in skipped.items():
+            self.counts[prefix + kind] += n
+            names = self.names.setdefault(prefix + kind, [])
+            names.extend(x for x in examples.get(kind, ()) if x not in names)
+            del names[self._examples:]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    @property
+    def examples(self) -> dict[str, tuple[str, ...]]:
+        return {k: tuple(v) for k, v in self.names.items()}
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """How constant subgraphs are folded: on or off, the largest result folded, and whether
+    (De)QuantizeLinear of constants is evaluated too (an int8 weight then becomes a float one)."""
+
+    enabled: bool = True
+    size_limit_bytes: int = FOLD_LIMIT_BYTES
+    dequantize: bool = True
+
+    def __post_init__(self):
+        if self.size_limit_bytes < 0:
+            raise OptionError(f"constant folding: size_limit_bytes must be non-negative, got {self.size_limit_bytes}")
+
+
+@dataclass(frozen=True)
+class FoldReport:
+    """What constant folding did: nodes evaluated away, tensors that became constants and their bytes,
+    what stayed computed (grouped reasons, example node names), and the folder's first error if any."""
+
+    nodes_folded: int = 0
+    tensors_folded: int = 0
+    bytes_folded: int = 0
+    size_limit_bytes: int = FOLD_LIMIT_BYTES
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return {"nodes_folded": self.nodes_folded, "tensors_folded": self.tensors_folded,
+                "bytes_folded": self.bytes_folded, "size_limit_bytes": self.size_limit_bytes,
+                "skipped": dict(self.skipped), "examples": {k: list(v) for k, v in self.examples.items()},
+                "error": self.error}
 
 
 @dataclass(frozen=True)
 class CanonicalizeReport:
+    """What canonicalisation did. ``skipped``/``examples`` group every skip reason (constant folding's
+    prefixed ``constant folding:``) with the first few node names each."""
+
     constants_lifted: int = 0
     initializer_inputs_dropped: int = 0
     batchnorms_folded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    conv_bias_adds_fused: int = 0
+    folding: FoldReport = field(default_factory=FoldReport)
 
     def as_dict(self) -> dict:
         return {"constants_lifted": self.constants_lifted,
                 "initializer_inputs_dropped": self.initializer_inputs_dropped,
-                "batchnorms_folded": self.batchnorms_folded, "skipped": dict(self.skipped)}
+                "constant_folding": self.folding.as_dict(), "conv_bias_adds_fused": self.conv_bias_adds_fused,
+                "batchnorms_folded": self.batchnorms_folded, "skipped": dict(self.skipped),
+                "examples": {k: list(v) for k, v in self.examples.items()}}
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
@@ -122,9 +240,9 @@ def _fold_one_batchnorm(graph: gs.Graph, names: NameSource, bn: gs.Node) -> str 
     return None
 
 
-def fold_batchnorms(graph: gs.Graph) -> tuple[int, Counter]:
+def fold_batchnorms(graph: gs.Graph) -> tuple[int, ReasonTally]:
     names = NameSource(graph)
-    folded, skipped = 0, Counter()
+    folded, tally = 0, ReasonTally()
     for node in list(graph.nodes):
         if node.op != "BatchNormalization" or not node.inputs:
             continue
@@ -132,10 +250,222 @@ def fold_batchnorms(graph: gs.Graph) -> tuple[int, Counter]:
         if reason is None:
             folded += 1
         else:
-            skipped[reason] += 1
+            tally.add(reason, node.name)
     if folded:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return folded, skipped
+    return folded, tally
+
+
+def _inputs_constant(node: gs.Node) -> bool:
+    return all(isinstance(t, gs.Constant) for t in node.inputs if not t.is_empty())
+
+
+def _fold_candidates(graph: gs.Graph, output_names: set[str], quantize: bool) -> list[gs.Node]:
+    """Top-level nodes whose inputs are all constants and that the folder may evaluate."""
+    return [n for n in graph.nodes
+            if n.op != "Constant" and _inputs_constant(n) and _excluded(n, output_names) is None
+            and (n.op in _QUANTIZE_OPS) == quantize]
+
+
+def _excluded(node: gs.Node, output_names: set[str]) -> str | None:
+    """Why ``node`` must not be folded whatever its inputs (None: it may be)."""
+    if node.domain not in _DEFAULT_DOMAINS:
+        return "op outside the default ONNX domain"
+    if node.op in _RANDOM_OPS:
+        return "random op (folding would freeze one draw)"
+    if any(t.name in output_names for t in node.outputs):
+        return "result is a graph output"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _run_graphsurgeon(graph: gs.Graph, options: FoldOptions, output_names: set[str]) -> str:
+    """graphsurgeon's folder on ``graph``; returns the first error ('' when it ran in one piece)."""
+    kwargs = {"fold_shapes": False, "recurse_subgraphs": False, "flatten_subgraphs": False,
+              "recurse_functions": False, "size_threshold": options.size_limit_bytes,
+              "should_exclude_node": lambda node: _excluded(node, output_names) is not None}
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    with G_LOGGER.suppress():  # graphsurgeon logs to stdout, which --json - keeps clean
+        try:
+            graph.fold_constants(partitioning=None, error_ok=False, **kwargs)
+            return ""
+        except Exception as exc:  # graphsurgeon and onnxruntime raise plain exceptions
+            error = _one_line(exc)
+        logger.warning("constant folding in one piece failed (%s); folding part by part", error)
+        try:
+            graph.fold_constants(partitioning="recursive", error_ok=True, **kwargs)
+        except Exception as exc:  # folding is a refinement: canonicalisation goes on without it
+            logger.warning("constant folding failed: %s", _one_line(exc))
+    return error
+
+
+def _quantize_result_bytes(node: gs.Node) -> int:
+    count = int(np.asarray(node.inputs[0].values).size)
+    if node.op == "DequantizeLinear":
+        return count * np.asarray(node.inputs[1].values).dtype.itemsize
+    zero_point = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    return count * (np.asarray(zero_point.values).dtype.itemsize if zero_point is not None else 1)
+
+
+def _evaluate_quantize_ops(graph: gs.Graph, nodes: list[gs.Node]) -> list[np.ndarray]:
+    """Run ``nodes`` (constant inputs only) in one onnxruntime session; their outputs in order."""
+    from .runtime.session import SessionOptions, open_session, run_session
+
+    consts: dict[str, gs.Tensor] = {}
+    copies, outputs = [], []
+    for node in nodes:
+        inputs = [t if t.is_empty() else consts.setdefault(t.name, gs.Constant(t.name, np.asarray(t.values)))
+                  for t in node.inputs]
+        out = gs.Variable(node.outputs[0].name, dtype=node.outputs[0].dtype)
+        copies.append(gs.Node(node.op, node.name, dict(node.attrs), inputs=inputs, outputs=[out]))
+        outputs.append(out)
+    model = gs.export_onnx(gs.Graph(nodes=copies, outputs=outputs, opset=graph.opset), do_type_check=False)
+    session = open_session(model, options=SessionOptions(optimize=False))
+    return run_session(session, [o.name for o in outputs], {}, what="constant folding")
+
+
+def _fold_quantize_ops(graph: gs.Graph, options: FoldOptions, output_names: set[str]) -> tuple[int, str]:
+    """Evaluate (De)QuantizeLinear nodes with constant inputs; (how many, the error if onnxruntime failed)."""
+    nodes = [n for n in _fold_candidates(graph, output_names, quantize=True)
+             if len(n.outputs) == 1 and _quantize_result_bytes(n) <= options.size_limit_bytes]
+    if not nodes:
+        return 0, ""
+    try:
+        values = _evaluate_quantize_ops(graph, nodes)
+    except LincompError as exc:
+        logger.warning("constant folding of %d (De)QuantizeLinear nodes failed: %s", len(nodes), exc)
+        return 0, _one_line(exc)
+    for node, value in zip(nodes, values, strict=True):
+        out = node.outputs[0]
+        out.to_constant(np.asarray(value))
+        out.inputs.clear()
+    return len(nodes), ""
+
+
+def _result_bytes(node: gs.Node) -> int | None:
+    """Bytes of ``node``'s outputs when their shapes and types are known."""
+    if node.op in _QUANTIZE_OPS and node.inputs and isinstance(node.inputs[0], gs.Constant):
+        return _quantize_result_bytes(node) if len(node.inputs) > 1 else None
+    total = 0
+    for t in node.outputs:
+        shape, dtype = getattr(t, "shape", None), getattr(t, "dtype", None)
+        if shape is None or dtype is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return None
+        try:
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype) if isinstance(dtype, int) else dtype
+            itemsize = np.dtype(np_dtype).itemsize
+        except (TypeError, KeyError, ValueError):
+            return None
+        total += int(np.prod(shape, dtype=np.int64)) * itemsize
+    return total
+
+
+def _why_still_computed(node: gs.Node, options: FoldOptions, output_names: set[str], error: str) -> str:
+    excluded = _excluded(node, output_names)
+    if excluded is not None:
+        return excluded
+    if node.op in _QUANTIZE_OPS and not options.dequantize:
+        return f"{node.op} kept (dequantize folding is off)"
+    size = _result_bytes(node)
+    if size is not None and size > options.size_limit_bytes:
+        return f"result larger than the size limit of {options.size_limit_bytes / 2**20:g} MiB (stays computed)"
+    if error:
+        return "onnxruntime could not evaluate it (see the folding error)"
+    return "not folded (result size unknown: over the size limit or not evaluable)"
+
+
+def _constant_names(graph: gs.Graph) -> dict[str, gs.Constant]:
+    return {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+
+
+def fold_constants(graph: gs.Graph, options: FoldOptions = FoldOptions()) -> FoldReport:
+    """Fold top-level constant subgraphs of ``graph`` in place (see the module docstring); never raises
+    for a failure inside the folder: what stayed computed is reported with the reason."""
+    limit = options.size_limit_bytes
+    output_names = {t.name for t in graph.outputs}
+    if not options.enabled or not (_fold_candidates(graph, output_names, quantize=False)
+                                   or (options.dequantize and _fold_candidates(graph, output_names, quantize=True))):
+        return FoldReport(size_limit_bytes=limit)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    computed = {name for name, t in graph.tensors().items() if isinstance(t, gs.Variable) and t.inputs}
+    nodes_before = len(graph.nodes)
+    errors = []
+    for _ in range(3):  # (De)QuantizeLinear results can feed more foldable nodes, and the other way round
+        if _fold_candidates(graph, output_names, quantize=False):
+            errors.append(_run_graphsurgeon(graph, options, output_names))
+        folded_quantize, error = _fold_quantize_ops(graph, options, output_names) if options.dequantize else (0, "")
+        errors.append(error)
+        if not folded_quantize:
+            break
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    error = next((e for e in errors if e), "")
+    tally = ReasonTally()
+    for node in graph.nodes:
+        if node.op != "Constant" and _inputs_constant(node):
+            tally.add(_why_still_computed(node, options, output_names, error), node.name or node.outputs[0].name)
+    folded = [t for name, t in _constant_names(graph).items() if name in computed]
+    return FoldReport(nodes_before - len(graph.nodes), len(folded), sum(int(t.values.nbytes) for t in folded), limit,
+                      tally.skipped, tally.examples, error)
+
+
+def _channel_vector(values: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``values`` as a per-channel ``(channels,)`` vector when, added to a ``[N, C, ...]`` tensor of rank
+    ``rank``, it varies along the channel axis only."""
+    v = np.asarray(values)
+    if v.ndim > rank:
+        return None
+    shape = (1,) * (rank - v.ndim) + v.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(v.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
+def _fuse_one_bias_add(graph: gs.Graph, names: NameSource, add: gs.Node) -> str | None:
+    """Fold ``add`` into the bias of the Conv it reads; a reason when it is a near miss, '' when not a
+    Conv bias add at all, None when fused."""
+    if len(add.inputs) != 2 or len(add.outputs) != 1:
+        return ""
+    conv_out, const = add.inputs
+    if isinstance(conv_out, gs.Constant):
+        conv_out, const = const, conv_out
+    if not isinstance(const, gs.Constant) or not conv_out.inputs or conv_out.inputs[0].op != "Conv":
+        return ""
+    layer = match_linear_layer(graph, conv_out.inputs[0])
+    if not isinstance(layer, LinearLayer):
+        return ""
+    if only_consumer(graph, conv_out) is not add:
+        return f"Conv output '{conv_out.name}' is read by more than its bias Add"
+    values = np.asarray(const.values)
+    vec = _channel_vector(values, layer.weight.ndim, layer.out_features)
+    if vec is None or values.dtype != np.asarray(layer.nodes[0].inputs[1].values).dtype:
+        return f"constant of shape {list(values.shape)} added to a Conv output is not a per-channel bias"
+    new_layer = write_linear_layer(graph, names, layer, layer.weight, layer.bias + vec, keep_bias=True)
+    y = add.outputs[0]
+    add.outputs.clear()
+    add.inputs.clear()
+    new_layer.nodes[-1].outputs[0] = y
+    return None
+
+
+def fuse_conv_bias_adds(graph: gs.Graph) -> tuple[int, ReasonTally]:
+    """``Add(Conv(x, W, b), c)`` with a per-channel constant ``c`` becomes ``Conv(x, W, b + c)``."""
+    names = NameSource(graph)
+    fused, tally = 0, ReasonTally()
+    for node in list(graph.nodes):
+        if node.op != "Add" or node.domain not in _DEFAULT_DOMAINS or not node.inputs:
+            continue
+        reason = _fuse_one_bias_add(graph, names, node)
+        if reason is None:
+            fused += 1
+        elif reason:
+            tally.add(reason, node.name)
+    if fused:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return fused, tally
 
 
 def name_nodes(graph: gs.Graph) -> None:
@@ -148,14 +478,19 @@ def name_nodes(graph: gs.Graph) -> None:
         seen.add(node.name)
 
 
-def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None = None) -> CanonicalizeReport:
+def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None = None,
+                 fold: FoldOptions = FoldOptions()) -> CanonicalizeReport:
     """Bring ``graph`` (mutated in place) into the canonical form the analyses and passes expect.
 
     ``ctx`` (when given) reports initializers that the source listed as graph inputs; the importer
-    already dropped them from the graph's inputs.
+    already dropped them from the graph's inputs. ``fold`` bounds constant folding.
     """
     name_nodes(graph)
     lifted = lift_constant_nodes(graph)
     dropped = drop_initializer_inputs(graph) + (ctx.initializer_inputs if ctx is not None else 0)
-    folded, skipped = fold_batchnorms(graph) if fold_bn else (0, Counter())
-    return CanonicalizeReport(lifted, dropped, folded, dict(skipped))
+    folding = fold_constants(graph, fold)
+    fused, tally = fuse_conv_bias_adds(graph)
+    folded, bn_tally = fold_batchnorms(graph) if fold_bn else (0, ReasonTally())
+    tally.merge(bn_tally.skipped, bn_tally.examples)
+    tally.merge(folding.skipped, folding.examples, prefix="constant folding: ")
+    return CanonicalizeReport(lifted, dropped, folded, tally.skipped, tally.examples, fused, folding)

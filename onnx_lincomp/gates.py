@@ -33,19 +33,35 @@ def require_budget_support(prep: Prepared, budget: float, gate_on: GateOn, confi
     return support
 
 
-def check_gates(gate: Verification | None, max_abs_error: float | None, max_accuracy_drop: float | None) -> None:
-    """Raise when the output error or the paired accuracy-drop bound on the gate split exceeds its limit."""
+def check_gates(gate: Verification | None, max_abs_error: float | None, max_accuracy_drop: float | None,
+                max_output_change: float | None = None) -> None:
+    """Raise when the output error, the relative output change or the paired accuracy-drop bound on the gate
+    split exceeds its limit."""
     if gate is None:
         return
     if gate.non_finite:
         raise VerificationGateError(f"the optimised model gives {gate.non_finite} NaN/Inf outputs where the original "
                                     "does not; nothing written")
+    if max_output_change is not None and gate.rel_max > max_output_change:
+        raise VerificationGateError(
+            f"outputs changed by up to {gate.rel_max:.3g} of their scale on {gate.samples} verification samples "
+            f"(limit {max_output_change:g}): the statistics do not hold beyond the calibration data; use more or "
+            "real calibration data, exact rates, or loosen with --max-output-change / --max-abs-error / "
+            "--max-accuracy-drop; nothing written")
     if max_abs_error is not None and gate.max_abs > max_abs_error:
         raise VerificationGateError(f"max abs error {gate.max_abs:.3g} exceeds --max-abs-error {max_abs_error:g}; "
                                     "no output written")
     if max_accuracy_drop is not None and gate.paired is not None and gate.paired.upper_points > max_accuracy_drop:
         raise VerificationGateError(f"accuracy drop {gate.paired.describe()} exceeds --max-accuracy-drop "
                                     f"{max_accuracy_drop:g} at its upper bound; no output written")
+
+
+def require_samples(n: int, minimum: int, what: str) -> None:
+    """Statistics that rest on fewer samples than ``minimum`` cannot be trusted to generalise."""
+    if n < minimum:
+        raise VerificationGateError(f"{what} rest on {n} calibration sample{'s' * (n != 1)}, fewer than the minimum "
+                                    f"of {minimum}: give more data (or a smaller --verify-split), or lower "
+                                    "--min-samples explicitly; nothing written")
 
 
 def check_not_worse(before: SizeFigures, after: SizeFigures, allow_larger: bool) -> str | None:

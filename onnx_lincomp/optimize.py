@@ -21,7 +21,8 @@ from .errors import OptionError
 from .evaluate.evaluator import Verification
 from .evaluate.search import SWEEP_THRESHOLDS, Candidate, CandidateScore, scan, smallest_within
 from .exact.compress import ExactOutcome, certify_for, stamp_and_check
-from .gates import check_gates, check_not_worse, compare_two, latencies, latency_feeds, require_budget_support
+from .gates import (check_gates, check_not_worse, compare_two, latencies, latency_feeds, require_budget_support,
+                    require_samples)
 from .model_io import LoadedModel, to_model_proto
 from .optimize_report import OptimizeReport, SizeFigures
 from .passes import PassContext
@@ -31,6 +32,8 @@ from .recipe import ExactSettings, PassSpec, Recipe
 from .relu_sites import relu_nodes
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_OUTPUT_CHANGE = 0.01
+DEFAULT_MIN_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class OptimizeOptions:
     labels: str | None = None
     max_accuracy_drop: float | None = None  # points, gated on the upper end of the paired interval
     max_abs_error: float | None = None
+    # largest held-out output change relative to the output scale; the default applies only when neither
+    # --max-abs-error nor --max-accuracy-drop is given (they say what change is acceptable); None: off
+    max_output_change: float | None = DEFAULT_MAX_OUTPUT_CHANGE
+    min_samples: int = DEFAULT_MIN_SAMPLES  # statistics on fewer calibration samples are a gate failure
     gate_on: GateOn = "heldout"  # "all": judge the budget on every sample (statistics still from the calibration part)
     batch_size: int = 16
     threads: int = 0
@@ -58,6 +65,16 @@ class OptimizeOptions:
             raise OptionError("--exact proves equality on the domain: --max-accuracy-drop does not apply")
         if self.gate_on not in ("heldout", "all"):
             raise OptionError(f"--gate-on must be 'heldout' or 'all', got {self.gate_on!r}")
+        if self.min_samples < 1 or (self.max_output_change is not None and self.max_output_change <= 0):
+            raise OptionError("--min-samples must be at least 1 and --max-output-change positive")
+
+    @property
+    def output_change_limit(self) -> float | None:
+        """The relative output-change gate in force (explicit error or accuracy gates replace the default)."""
+        if self.max_output_change == DEFAULT_MAX_OUTPUT_CHANGE and (
+                self.max_abs_error is not None or self.max_accuracy_drop is not None):
+            return None
+        return self.max_output_change
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -87,7 +104,12 @@ def _evidence(prep: Prepared, options: OptimizeOptions, stats: StatsSet | None, 
         outcome = certify_for(prep.loaded, prep.source, options.recipe.exact, options.input_shapes, certificate)
         return outcome.certificate.unit_evidence(), None, outcome
     if stats is None:
+        if relu_nodes(prep.loaded.graph):  # nothing rests on statistics in a model without Relu
+            require_samples(prep.n_calib, options.min_samples, "the statistics would")
         stats = calibrate(prep, options.batch_size, options.threads, progress)
+    else:
+        stats.check_model([n.name for n in relu_nodes(prep.loaded.graph)], prep.source_name)
+        require_samples(stats.n_samples, options.min_samples, "the saved statistics")
     return UnitEvidence.from_stats(stats), stats, None
 
 
@@ -96,6 +118,15 @@ def _prepare(model, calib, options: OptimizeOptions) -> Prepared:
     if options.max_accuracy_drop is not None:
         require_budget_support(prep, options.max_accuracy_drop, options.gate_on)
     return prep
+
+
+def _data_messages(prep: Prepared) -> list[str]:
+    """What the report must say about the data: casts of input dtypes, random data."""
+    out = []
+    for name, (found, fed) in (prep.source.casts.items() if prep.source is not None else ()):
+        out.append(f"calibration data for input '{name}' is {found}; it was cast to {fed}, the model's input type")
+        logger.warning(out[-1])
+    return out
 
 
 def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exact: ExactOutcome | None,
@@ -135,12 +166,14 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
     """Compress ``model``; raises on a failed verification gate (nothing is returned to write)."""
     prep = _prepare(model, calib, options)
     evidence, stats, exact = _evidence(prep, options, stats, progress, certificate)
-    messages: list[str] = []
+    messages = _data_messages(prep)
     if not relu_nodes(prep.loaded.graph):
-        messages.append("the model has no Relu in its main graph: the linearity passes have nothing to do")
+        messages.append("the model has no Relu in its main graph: remove-dead and fold-linear have nothing to do "
+                        "(merge-affine may still merge layers; the pass table says what changed)")
     recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages)
     on_cal, on_held, on_gate = _verify(prep, optimized, options, exact)
-    check_gates(on_gate, options.max_abs_error, options.max_accuracy_drop)
+    check_gates(on_gate, options.max_abs_error, options.max_accuracy_drop,
+                options.output_change_limit if exact is None else None)
     lat = (latencies(prep, optimized, options.batch_size, options.threads, options.input_shapes) if options.latency
            else ((None, None), (None, None, None, None)))
     report = OptimizeReport(

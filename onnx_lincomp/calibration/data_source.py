@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import CalibrationDataError
+from ..runtime.feeds import batch_axis
 
 Dim = int | str | None
 
@@ -30,6 +31,17 @@ class InputSpec:
     def describe(self) -> str:
         dims = "?" if self.shape is None else "x".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
         return f"{self.dtype.name}[{dims}]"
+
+    @property
+    def batch_axis(self) -> int | None:
+        return batch_axis(self.shape)
+
+    def sample_first(self) -> tuple[Dim, ...] | None:
+        """The shape with the batch axis moved to the front (how data arrays hold samples)."""
+        ax = self.batch_axis
+        if self.shape is None or ax in (None, 0):
+            return self.shape
+        return (self.shape[ax],) + self.shape[:ax] + self.shape[ax + 1:]
 
 
 def input_specs(graph: gs.Graph) -> list[InputSpec]:
@@ -162,6 +174,7 @@ class CalibrationSource:
         self.max_samples = max_samples
         self.description = description
         self.is_random = not self.files
+        self.casts: dict[str, tuple[str, str]] = {}  # input -> (dtype in the data, dtype fed): said in reports
         # inputs whose arrays carry one extra leading axis: each sample is a whole model input
         # (e.g. a recurrent state [2, batch, 128] or a scalar), so the model is fed one sample a run
         self.per_sample: set[str] = {s.name for s in specs if s.shape is not None and len(s.shape) == 0}
@@ -205,6 +218,10 @@ class CalibrationSource:
             for spec in self.specs:
                 if self._check_static(path, spec, readers[spec.name]):
                     self.per_sample.add(spec.name)
+                if readers[spec.name].dtype != spec.dtype:
+                    self.casts[spec.name] = (readers[spec.name].dtype.name, spec.dtype.name)
+            if self.labels is not None:
+                _check_labels(path, self.labels, readers[self.labels])
             total += n
         if total == 0:
             raise CalibrationDataError(f"{self.description or self.files[0]}: calibration data is empty (0 samples)")
@@ -224,7 +241,8 @@ class CalibrationSource:
             raise CalibrationDataError(f"{path}: input '{spec.name}' expects rank {len(spec.shape)} "
                                        f"({spec.describe()}), found shape {tuple(reader.shape)}")
         found = tuple(reader.shape[1:]) if per_sample else tuple(reader.shape)
-        for axis, (want, got) in enumerate(zip(spec.shape, found, strict=True)):
+        wanted = spec.shape if per_sample else spec.sample_first()
+        for axis, (want, got) in enumerate(zip(wanted, found, strict=True)):
             if isinstance(want, int) and want != got and (per_sample or axis > 0):
                 raise CalibrationDataError(f"{path}: input '{spec.name}' expects {spec.describe()}, found shape "
                                            f"{tuple(reader.shape)} (axis {axis + per_sample})")
@@ -232,15 +250,25 @@ class CalibrationSource:
 
     # ---- random source -------------------------------------------------------------------------
     def random_shape(self, spec: InputSpec, batch: int) -> tuple[int, ...]:
+        """Shape of ``batch`` random samples, samples first; dynamic dimensions other than the batch axis
+        must come from ``--input-shape`` (a guessed 1x1 image would make the statistics meaningless)."""
         if spec.name in self.shape_overrides:
             shape = list(self.shape_overrides[spec.name])
         elif spec.shape is None:
             raise CalibrationDataError(f"input '{spec.name}' has no known shape; give --input-shape {spec.name}=...")
         else:
-            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
-        if shape:
-            shape[0] = batch if spec.shape is None or not isinstance(spec.shape[0], int) else shape[0]
-        return tuple(shape)
+            shape = list(spec.shape)
+        ax = spec.batch_axis
+        for i, d in enumerate(shape):
+            if i != ax and not (isinstance(d, int) and d > 0):
+                example = ",".join(str(x) if isinstance(x, int) and x > 0 else "?" for x in shape)
+                raise CalibrationDataError(
+                    f"input '{spec.name}' has dynamic dimension {i} ('{d or '?'}'): random data cannot guess it; "
+                    f"give --input-shape {spec.name}={example} with realistic sizes")
+        if ax is None or not shape:
+            return tuple(int(d) for d in shape)
+        rest = [int(d) for i, d in enumerate(shape) if i != ax]
+        return (batch, *rest)
 
     def _random_batch(self, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
         feeds = {}
@@ -250,8 +278,9 @@ class CalibrationSource:
                 feeds[spec.name] = rng.random(shape, dtype=np.float64).astype(spec.dtype)
             elif spec.dtype.kind == "b":
                 feeds[spec.name] = rng.random(shape) < 0.5
-            else:
-                feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+            else:  # ids, sample rates, lengths: any guess (zeros included) gives meaningless statistics
+                raise CalibrationDataError(f"input '{spec.name}' is {spec.dtype.name}: random data cannot choose its "
+                                           "values; give real calibration data (--calib FILE.npz)")
         return feeds
 
     # ---- iteration -----------------------------------------------------------------------------
@@ -297,6 +326,18 @@ class CalibrationSource:
             bad = int(np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))[0])
             raise CalibrationDataError(f"{path}: input '{name}' has NaN or Inf values (sample {start + bad})")
         return np.ascontiguousarray(rows, dtype=spec.dtype)
+
+
+def _check_labels(path: Path, key: str, reader: _ArrayReader) -> None:
+    """Labels must be class ids (integers, or integral floats) or one-hot rows, not a float input array."""
+    sample = np.asarray(reader.rows(0, min(len(reader), 256)))
+    reader.close()
+    if sample.dtype.kind in "iub":
+        return
+    one_hot = sample.ndim == 2 and np.all((sample == 0) | (sample == 1)) and np.all(sample.sum(axis=1) == 1)
+    if sample.dtype.kind != "f" or not (one_hot or (sample.ndim == 1 and np.all(sample == np.round(sample)))):
+        raise CalibrationDataError(f"{path}: labels '{key}' are not class ids ({sample.dtype.name}, shape "
+                                   f"{tuple(reader.shape)}): expected integers or one-hot rows; is it an input array?")
 
 
 def parse_input_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

@@ -149,6 +149,15 @@ class StatsSet:
         layers = tuple(s.subset(kept[s.relu]) if s.relu in kept else s for s in self.layers)
         return replace(self, layers=layers)
 
+    def check_model(self, relus: list[str], model: str = "the model") -> None:
+        """Statistics saved for another model are an error naming a Relu that does not match."""
+        mine = {s.relu for s in self.layers}
+        extra = sorted(mine - set(relus))
+        if extra or (relus and not mine & set(relus)):
+            name = extra[0] if extra else relus[0]
+            raise CalibrationDataError(f"the statistics ({self.source}) were collected on another model: Relu "
+                                       f"'{name}' {'is not in' if extra else 'has no statistics for'} {model}")
+
     def save(self, path: str | Path) -> None:
         arrays: dict[str, np.ndarray] = {}
         index = []

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, with_options, write_json
+from ..errors import OptionError
+from .app import EXIT_CODES_HELP, checked_shapes, common_calib, main, progress, resolve, stage_json, with_options
 from .render import print_analysis
 
 
@@ -23,30 +24,38 @@ def analyze(model, calib, batch_size, max_samples, input_shape, threads, example
     from ..calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
     from ..canonicalize import canonicalize
     from ..model_io import load_model
+    from ..outputs import OutputPlan
     from .plots import plot_rates, pyplot
 
     model, calib = resolve(model, calib, example)
-    if plot:
-        pyplot()  # a missing optional dependency fails before any work
-    loaded = load_model(model)
-    canonicalize(loaded.graph, ctx=loaded.ctx)
-    if stats_file:
-        stats = StatsSet.load(stats_file)
-    else:
-        if not calib:
-            raise click.UsageError("give --calib DATA (or --stats FILE)")
-        source = open_calibration(calib, input_specs(loaded.graph), max_samples=max_samples,
-                                  shape_overrides=dict(shapes(input_shape)))
-        stats = collect_relu_stats(loaded.graph, loaded.ctx, source,
-                                   CollectOptions(batch_size=batch_size, threads=threads),
-                                   progress=progress("calibrating"))
-    if save_stats:
-        stats.save(save_stats)
-    result = run_analysis(loaded.graph, loaded.ctx, stats)
-    if plot:
-        plot_rates(stats, plot)
-    if json_out:
-        write_json(json_out, dict(result.as_dict(), model=model))
-        if json_out == "-":
-            return
+    if not calib and not stats_file:
+        raise OptionError("give --calib DATA (or --stats FILE)")
+    plan = OutputPlan({"MODEL": model, "--calib": calib, "--stats": stats_file})
+    plan.add("--save-stats", save_stats)
+    plan.add("--plot", plot, requires=pyplot)  # a missing optional dependency fails before any work
+    plan.add("--json", json_out)
+    with plan.check() as outputs:
+        loaded = load_model(model)
+        canonicalize(loaded.graph, ctx=loaded.ctx)
+        if stats_file:
+            stats = StatsSet.load(stats_file)
+        else:
+            overrides = checked_shapes(input_shape, input_specs(loaded.graph))
+            source = open_calibration(calib, input_specs(loaded.graph), max_samples=max_samples,
+                                      shape_overrides=overrides)
+            stats = collect_relu_stats(loaded.graph, loaded.ctx, source,
+                                       CollectOptions(batch_size=batch_size, threads=threads),
+                                       progress=progress("calibrating"))
+        result = run_analysis(loaded.graph, loaded.ctx, stats)
+        if save_stats:
+            with outputs.writing("--save-stats") as path:
+                stats.save(path)
+        if plot:
+            with outputs.writing("--plot") as path:
+                plot_rates(stats, str(path))
+        stdout_json = stage_json(outputs, json_out, dict(result.as_dict(), model=model))
+        outputs.commit()
+    if stdout_json is not None:
+        click.echo(stdout_json)
+        return
     print_analysis(model, result)

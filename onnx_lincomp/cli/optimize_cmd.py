@@ -5,7 +5,7 @@ import click
 
 from ..errors import OptionError
 from ..recipe import CalibrationSettings, ExactSettings, Recipe, load_recipe, pass_flags, recipe_from_flags
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, with_options, write_json
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
 from .render import print_certificate, print_optimize, print_plans
 
 STATS_ONLY = ("--dead-rate", "--linear-rate", "--max-accuracy-drop", "--labels", "--stats", "--save-stats",
@@ -121,6 +121,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     from ..model_io import save_model_proto
     from ..optimize import OptimizeOptions
     from ..optimize import optimize as run_optimize
+    from ..outputs import OutputPlan
     from ..prepared import calibrate, prepare
 
     model, calib = resolve(model, calib, example)
@@ -128,7 +129,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
         labels = "y"
     exact_settings = _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points)
     if not calib and exact_settings is None and not stats_file:
-        raise click.UsageError("give --calib DATA")
+        raise OptionError("give --calib DATA")
     calibration = CalibrationSettings(verify_split, max_samples, shapes(input_shape))
     recipe = _recipe(ctx, recipe_file, passes, pass_values, calibration, exact_settings)
     rates_given = any(v is not None for k, v in pass_values.items() if k in ("pass_dead_rate", "pass_linear_rate"))
@@ -137,18 +138,28 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
                               batch_size=batch_size, threads=threads, latency=not no_latency,
                               search=max_accuracy_drop is not None and not rates_given and not recipe_file,
                               allow_larger=allow_larger, check_each_pass=check_each_pass)
-    stats = StatsSet.load(stats_file) if stats_file else None
     if explain:
-        return _explain(model, calib, options, stats)
-    if save_stats and stats is None:
-        stats = calibrate(prepare(model, calib, recipe, labels), batch_size, threads, progress("calibrating"))
-        stats.save(save_stats)
-    result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
-    save_model_proto(result.model, output, overwrite_input=None if overwrite else model)
-    if json_out:
-        write_json(json_out, dict(result.report.as_dict(), output=output))
-        if json_out == "-":
-            return
+        return _explain(model, calib, options, StatsSet.load(stats_file) if stats_file else None)
+    plan = OutputPlan({"MODEL": model, "--calib": calib, "--stats": stats_file, "--recipe": recipe_file},
+                      overwrite=overwrite)
+    plan.add("-o", output, model=True)
+    plan.add("--save-stats", save_stats)
+    plan.add("--json", json_out)
+    with plan.check() as outputs:
+        stats = StatsSet.load(stats_file) if stats_file else None
+        if save_stats:
+            if stats is None:
+                stats = calibrate(prepare(model, calib, recipe, labels), batch_size, threads, progress("calibrating"))
+            with outputs.writing("--save-stats") as path:
+                stats.save(path)
+        result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
+        with outputs.writing("-o") as path:
+            save_model_proto(result.model, path)
+        stdout_json = stage_json(outputs, json_out, dict(result.report.as_dict(), output=output))
+        outputs.commit()
+    if stdout_json is not None:
+        click.echo(stdout_json)
+        return
     print_optimize(result.report, output)
 
 

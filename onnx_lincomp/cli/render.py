@@ -12,6 +12,9 @@ def print_analysis(model: str, a) -> None:
     src = (f"{a.calibration} ({a.samples} samples"
            f"{', RANDOM data: rates say little about real inputs' if a.random else ''})")
     click.echo(f"{model}\ncalibration: {src}")
+    if not a.layers:
+        click.echo("no top-level Relu: nothing to analyse" + (" (Relus inside subgraphs are listed below)"
+                                                             if a.not_analysed else ""))
     click.echo(f"{'relu':<34} {'width':>6} {'dead':>6} {'always':>6} {'med.rate':>8} {'dead params':>11}  note")
     for layer in a.layers:
         note = "" if layer.rewritable else "not rewritable: " + layer.reason
@@ -117,7 +120,8 @@ def print_optimize(r, output: str) -> None:
         click.echo(f"not analysed: {name} ({why})")
 
 
-def print_bench(comparison, names: list[str]) -> None:
+def print_bench(comparison, names: list[str], batch_size: int) -> None:
+    click.echo(f"batch size {batch_size} (samples/s counts the samples of each run)")
     click.echo(f"{'model':<48} {'median ms':>10} {'p90 ms':>9} {'samples/s':>10} {'vs first':>8}  verdict")
     for name, lat, ratio in zip(names, comparison.latencies, comparison.ratios, strict=True):
         click.echo(f"{name[-48:]:<48} {lat.median_ms:>10.3f} {lat.p90_ms:>9.3f} {lat.throughput:>10.1f} "

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import click
 
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, with_options, write_json
+from ..errors import OptionError
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
 from .render import print_sweep
 
 
@@ -27,6 +29,7 @@ def sweep(model, calib, batch_size, max_samples, input_shape, threads, example, 
     """Compress at the 20 linear-rate thresholds 0.05..1.00 from one calibration pass and compare."""
     from ..optimize import OptimizeOptions
     from ..optimize import sweep as run_sweep
+    from ..outputs import OutputPlan
     from ..recipe import CalibrationSettings, recipe_from_flags
     from .plots import plot_sweep, pyplot
 
@@ -34,22 +37,32 @@ def sweep(model, calib, batch_size, max_samples, input_shape, threads, example, 
     if example and labels is None:
         labels = "y"
     if not calib:
-        raise click.UsageError("give --calib DATA")
-    if plot:
-        pyplot()  # a missing optional dependency fails before any work
+        raise OptionError("give --calib DATA")
     recipe = recipe_from_flags(("remove-dead", "fold-linear", "merge-affine"), {"--layer-threshold": layer_threshold},
                                CalibrationSettings(verify_split, max_samples, shapes(input_shape)))
     options = OptimizeOptions(recipe, labels=labels, batch_size=batch_size, threads=threads, latency=not no_latency)
-    rows = run_sweep(model, calib, options, progress=progress("calibrating"))
-    if csv_out:
-        with open(csv_out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    if plot:
-        plot_sweep(rows, plot, model)
-    if json_out:
-        write_json(json_out, {"model": model, "rows": rows})
-        if json_out == "-":
-            return
+    plan = OutputPlan({"MODEL": model, "--calib": calib})
+    plan.add("--csv", csv_out)
+    plan.add("--plot", plot, requires=pyplot)  # a missing optional dependency fails before any work
+    plan.add("--json", json_out)
+    with plan.check() as outputs:
+        rows = run_sweep(model, calib, options, progress=progress("calibrating"))
+        if csv_out:
+            with outputs.writing("--csv") as path:
+                write_csv(rows, path)
+        if plot:
+            with outputs.writing("--plot") as path:
+                plot_sweep(rows, str(path), model)
+        stdout_json = stage_json(outputs, json_out, {"model": model, "rows": rows})
+        outputs.commit()
+    if stdout_json is not None:
+        click.echo(stdout_json)
+        return
     print_sweep(rows)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

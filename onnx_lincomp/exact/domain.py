@@ -6,6 +6,7 @@ per-feature min and max of the calibration data, said so in the report).
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,24 +77,43 @@ def parse_domain(ranges: tuple[str, ...] | list[str], specs: list[InputSpec], *,
             x = batch[spec.name].reshape(len(batch[spec.name]), -1).astype(np.float64)
             lo, hi = np.minimum(lo, x.min(axis=0)), np.maximum(hi, x.max(axis=0))
         return Domain(spec.name, shape, lo, hi, f"per-feature min/max of the calibration data ({calib.description})")
-    if text.endswith(".npz"):
-        path = Path(text)
-        if not path.is_file():
-            raise CalibrationDataError(f"{path}: no such bounds file")
-        with np.load(path) as data:
-            keys = (f"{spec.name}_lower", f"{spec.name}_upper") if f"{spec.name}_lower" in data else ("lower", "upper")
-            if keys[0] not in data or keys[1] not in data:
-                raise CalibrationDataError(f"{path}: expected arrays 'lower' and 'upper' (found "
-                                           f"{', '.join(data.files)})")
-            lo, hi = (np.asarray(data[k], np.float64).reshape(-1) for k in keys)
-        if lo.size != size or hi.size != size:
-            raise CalibrationDataError(f"{path}: bounds have {lo.size} values, input '{spec.name}' has {size} features "
-                                       "per sample")
-        if np.any(lo > hi):
-            raise CalibrationDataError(f"{path}: some lower bounds are above their upper bounds")
-        return Domain(spec.name, shape, lo, hi, f"per-feature box from {path}")
+    if text.endswith(".npz") or Path(text).is_file():
+        lo, hi = _read_bounds(Path(text), spec.name, size)
+        return Domain(spec.name, shape, lo, hi, f"per-feature box from {text}")
     name, sep, pair = text.partition("=")
     if sep and name != spec.name:
         raise CalibrationDataError(f"--input-range names input '{name}', the model's input is '{spec.name}'")
     lo, hi = _parse_pair(pair if sep else text, text)
     return Domain(spec.name, shape, np.full(size, lo), np.full(size, hi), f"box [{lo:g}, {hi:g}]^{size}")
+
+
+def _read_bounds(path: Path, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``lower``/``upper`` (or ``NAME_lower``/``NAME_upper``) of a bounds ``.npz``, flattened; one-line errors."""
+    if not path.is_file():
+        raise CalibrationDataError(f"--input-range {path}: no such bounds file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise CalibrationDataError(f"--input-range {path}: not a .npz file of bounds (arrays 'lower' and 'upper'); "
+                                   f"numpy cannot read it ({type(exc).__name__})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CalibrationDataError(f"--input-range {path}: a single .npy array; expected a .npz with arrays 'lower' "
+                                   "and 'upper'")
+    with data:
+        keys = (f"{name}_lower", f"{name}_upper") if f"{name}_lower" in data.files else ("lower", "upper")
+        if keys[0] not in data.files or keys[1] not in data.files:
+            raise CalibrationDataError(f"--input-range {path}: expected arrays 'lower' and 'upper' (found "
+                                       f"{', '.join(data.files) or 'no arrays'})")
+        try:
+            lo, hi = (np.asarray(data[k], np.float64).reshape(-1) for k in keys)
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise CalibrationDataError(f"--input-range {path}: cannot read '{keys[0]}'/'{keys[1]}' as numbers "
+                                       f"({type(exc).__name__})") from exc
+    if lo.size != size or hi.size != size:
+        raise CalibrationDataError(f"--input-range {path}: bounds have {lo.size} and {hi.size} values, input '{name}' "
+                                   f"has {size} features per sample")
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise CalibrationDataError(f"--input-range {path}: bounds must be finite numbers (found NaN or Inf)")
+    if np.any(lo > hi):
+        raise CalibrationDataError(f"--input-range {path}: some lower bounds are above their upper bounds")
+    return lo, hi
