@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from .calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
 from .calibration.collector import Progress
 from .calibration.data_source import CalibrationSource
 from .canonicalize import CanonicalizeReport, canonicalize
-from .errors import OptionError
+from .errors import InvalidModelError, OptionError
 from .evaluate.evaluator import Evaluator
 from .model_io import LoadedModel, load_model, model_from_proto, to_model_proto
 from .recipe import Recipe
@@ -82,6 +84,7 @@ def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recip
         loaded, name = model_from_proto(model), "<in-memory model>"
     else:
         loaded, name = load_model(model), str(model)
+    check_finite_weights(loaded.graph, name)
     original = to_model_proto(loaded.graph, loaded.ctx)
     canon = canonicalize(loaded.graph, ctx=loaded.ctx)
     cal = recipe.calibration
@@ -93,6 +96,13 @@ def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recip
     split = 0.0 if recipe.exact is not None else cal.verify_split
     n_calib = n if source.is_random or split == 0 else max(1, int(round(n * (1 - split))))
     return Prepared(original, loaded, canon, source, n_calib, name, labels)
+
+
+def check_finite_weights(graph: gs.Graph, name: str) -> None:
+    """NaN/Inf in a weight makes every comparison meaningless (a NaN error reads as 0): an invalid model."""
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and not np.all(np.isfinite(t.values)):
+            raise InvalidModelError(f"{name}: weight '{t.name}' holds NaN or Inf values")
 
 
 def calibrate(prep: Prepared, batch_size: int = 16, threads: int = 0, progress: Progress | None = None) -> StatsSet:
