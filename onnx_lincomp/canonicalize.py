@@ -34,7 +34,9 @@ few names of each reason are kept as examples.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -142,12 +144,14 @@ class CanonicalizeReport:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, tuple[str, ...]] = field(default_factory=dict)
     conv_bias_adds_fused: int = 0
+    conv_pads_made_explicit: int = 0
     folding: FoldReport = field(default_factory=FoldReport)
 
     def as_dict(self) -> dict:
         return {"constants_lifted": self.constants_lifted,
                 "initializer_inputs_dropped": self.initializer_inputs_dropped,
                 "constant_folding": self.folding.as_dict(), "conv_bias_adds_fused": self.conv_bias_adds_fused,
+                "conv_pads_made_explicit": self.conv_pads_made_explicit,
                 "batchnorms_folded": self.batchnorms_folded, "skipped": dict(self.skipped),
                 "examples": {k: list(v) for k, v in self.examples.items()}}
 
@@ -278,6 +282,19 @@ def _excluded(node: gs.Node, output_names: set[str]) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_onnxruntime():
+    """onnxruntime's default log level at ERROR while graphsurgeon's own sessions run (they would warn on
+    stderr about every Unsqueeze their optimiser keeps); WARNING, onnxruntime's default, afterwards."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
@@ -289,7 +306,7 @@ def _run_graphsurgeon(graph: gs.Graph, options: FoldOptions, output_names: set[s
               "recurse_functions": False, "size_threshold": options.size_limit_bytes,
               "should_exclude_node": lambda node: _excluded(node, output_names) is not None}
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
-    with G_LOGGER.suppress():  # graphsurgeon logs to stdout, which --json - keeps clean
+    with G_LOGGER.suppress(), _quiet_onnxruntime():  # graphsurgeon logs to stdout, which --json - keeps clean
         try:
             graph.fold_constants(partitioning=None, error_ok=False, **kwargs)
             return ""
@@ -364,6 +381,13 @@ def _result_bytes(node: gs.Node) -> int | None:
     return total
 
 
+def _describe_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n:,} bytes"
+
+
 def _why_still_computed(node: gs.Node, options: FoldOptions, output_names: set[str], error: str) -> str:
     excluded = _excluded(node, output_names)
     if excluded is not None:
@@ -372,43 +396,41 @@ def _why_still_computed(node: gs.Node, options: FoldOptions, output_names: set[s
         return f"{node.op} kept (dequantize folding is off)"
     size = _result_bytes(node)
     if size is not None and size > options.size_limit_bytes:
-        return f"result larger than the size limit of {options.size_limit_bytes / 2**20:g} MiB (stays computed)"
+        return f"result larger than the size limit of {_describe_bytes(options.size_limit_bytes)} (stays computed)"
     if error:
         return "onnxruntime could not evaluate it (see the folding error)"
     return "not folded (result size unknown: over the size limit or not evaluable)"
 
 
-def _constant_names(graph: gs.Graph) -> dict[str, gs.Constant]:
-    return {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-
-
 def fold_constants(graph: gs.Graph, options: FoldOptions = FoldOptions()) -> FoldReport:
     """Fold top-level constant subgraphs of ``graph`` in place (see the module docstring); never raises
     for a failure inside the folder: what stayed computed is reported with the reason."""
-    limit = options.size_limit_bytes
+    if not options.enabled:
+        return FoldReport(size_limit_bytes=options.size_limit_bytes)
     output_names = {t.name for t in graph.outputs}
-    if not options.enabled or not (_fold_candidates(graph, output_names, quantize=False)
-                                   or (options.dequantize and _fold_candidates(graph, output_names, quantize=True))):
-        return FoldReport(size_limit_bytes=limit)
-    graph.cleanup(remove_unused_graph_inputs=False)
-    computed = {name for name, t in graph.tensors().items() if isinstance(t, gs.Variable) and t.inputs}
-    nodes_before = len(graph.nodes)
-    errors = []
-    for _ in range(3):  # (De)QuantizeLinear results can feed more foldable nodes, and the other way round
-        if _fold_candidates(graph, output_names, quantize=False):
-            errors.append(_run_graphsurgeon(graph, options, output_names))
-        folded_quantize, error = _fold_quantize_ops(graph, options, output_names) if options.dequantize else (0, "")
-        errors.append(error)
-        if not folded_quantize:
-            break
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    nodes_folded, folded, errors = 0, [], []
+    if _fold_candidates(graph, output_names, quantize=False) or (
+            options.dequantize and _fold_candidates(graph, output_names, quantize=True)):
+        graph.cleanup(remove_unused_graph_inputs=False)
+        computed = {name for name, t in graph.tensors().items() if isinstance(t, gs.Variable) and t.inputs}
+        nodes_before = len(graph.nodes)
+        for _ in range(3):  # (De)QuantizeLinear results can feed more foldable nodes, and the other way round
+            if _fold_candidates(graph, output_names, quantize=False):
+                errors.append(_run_graphsurgeon(graph, options, output_names))
+            folded_quantize, error = (_fold_quantize_ops(graph, options, output_names) if options.dequantize
+                                      else (0, ""))
+            errors.append(error)
+            if not folded_quantize:
+                break
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        nodes_folded = nodes_before - len(graph.nodes)
+        folded = [t for name, t in graph.tensors().items() if isinstance(t, gs.Constant) and name in computed]
     error = next((e for e in errors if e), "")
     tally = ReasonTally()
     for node in graph.nodes:
         if node.op != "Constant" and _inputs_constant(node):
             tally.add(_why_still_computed(node, options, output_names, error), node.name or node.outputs[0].name)
-    folded = [t for name, t in _constant_names(graph).items() if name in computed]
-    return FoldReport(nodes_before - len(graph.nodes), len(folded), sum(int(t.values.nbytes) for t in folded), limit,
+    return FoldReport(nodes_folded, len(folded), sum(int(t.values.nbytes) for t in folded), options.size_limit_bytes,
                       tally.skipped, tally.examples, error)
 
 
@@ -468,6 +490,54 @@ def fuse_conv_bias_adds(graph: gs.Graph) -> tuple[int, ReasonTally]:
     return fused, tally
 
 
+def _same_pads(auto_pad: str, kernel: list[int], strides: list[int], dilations: list[int],
+               spatial: list | None) -> list[int] | None:
+    """Explicit ``pads`` for ``auto_pad=SAME_UPPER/SAME_LOWER`` (None when they depend on an unknown size).
+
+    The output has ``ceil(in / s)`` positions, so the total padding of an axis is
+    ``max(0, (ceil(in / s) - 1) * s + d * (k - 1) + 1 - in)``: ``d * (k - 1)`` whatever ``in`` when ``s = 1``.
+    The odd unit goes at the end for SAME_UPPER and at the beginning for SAME_LOWER.
+    """
+    begins, ends = [], []
+    for i, (k, s, d) in enumerate(zip(kernel, strides, dilations, strict=True)):
+        if s == 1:
+            total = d * (k - 1)
+        elif spatial is not None and isinstance(spatial[i], int) and spatial[i] > 0:
+            size = spatial[i]
+            total = max(0, (math.ceil(size / s) - 1) * s + d * (k - 1) + 1 - size)
+        else:
+            return None
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def explicit_conv_pads(graph: gs.Graph) -> int:
+    """``Conv`` with ``auto_pad=SAME_UPPER/SAME_LOWER`` (CNTK, TensorFlow exports) gets the equivalent explicit
+    ``pads`` when they do not depend on an unknown input size (always for stride 1); exact."""
+    changed = 0
+    for node in graph.nodes:
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        if node.op != "Conv" or node.domain not in _DEFAULT_DOMAINS or auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        kernel = node.attrs.get("kernel_shape") or (list(w.values.shape[2:]) if isinstance(w, gs.Constant) else None)
+        if not kernel:
+            continue
+        nd = len(kernel)
+        x_shape = node.inputs[0].shape
+        spatial = list(x_shape[2:]) if x_shape is not None and len(x_shape) == nd + 2 else None
+        pads = _same_pads(auto_pad, [int(k) for k in kernel], [int(v) for v in node.attrs.get("strides", [1] * nd)],
+                          [int(v) for v in node.attrs.get("dilations", [1] * nd)], spatial)
+        if pads is None:
+            continue
+        node.attrs["auto_pad"] = "NOTSET"
+        node.attrs["pads"] = pads
+        changed += 1
+    return changed
+
+
 def name_nodes(graph: gs.Graph) -> None:
     """Give every unnamed or duplicate-named node a unique name (reports and statistics key on it)."""
     names = NameSource(graph)
@@ -489,8 +559,9 @@ def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None
     lifted = lift_constant_nodes(graph)
     dropped = drop_initializer_inputs(graph) + (ctx.initializer_inputs if ctx is not None else 0)
     folding = fold_constants(graph, fold)
+    explicit = explicit_conv_pads(graph)
     fused, tally = fuse_conv_bias_adds(graph)
     folded, bn_tally = fold_batchnorms(graph) if fold_bn else (0, ReasonTally())
     tally.merge(bn_tally.skipped, bn_tally.examples)
     tally.merge(folding.skipped, folding.examples, prefix="constant folding: ")
-    return CanonicalizeReport(lifted, dropped, folded, tally.skipped, tally.examples, fused, folding)
+    return CanonicalizeReport(lifted, dropped, folded, tally.skipped, tally.examples, fused, explicit, folding)

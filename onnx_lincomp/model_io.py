@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
 
-from .errors import InvalidModelError, LincompError
+from .errors import InvalidModelError, LincompError, OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +245,9 @@ def save_model_proto(
     """
     out = Path(path).resolve()
     if overwrite_input is not None and Path(overwrite_input).resolve() == out:
-        raise LincompError(f"{out}: refusing to overwrite the input model (pass --overwrite to allow)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise OptionError(f"{out}: refusing to overwrite the input model (pass --overwrite to allow)")
+    if not out.parent.is_dir():
+        raise OptionError(f"{out}: the folder {out.parent} does not exist (it is not created)")
     use_external = external_data if external_data is not None else tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2
     tmpdir = tempfile.mkdtemp(prefix=".lincomp-", dir=out.parent)
     tmp_model = Path(tmpdir) / out.name

@@ -21,8 +21,15 @@ from .errors import OptionError
 from .evaluate.evaluator import Verification
 from .evaluate.search import SWEEP_THRESHOLDS, Candidate, CandidateScore, scan, smallest_within
 from .exact.compress import ExactOutcome, certify_for, stamp_and_check
-from .gates import (check_gates, check_not_worse, compare_two, latencies, latency_feeds, require_budget_support,
-                    require_samples)
+from .gates import (
+    check_gates,
+    check_not_worse,
+    compare_two,
+    latencies,
+    latency_feeds,
+    require_budget_support,
+    require_samples,
+)
 from .model_io import LoadedModel, to_model_proto
 from .optimize_report import OptimizeReport, SizeFigures
 from .passes import PassContext

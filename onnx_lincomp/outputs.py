@@ -154,7 +154,9 @@ class Outputs:
             yield staged
         except LincompError as exc:
             text = str(exc).replace(str(staged), str(dest.target)).replace(str(staged.parent), str(dest.target.parent))
-            raise type(exc)(text) from exc
+            renamed = type(exc)(text)
+            renamed.exit_code = exc.exit_code
+            raise renamed from exc
         except OSError as exc:
             raise LincompError(f"{dest.label}: cannot write ({exc.strerror or exc})") from exc
 

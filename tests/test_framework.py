@@ -82,8 +82,8 @@ def test_recipe_toml_round_trip(tmp_path):
 def test_report_recipe_reproduces_the_model_byte_for_byte(tmp_path):
     runner = CliRunner()
     first = runner.invoke(main, ["optimize", "--example", "digits-mlp", "-o", str(tmp_path / "a.onnx"), "--linear-rate",
-                                 "0.9", "--dead-rate", "0.01", "--verify-split", "0.3", "--max-abs-error", "10", "--no-latency", "--json",
-                                 str(tmp_path / "a.json")])
+                                 "0.9", "--dead-rate", "0.01", "--verify-split", "0.3", "--max-abs-error", "10",
+                                 "--no-latency", "--json", str(tmp_path / "a.json")])
     assert first.exit_code == 0, first.output
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["recipe"]["calibration"]["verify_split"] == 0.3

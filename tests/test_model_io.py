@@ -42,6 +42,7 @@ def test_external_data_round_trip(tmp_path, rng):
     onnx.save_model(copy, src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     loaded = load_model(src)
     assert loaded.ctx.external_data
+    (tmp_path / "out").mkdir()  # folders are never created by the writer
     out = save_model(loaded.graph, loaded.ctx, tmp_path / "out" / "copy.onnx")
     assert (tmp_path / "out" / "copy.onnx.data").is_file()
     back = onnx.load(out)

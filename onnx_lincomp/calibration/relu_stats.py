@@ -14,6 +14,7 @@ statistics of shards merge to exactly the statistics of one pass over all data.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -182,6 +183,6 @@ class StatsSet:
                     raise CalibrationDataError(f"{path}: not an onnx-lincomp statistics file")
                 layers = tuple(ReluStats(**entry, **{n: data[f"{i}.{n}"] for n in _ARRAYS})
                                for i, entry in enumerate(meta["layers"]))
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise CalibrationDataError(f"{path}: cannot read statistics file ({exc})") from exc
         return StatsSet(layers, meta["source"], meta["random"], tuple(tuple(x) for x in meta["not_analysed"]))

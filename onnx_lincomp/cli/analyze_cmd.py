@@ -11,11 +11,11 @@ from .render import print_analysis
 @main.command(epilog="Example: onnx-lincomp analyze --example digits-mlp\n\n" + EXIT_CODES_HELP)
 @click.argument("model", required=False)
 @with_options(common_calib)
-@click.option("--save-stats", type=click.Path(dir_okay=False), help="Write the statistics to this .npz.")
+@click.option("--save-stats", metavar="FILE", help="Write the statistics to this .npz.")
 @click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False),
               help="Reuse statistics saved earlier.")
 @click.option("--json", "json_out", help="Write the analysis as JSON to this file ('-' for stdout).")
-@click.option("--plot", type=click.Path(dir_okay=False),
+@click.option("--plot", metavar="FILE",
               help="Draw activation-rate distributions to this PNG (extra 'plot').")
 def analyze(model, calib, batch_size, max_samples, input_shape, threads, example, save_stats, stats_file, json_out,
             plot):

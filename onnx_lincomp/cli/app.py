@@ -6,7 +6,6 @@ import logging
 import math
 import sys
 import traceback
-from pathlib import Path
 
 import click
 
@@ -100,16 +99,6 @@ def stage_json(outputs: Outputs, target: str | None, payload: dict) -> str | Non
     with outputs.writing("--json") as path:
         path.write_text(text)
     return None
-
-
-def write_json(target: str, payload: dict) -> None:
-    text = json_text(payload)
-    if target == "-":
-        click.echo(text)
-    else:
-        tmp = Path(target + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
 
 
 def _json_default(obj):

@@ -106,7 +106,9 @@ def _bench_sessions(paths, loaded, feeds, threads: int):
             try:
                 session = scope.open(to_model_proto(m.graph, m.ctx, infer_shapes=False), pinned_options(threads))
             except LincompError as exc:
-                raise type(exc)(f"{path}: {exc}") from exc
+                named = type(exc)(f"{path}: {exc}")
+                named.exit_code = exc.exit_code
+                raise named from exc
             run_session(session, None, feeds, what=path)
             sessions.append(session)
         yield sessions

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import OptionError
+from ..outputs import OutputPlan, Outputs
 from ..recipe import CalibrationSettings, ExactSettings, Recipe, load_recipe, pass_flags, recipe_from_flags
 from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
 from .render import print_certificate, print_optimize, print_plans
@@ -34,6 +35,23 @@ exact_options = [
     click.option("--check-points", type=click.IntRange(1),
                  help="Random points of the box to compare outputs on before saving (default 10000)."),
 ]
+
+
+def _output_change(text: str | None) -> float | None:
+    """``--max-output-change``: a positive fraction, 'off', or absent (the default limit)."""
+    from ..optimize import DEFAULT_MAX_OUTPUT_CHANGE
+
+    if text is None:
+        return DEFAULT_MAX_OUTPUT_CHANGE
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise OptionError(f"--max-output-change: expected a positive number or 'off', got '{text}'")
+    return value
 
 
 def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
@@ -77,7 +95,7 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @main.command(epilog="Example: onnx-lincomp optimize --example digits-mlp -o small.onnx\n\n" + EXIT_CODES_HELP)
 @click.argument("model", required=False)
 @with_options(common_calib)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", required=True, metavar="FILE",
               help="Where to write the optimised model.")
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
               help="Run this recipe (TOML, or a JSON report's 'recipe') instead of --passes.")
@@ -95,6 +113,11 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
                    "still come from the calibration part only).")
 @click.option("--max-abs-error", type=click.FloatRange(0),
               help="Gate: fail (exit 4) if any held-out output differs by more.")
+@click.option("--max-output-change", metavar="R|off",
+              help="Gate: fail (exit 4) if held-out outputs change by more than R of their scale (default 0.01 "
+                   "unless --max-abs-error or --max-accuracy-drop is given; 'off' disables it).")
+@click.option("--min-samples", type=click.IntRange(1), default=32, show_default=True,
+              help="Gate: statistics resting on fewer calibration samples fail (exit 4).")
 @click.option("--allow-larger", is_flag=True,
               help="Keep an output that is larger or measurably slower than the input (else exit 4).")
 @click.option("--check-each-pass", is_flag=True,
@@ -102,7 +125,7 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
                    "(slower; the report lists each).")
 @click.option("--explain", is_flag=True, help="Show what each pass would do (plans, skip reasons) and write nothing.")
 @click.option("--json", "json_out", help="Write the report as JSON to this file ('-' for stdout).")
-@click.option("--save-stats", type=click.Path(dir_okay=False), help="Write the calibration statistics to this .npz.")
+@click.option("--save-stats", metavar="FILE", help="Write the calibration statistics to this .npz.")
 @click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False),
               help="Reuse statistics saved earlier.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
@@ -110,7 +133,8 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @with_options(exact_options)
 @click.pass_context
 def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
-             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, allow_larger, check_each_pass, explain,
+             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, max_output_change, min_samples,
+             allow_larger, check_each_pass, explain,
              json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
              check_points, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
@@ -118,11 +142,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
     """
     from ..calibration import StatsSet
-    from ..model_io import save_model_proto
     from ..optimize import OptimizeOptions
-    from ..optimize import optimize as run_optimize
-    from ..outputs import OutputPlan
-    from ..prepared import calibrate, prepare
 
     model, calib = resolve(model, calib, example)
     if example and labels is None and not exact:
@@ -134,8 +154,8 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     recipe = _recipe(ctx, recipe_file, passes, pass_values, calibration, exact_settings)
     rates_given = any(v is not None for k, v in pass_values.items() if k in ("pass_dead_rate", "pass_linear_rate"))
     options = OptimizeOptions(recipe, labels=labels, max_accuracy_drop=max_accuracy_drop, max_abs_error=max_abs_error,
-                              gate_on=gate_on,
-                              batch_size=batch_size, threads=threads, latency=not no_latency,
+                              gate_on=gate_on, max_output_change=_output_change(max_output_change),
+                              min_samples=min_samples, batch_size=batch_size, threads=threads, latency=not no_latency,
                               search=max_accuracy_drop is not None and not rates_given and not recipe_file,
                               allow_larger=allow_larger, check_each_pass=check_each_pass)
     if explain:
@@ -146,21 +166,33 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     plan.add("--save-stats", save_stats)
     plan.add("--json", json_out)
     with plan.check() as outputs:
-        stats = StatsSet.load(stats_file) if stats_file else None
-        if save_stats:
-            if stats is None:
-                stats = calibrate(prepare(model, calib, recipe, labels), batch_size, threads, progress("calibrating"))
-            with outputs.writing("--save-stats") as path:
-                stats.save(path)
-        result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
-        with outputs.writing("-o") as path:
-            save_model_proto(result.model, path)
-        stdout_json = stage_json(outputs, json_out, dict(result.report.as_dict(), output=output))
+        report = _run_and_stage(outputs, model, calib, options, stats_file)
+        stdout_json = stage_json(outputs, json_out, dict(report.as_dict(), output=output))
         outputs.commit()
     if stdout_json is not None:
         click.echo(stdout_json)
         return
-    print_optimize(result.report, output)
+    print_optimize(report, output)
+
+
+def _run_and_stage(outputs: Outputs, model: str, calib: str | None, options, stats_file: str | None):
+    """Calibrate (or load statistics), optimise, and stage the statistics and the model; the report."""
+    from ..calibration import StatsSet
+    from ..model_io import save_model_proto
+    from ..optimize import optimize as run_optimize
+    from ..prepared import calibrate, prepare
+
+    stats = StatsSet.load(stats_file) if stats_file else None
+    if "--save-stats" in outputs:
+        if stats is None:
+            stats = calibrate(prepare(model, calib, options.recipe, options.labels), options.batch_size,
+                              options.threads, progress("calibrating"))
+        with outputs.writing("--save-stats") as path:
+            stats.save(path)
+    result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
+    with outputs.writing("-o") as path:
+        save_model_proto(result.model, path)
+    return result.report
 
 
 def _explain(model, calib, options, stats) -> None:

@@ -19,9 +19,9 @@ from .render import print_sweep
 @click.option("--verify-split", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--layer-threshold", default="auto", show_default=True,
               help="fold-linear's layer threshold (N, F or 'auto').")
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the table as CSV.")
+@click.option("--csv", "csv_out", metavar="FILE", help="Write the table as CSV.")
 @click.option("--json", "json_out", help="Write the table as JSON ('-' for stdout).")
-@click.option("--plot", type=click.Path(dir_okay=False),
+@click.option("--plot", metavar="FILE",
               help="PNG of size and accuracy against threshold (extra 'plot').")
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement per threshold.")
 def sweep(model, calib, batch_size, max_samples, input_shape, threads, example, labels, verify_split, layer_threshold,
