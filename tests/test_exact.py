@@ -171,3 +171,10 @@ def test_all_inactive_layer_makes_the_output_constant(rng):
     np.testing.assert_allclose(y, run(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
     y_far = run(result.model, {"x": 10 * rng.normal(size=(5, 4)).astype(np.float32)})[0]
     np.testing.assert_allclose(y_far, np.broadcast_to(y[0], y_far.shape))  # constant everywhere now
+
+
+def test_a_single_point_box_is_refused(rng):
+    model = mlp_model(rng, [4, 8, 2])
+    specs = input_specs(model_from_proto(model).graph)
+    with pytest.raises(CalibrationDataError, match="is a single point"):
+        parse_domain(["0,0"], specs)

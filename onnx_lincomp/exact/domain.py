@@ -57,7 +57,17 @@ def _parse_pair(text: str, what: str) -> tuple[float, float]:
 
 def parse_domain(ranges: tuple[str, ...] | list[str], specs: list[InputSpec], *,
                  calib: CalibrationSource | None = None, overrides: dict | None = None) -> Domain:
-    """The box of the model's single float input from ``--input-range`` arguments."""
+    """The box of the model's single float input from ``--input-range`` arguments; a box that is a single
+    point is refused (every unit is trivially stable there: the result would be a constant model)."""
+    domain = _parse_domain(ranges, specs, calib, overrides)
+    if np.all(domain.lower == domain.upper):
+        raise CalibrationDataError(f"--input-range: the box ({domain.description}) is a single point; every unit is "
+                                   "trivially stable on it. Give LO < HI for at least one feature")
+    return domain
+
+
+def _parse_domain(ranges: tuple[str, ...] | list[str], specs: list[InputSpec], calib: CalibrationSource | None,
+                  overrides: dict | None) -> Domain:
     floats = [s for s in specs if s.dtype.kind == "f"]
     if len(floats) != 1 or len(specs) != 1:
         raise CalibrationDataError("exact mode needs a model with one float input (found: "
