@@ -20,6 +20,7 @@ figures and error wrapping belong to the pipeline, never to a pass.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections import Counter
@@ -136,6 +137,9 @@ class Plan:
                 "approximate": self.approximate}
 
 
+_QUOTED = re.compile(r"'[^']*'")
+
+
 class SkipTally:
     """Skip reasons with counts and the first few site names each (what reports show)."""
 
@@ -145,6 +149,7 @@ class SkipTally:
         self._examples = examples
 
     def add(self, reason: str, site: str) -> None:
+        reason = _QUOTED.sub("'…'", reason)  # names go to the examples, so equal reasons tally together
         self.counts[reason] += 1
         names = self.names.setdefault(reason, [])
         if len(names) < self._examples:

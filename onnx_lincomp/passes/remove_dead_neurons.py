@@ -201,6 +201,8 @@ def _uncovered_reason(graph: gs.Graph, found: ChannelGroups, relu: gs.Node) -> s
     skip = skip or found.skipped_relus.get(relu.name)
     if isinstance(producer, Skip):
         return producer.reason
+    if isinstance(producer, LinearLayer) and producer.kind == "conv" and producer.group > 1:
+        return "producer is a grouped Conv (its channels go only in whole groups; not removed as a producer)"
     if skip is not None:
         return skip.reason
     src = relu.inputs[0].inputs[0].op if relu.inputs and relu.inputs[0].inputs else "a graph input"
