@@ -46,7 +46,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .errors import LincompError, OptionError
+from .errors import OptionError
 from .graph_edit import NameSource, is_graph_output, only_consumer
 from .linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
 from .model_io import ModelContext
@@ -353,7 +353,7 @@ def _fold_quantize_ops(graph: gs.Graph, options: FoldOptions, output_names: set[
         return 0, ""
     try:
         values = _evaluate_quantize_ops(graph, nodes)
-    except LincompError as exc:
+    except Exception as exc:  # export or onnxruntime: folding is a refinement, canonicalisation goes on
         logger.warning("constant folding of %d (De)QuantizeLinear nodes failed: %s", len(nodes), exc)
         return 0, _one_line(exc)
     for node, value in zip(nodes, values, strict=True):

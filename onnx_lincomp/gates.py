@@ -68,6 +68,8 @@ def check_not_worse(before: SizeFigures, after: SizeFigures, allow_larger: bool)
     """Never worse by surprise: a larger or more expensive output is a gate failure unless allowed."""
     worse = [f"{what} {x:,} -> {y:,}" for what, x, y in (("parameters", before.params, after.params),
                                                          ("MACs", before.macs, after.macs)) if y > x]
+    if after.size_bytes > before.size_bytes * 1.01 + 4096:  # metadata (a certificate, the recipe) is allowed
+        worse.append(f"file bytes {before.size_bytes:,} -> {after.size_bytes:,}")
     if after.latency_verdict == "slower":
         worse.append(f"batch-1 latency {after.latency_ratio:.2f}x the original (outside the noise)")
     if not worse:

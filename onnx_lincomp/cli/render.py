@@ -66,7 +66,7 @@ def _print_passes(r) -> None:
     for p in r.passes:
         res = p.result
         click.echo(f"{res.name:<14} {res.neurons_removed:>8} {res.neurons_folded:>7} {p.params_before:>14,} "
-                   f"{p.params_after:>12,} {fmt_int(p.after.macs):>12} {p.seconds * 1000:>6.1f}ms")
+                   f"{p.params_after:>12,} {fmt_int(p.after.macs if not p.after.nodes_without_shapes else None):>12} {p.seconds * 1000:>6.1f}ms")
         for why, n in res.skipped.items():
             click.echo(f"{'':<14} skipped {n}x: {why}")
         for note in res.notes + tuple(x for x in (p.shapes, p.check) if x):
@@ -102,13 +102,23 @@ def _print_verification(r) -> None:
                    + (f", top-1 agreement {100 * min(agree):.2f}%" if agree else "") + acc)
 
 
+def print_canonical(c) -> None:
+    """What canonicalisation did, skip reasons grouped with a few example names each."""
+    f = c.folding
+    click.echo(f"canonicalised: {c.batchnorms_folded} BatchNorm folded, {c.constants_lifted} Constant nodes lifted, "
+               f"{f.nodes_folded} constant nodes folded ({f.bytes_folded:,} bytes), {c.conv_bias_adds_fused} bias Adds "
+               f"fused, {c.conv_pads_made_explicit} auto_pad made explicit")
+    for why, n in c.skipped.items():
+        names = ", ".join(c.examples.get(why, ()))
+        click.echo(f"  skipped {n}x: {why}" + (f" (e.g. {names})" if names else ""))
+
+
 def print_optimize(r, output: str) -> None:
     click.echo(f"{r.model} -> {output}")
     click.echo(f"evidence: {r.evidence}"
                + (f"; held-out: {r.heldout_samples} samples" if r.certificate is None else ""))
     c = r.canonicalize
-    click.echo(f"canonicalised: {c.batchnorms_folded} BatchNorm folded, {c.constants_lifted} Constant nodes lifted"
-               + "".join(f"; skipped {n}x: {why}" for why, n in c.skipped.items()))
+    print_canonical(c)
     _print_passes(r)
     _print_sizes(r)
     _print_verification(r)

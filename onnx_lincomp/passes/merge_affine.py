@@ -32,24 +32,45 @@ def _plain_1x1(layer: LinearLayer) -> bool:
             and all(s == 1 for s in a["strides"]) and all(d == 1 for d in a["dilations"]))
 
 
-def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarray, np.ndarray, str] | str:
-    """(weight, bias, which layer's attributes to keep) of the merged layer, or a skip reason."""
+def merged_shape(first: LinearLayer, second: LinearLayer) -> tuple[int, ...] | str:
+    """Weight shape of the merged layer from the two layers' shapes alone (no arithmetic), or a skip reason.
+
+    Plans use it to decide "smaller?" cheaply; only an applied merge computes the merged weights."""
     if first.kind != "conv" and second.kind != "conv":
-        return second.weight @ first.weight, second.weight @ first.bias + second.bias, "second"
+        return second.out_features, first.in_features
     if first.kind != "conv" or second.kind != "conv":
         return "Conv and Gemm/MatMul without a flatten are not merged"
     if first.group != 1 or second.group != 1:
         return "grouped Conv"
     if _plain_1x1(second):
-        w2 = second.weight[:, :, *([0] * (second.weight.ndim - 2))]
-        return np.einsum("om,mi...->oi...", w2, first.weight), w2 @ first.bias + second.bias, "first"
+        return (second.out_features, *first.weight.shape[1:])
     if _plain_1x1(first):
-        w1 = first.weight[:, :, *([0] * (first.weight.ndim - 2))]
         if any(second.conv_attrs["pads"]) and np.any(first.bias):
             return "second Conv pads while the first has a bias (border values would change)"
+        return (second.out_features, first.weight.shape[1], *second.weight.shape[2:])
+    if not (_unit_steps(first) and _unit_steps(second)):
+        return "Conv pair with strides or dilations other than 1 and no 1x1 side"
+    if any(second.conv_attrs["pads"]):
+        return "second Conv pads (border values would change when merged)"
+    k1, k2 = np.array(first.weight.shape[2:]), np.array(second.weight.shape[2:])
+    return (second.out_features, first.weight.shape[1], *(int(k) for k in k1 + k2 - 1))
+
+
+def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarray, np.ndarray, str] | str:
+    """(weight, bias, which layer's attributes to keep) of the merged layer, or a skip reason."""
+    shape = merged_shape(first, second)
+    if isinstance(shape, str):
+        return shape
+    if first.kind != "conv":
+        return second.weight @ first.weight, second.weight @ first.bias + second.bias, "second"
+    if _plain_1x1(second):
+        w2 = second.weight.reshape(second.weight.shape[:2])
+        return np.tensordot(w2, first.weight, axes=(1, 0)), w2 @ first.bias + second.bias, "first"
+    if _plain_1x1(first):
+        w1 = first.weight.reshape(first.weight.shape[:2])
         taps = tuple(range(2, second.weight.ndim))
         bias = second.bias + second.weight.sum(axis=taps) @ first.bias
-        return np.einsum("om...,mi->oi...", second.weight, w1), bias, "second"
+        return np.moveaxis(np.tensordot(second.weight, w1, axes=(1, 0)), -1, 1), bias, "second"
     return _compose_kernels(first, second)
 
 
@@ -64,22 +85,18 @@ def _compose_kernels(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarra
     Cross-correlations compose by convolving kernels: ``C[o, i, t] = sum_m sum_{u+v=t} W1[m, i, u] W2[o, m, v]``;
     the merged layer keeps the first conv's padding.
     """
-    if not (_unit_steps(first) and _unit_steps(second)):
-        return "Conv pair with strides or dilations other than 1 and no 1x1 side"
-    if any(second.conv_attrs["pads"]):
-        return "second Conv pads (border values would change when merged)"
     w1, w2 = first.weight, second.weight
     k1, k2 = np.array(w1.shape[2:]), np.array(w2.shape[2:])
     merged = np.zeros((w2.shape[0], w1.shape[1], *(k1 + k2 - 1)))
     for v in np.ndindex(*k2):
         window = (slice(None), slice(None)) + tuple(slice(vi, vi + ki) for vi, ki in zip(v, k1, strict=True))
-        merged[window] += np.einsum("om,mi...->oi...", w2[(slice(None), slice(None)) + v], w1)
+        merged[window] += np.tensordot(w2[(slice(None), slice(None)) + v], w1, axes=(1, 0))
     bias = second.bias + w2.sum(axis=tuple(range(2, w2.ndim))) @ first.bias
     return merged, bias, "first"
 
 
 def _cheaper(first: LinearLayer, second: LinearLayer, weight: np.ndarray) -> bool:
-    return weight.size < first.weight.size + second.weight.size
+    return weight.size < first.weight.size + second.weight.size  # the same rule as the plan's, on the real weight
 
 
 def merge_pair(graph: gs.Graph, names: NameSource, first: LinearLayer, second: LinearLayer) -> str | None:
@@ -132,13 +149,14 @@ class MergeAffine(Pass):
                 tally.add(pair, node.name)
             elif pair is not None:
                 first, second = pair
-                merged = merged_parameters(first, second)
-                if isinstance(merged, str):
-                    tally.add(merged, node.name)
-                elif not _cheaper(first, second, merged[0]):
+                shape = merged_shape(first, second)
+                size = int(np.prod(shape)) if not isinstance(shape, str) else 0
+                if isinstance(shape, str):
+                    tally.add(shape, node.name)
+                elif size >= first.weight.size + second.weight.size:
                     tally.add("merged layer would not be smaller", node.name)
                 else:
-                    saved = first.param_count + second.param_count - merged[0].size - merged[1].size
+                    saved = first.param_count + second.param_count - size - shape[0]
                     matches.append(Match(node.name, "merge", 0, saved, f"{first.name} into {second.name}"))
         return tally.plan(self.name, matches)
 
