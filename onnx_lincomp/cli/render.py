@@ -66,7 +66,8 @@ def _print_passes(r) -> None:
     for p in r.passes:
         res = p.result
         click.echo(f"{res.name:<14} {res.neurons_removed:>8} {res.neurons_folded:>7} {p.params_before:>14,} "
-                   f"{p.params_after:>12,} {fmt_int(p.after.macs if not p.after.nodes_without_shapes else None):>12} {p.seconds * 1000:>6.1f}ms")
+                   f"{p.params_after:>12,} {fmt_int(None if p.after.nodes_without_shapes else p.after.macs):>12} "
+                   f"{p.seconds * 1000:>6.1f}ms")
         for why, n in res.skipped.items():
             click.echo(f"{'':<14} skipped {n}x: {why}")
         for note in res.notes + tuple(x for x in (p.shapes, p.check) if x):
