@@ -48,7 +48,11 @@ def test_optimize_is_exact_on_calibration_data(spec, tmp_path):
     result = optimize(path, calib, options)
     onnx.checker.check_model(result.model)
     v = result.report.on_calibration
-    assert v.within(1e-5), (spec.path, v.as_dict())
+    if any(r.result.changed for r in result.report.passes):
+        assert v.within(1e-5), (spec.path, v.as_dict())
+    else:  # nothing changed: only a spot check of canonicalisation (None when it changed nothing either)
+        assert any("no pass changed the graph" in m for m in result.report.messages)
+        assert v is None or v.within(1e-4)
     assert result.report.after.params <= result.report.before.params
 
 

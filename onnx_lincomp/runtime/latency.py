@@ -19,6 +19,7 @@ it off widened the ratio intervals several-fold (wake-up latency), and with 1 th
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -29,7 +30,6 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
-from scipy.stats import binom
 
 from .session import SessionOptions, SessionScope, open_session
 
@@ -161,13 +161,18 @@ class LatencyComparison:
         return {"rounds": self.rounds, "blocks": list(self.blocks), "confidence": self.confidence, "models": models}
 
 
+def _binom_half_cdf(j: int, r: int) -> float:
+    """P(X <= j) for X ~ Binomial(r, 1/2), exactly (stdlib; scipy.stats costs a second to import)."""
+    return sum(math.comb(r, i) for i in range(j + 1)) / 2.0**r
+
+
 def median_interval(values: Sequence[float] | np.ndarray, confidence: float) -> tuple[float, float]:
     """Distribution-free CI of a median: order statistics j and R+1-j, P(Bin(R,1/2) < j) <= alpha/2."""
     v = np.sort(np.asarray(values, np.float64))
     r = len(v)
     alpha = 1.0 - confidence
     j = 0
-    while j + 1 <= r // 2 and binom.cdf(j, r, 0.5) <= alpha / 2:  # cdf(j) = P(X <= j) = P(X < j + 1)
+    while j + 1 <= r // 2 and _binom_half_cdf(j, r) <= alpha / 2:  # cdf(j) = P(X <= j) = P(X < j + 1)
         j += 1
     if j == 0:  # too few rounds for this confidence: the whole range
         return float(v[0]), float(v[-1])
