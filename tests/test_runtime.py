@@ -44,7 +44,7 @@ def test_session_options_reach_onnxruntime():
     assert (so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level) == (2, 1, 4)
     assert so.graph_optimization_level.name == "ORT_DISABLE_ALL"
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError):
         SessionOptions(threads=-1)
     assert pinned_options(0).threads == 1 and pinned_options(3).threads == 3
 

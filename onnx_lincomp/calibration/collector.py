@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, OptionError
 from ..model_io import ModelContext, to_model_proto
 from ..runtime.feeds import feeds_samples, fixed_batch, iterate_feeds, model_feeds
 from ..runtime.session import SessionOptions, SessionScope, ort_message
@@ -50,9 +50,9 @@ class CollectOptions:
 
     def __post_init__(self):
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+            raise OptionError(f"batch_size must be positive, got {self.batch_size}")
         if self.mode not in ("auto", "pre"):
-            raise ValueError(f"mode must be 'auto' or 'pre', got {self.mode!r}")
+            raise OptionError(f"mode must be 'auto' or 'pre', got {self.mode!r}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis.unit_sets import ProvenUnits, UnitEvidence
 from ..calibration.data_source import CalibrationSource
+from ..errors import OptionError
 from ..model_io import ModelContext
 from .bounds import relaxed_bounds
 from .chain import AffineChain, extract_chain
@@ -39,7 +40,7 @@ class CertifyOptions:
 
     def __post_init__(self):
         if self.random_points < 0 or self.time_limit <= 0 or self.solve_limit <= 0:
-            raise ValueError("random_points must be >= 0 and time limits positive")
+            raise OptionError("random_points must be >= 0 and time limits positive")
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..errors import OptionError
 from .session import SessionOptions, SessionScope, open_session
 
 Feeds = dict[str, np.ndarray]
@@ -48,7 +49,7 @@ class LatencyOptions:
 
     def __post_init__(self):
         if self.runs <= 0 or self.warmup < 0 or self.batch_size <= 0 or self.threads < 0:
-            raise ValueError("runs and batch_size must be positive; warmup and threads non-negative")
+            raise OptionError("runs and batch_size must be positive; warmup and threads non-negative")
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,9 @@ class CompareOptions:
 
     def __post_init__(self):
         if self.rounds < 3 or self.round_ms <= 0 or self.min_block < 1 or self.max_block < self.min_block:
-            raise ValueError("need rounds >= 3, round_ms > 0 and 1 <= min_block <= max_block")
+            raise OptionError("need rounds >= 3, round_ms > 0 and 1 <= min_block <= max_block")
         if not 0.0 <= self.noise_band < 1.0 or not 0.5 <= self.confidence < 1.0:
-            raise ValueError("noise_band must be in [0, 1) and confidence in [0.5, 1)")
+            raise OptionError("noise_band must be in [0, 1) and confidence in [0.5, 1)")
 
 
 @dataclass(frozen=True)

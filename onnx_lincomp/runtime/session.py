@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import CalibrationDataError, InvalidModelError, LincompError, UnsupportedModelError
+from ..errors import CalibrationDataError, InvalidModelError, LincompError, OptionError, UnsupportedModelError
 from ..model_io import session_source
 
 _PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
@@ -46,9 +46,9 @@ class SessionOptions:
 
     def __post_init__(self):
         if self.threads < 0 or self.inter_threads < 0:
-            raise ValueError(f"thread counts must be non-negative, got {self.threads}, {self.inter_threads}")
+            raise OptionError(f"thread counts must be non-negative, got {self.threads}, {self.inter_threads}")
         if not 0 <= self.log_level <= 4:
-            raise ValueError(f"log_level must be in 0..4, got {self.log_level}")
+            raise OptionError(f"log_level must be in 0..4, got {self.log_level}")
 
     def to_ort(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
