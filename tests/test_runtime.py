@@ -10,7 +10,7 @@ import onnx_lincomp
 from conftest import make_model, mlp_model, run, vinfo
 from onnx_lincomp import model_io
 from onnx_lincomp.calibration import CalibrationSource, input_specs
-from onnx_lincomp.errors import CalibrationDataError, InvalidModelError, UnsupportedModelError
+from onnx_lincomp.errors import CalibrationDataError, InvalidModelError, OptionError, UnsupportedModelError
 from onnx_lincomp.model_io import model_from_proto
 from onnx_lincomp.runtime.feeds import benchmark_feeds, fixed_batch, iterate_feeds
 from onnx_lincomp.runtime.latency import (
