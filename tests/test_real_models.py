@@ -72,3 +72,23 @@ def test_fmnist_mlp_dead_units_all_go(tmp_path):
     assert 0.21 < saved < 0.24
     held = result.report.on_heldout
     assert held.samples == 8000 and held.accuracy_after == held.accuracy_before
+
+
+@pytest.mark.parametrize("spec", REAL_MODELS, ids=IDS)
+def test_analyze_every_shared_model(spec, tmp_path):
+    """`analyze` on each third-party model: exit 0, JSON with one row per top-level Relu, plans for the passes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from onnx_lincomp.cli import main
+
+    calib = calibration_file(spec, tmp_path)
+    shapes = [f"--input-shape={k}={','.join(map(str, v))}" for k, v in spec.input_shapes.items()]
+    res = CliRunner().invoke(main, ["analyze", str(shared_path("models", spec.path)), "--calib", calib, *shapes,
+                                    "--json", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    data = json.loads((tmp_path / "a.json").read_text())
+    relus = sum(1 for n in load_model(shared_path("models", spec.path)).graph.nodes if n.op == "Relu")
+    assert len(data["layers"]) == relus and {p["pass"] for p in data["plans"]} == {"remove-dead", "fold-linear"}
