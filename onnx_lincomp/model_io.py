@@ -18,12 +18,14 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import InvalidModelError, LincompError, OptionError
+from .graph_edit import refresh_shapes
 
 logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialise a message of 2 GiB or more; above this we always use external data.
 PROTO_LIMIT_BYTES = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024  # tensors larger than this go to the data file when saving externally
+LOAD_WEIGHTLESS_ABOVE_BYTES = 2**24  # models with more constant bytes infer shapes on a weightless copy
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class ModelContext:
 class LoadedModel:
     graph: gs.Graph
     ctx: ModelContext
+    # the model as read: the graph's constants still read their values from it (so keeping it costs no
+    # memory), and it serves as the unchanged original for verification instead of a second export
+    proto: onnx.ModelProto | None = field(default=None, repr=False)
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
@@ -146,7 +151,19 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if len(model.graph.node) == 0:
         raise InvalidModelError(f"{path}: the graph has no nodes")
     ctx = context_from_proto(model, str(path), external)
-    return LoadedModel(graph=graph_from_proto(with_inferred_shapes(model)), ctx=ctx)
+    return LoadedModel(_graph_with_shapes(model), ctx, model)
+
+
+def _graph_with_shapes(model: onnx.ModelProto) -> gs.Graph:
+    """The graph of ``model`` with intermediate shapes inferred on a copy whose large constants are left
+    out, so loading a model never holds a second copy of its weights."""
+    if tensor_bytes(model) < LOAD_WEIGHTLESS_ABOVE_BYTES:  # small: infer on a copy of the whole model
+        return graph_from_proto(with_inferred_shapes(model))
+    graph = graph_from_proto(model)
+    refresh = refresh_shapes(graph, weightless_above=0)
+    if not refresh.inferred:
+        logger.warning("shape inference failed on load: %s", refresh.reason)
+    return graph
 
 
 def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -161,7 +178,7 @@ def with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_from_proto(model: onnx.ModelProto, source: str | None = None) -> LoadedModel:
-    return LoadedModel(graph=graph_from_proto(with_inferred_shapes(model)), ctx=context_from_proto(model, source))
+    return LoadedModel(_graph_with_shapes(model), context_from_proto(model, source), model)
 
 
 def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None = None) -> onnx.ModelProto:
@@ -194,10 +211,19 @@ def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None
     if infer_shapes is None:
         infer_shapes = ctx.value_info
         if not infer_shapes:
-            del model.graph.value_info[:]
+            _drop_value_info(model.graph)
     if infer_shapes:
         model = refresh_value_info(model)
     return model
+
+
+def _drop_value_info(graph: onnx.GraphProto) -> None:
+    """Remove intermediate shapes from a graph and its If/Loop/Scan bodies (the source listed none)."""
+    del graph.value_info[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _drop_value_info(sub)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

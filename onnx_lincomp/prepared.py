@@ -85,7 +85,7 @@ def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recip
     else:
         loaded, name = load_model(model), str(model)
     check_finite_weights(loaded.graph, name)
-    original = to_model_proto(loaded.graph, loaded.ctx)
+    original = loaded.proto if loaded.proto is not None else to_model_proto(loaded.graph, loaded.ctx)
     canon = canonicalize(loaded.graph, ctx=loaded.ctx)
     cal = recipe.calibration
     if calib is None:

@@ -141,9 +141,9 @@ def plan_sites(graph: gs.Graph, model: onnx.ModelProto, mode: str) -> list[_Site
 
 
 def augment(model: onnx.ModelProto, sites: list[_Site], opset: int) -> onnx.ModelProto:
-    """A copy of ``model`` whose extra outputs carry what each site needs."""
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
+    """``model`` itself (changed in place: it is the collector's own export, and a copy would double the
+    memory of big models) with extra outputs that carry what each site needs."""
+    aug = model
     g = aug.graph
     infos = _value_infos(model)
     existing = {o.name for o in g.output}
@@ -209,6 +209,7 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
     done = 0
     with SessionScope(prefix="lincomp-calib-") as scope:
         sess = scope.open(aug, SessionOptions(threads=options.threads))
+        del aug, model  # onnxruntime holds its own copy of the weights
         total = len(source) if stop is None else min(stop, len(source))
         for feeds, _ in iterate_feeds(graph, source, options.batch_size, 0, stop):
             try:
