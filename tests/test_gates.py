@@ -124,3 +124,8 @@ def test_budget_gate_uses_the_upper_bound(tmp_path):
                               labels="y", max_accuracy_drop=1.0, gate_on="all", latency=False, allow_larger=True)
     with pytest.raises(VerificationGateError, match="at its upper bound"):
         optimize(model, calib, options)
+
+
+def test_input_shape_for_a_missing_input_is_a_usage_error(tmp_path):
+    res = _run("optimize", "--example", "digits-mlp", "-o", tmp_path / "o.onnx", "--input-shape", "nope=1,64")
+    assert res.exit_code == 2 and "--input-shape names input 'nope'" in res.output

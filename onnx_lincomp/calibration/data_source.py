@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, OptionError
 from ..runtime.feeds import batch_axis
 
 Dim = int | str | None
@@ -169,6 +169,10 @@ class CalibrationSource:
         self.files = files or ([Path(description or "<arrays>")] if arrays is not None else [])
         self.random_samples = random_samples
         self.shape_overrides = shape_overrides or {}
+        unknown = sorted(set(self.shape_overrides) - {sp.name for sp in specs})
+        if unknown:
+            raise OptionError(f"--input-shape names input '{unknown[0]}', which the model does not have (inputs: "
+                              f"{', '.join(sp.name for sp in specs)})")
         self.labels = labels
         self.seed = seed
         self.max_samples = max_samples
