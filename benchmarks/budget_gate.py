@@ -89,7 +89,8 @@ def run(name: str, model: str, calib: str, unseen: str, budget: float, gate_on: 
 def point_rule(name: str, model: str, calib: str, unseen: str, budget: float, rate: float) -> dict:
     """The old gate's pick (observed held-out drop within budget), rebuilt and scored on unseen data."""
     recipe = with_linear_rate(Recipe(calibration=CalibrationSettings(0.2)), rate)
-    result = optimize(model, calib, OptimizeOptions(recipe, labels="y", latency=False, allow_larger=True))
+    result = optimize(model, calib, OptimizeOptions(recipe, labels="y", latency=False, allow_larger=True,
+                                                    max_output_change=None))
     return {"model": name, "budget": budget, "gate": "point rule (old)", "linear_rate": rate,
             "params_after": result.report.after.params, **unseen_drop(model, result.model, unseen)}
 
