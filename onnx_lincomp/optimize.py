@@ -174,7 +174,7 @@ def _verify(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions,
     """(on the calibration part or the box, on the held-out part, on the gate split)."""
     if exact is not None:
         return stamp_and_check(prep.original, model, prep.loaded.graph, exact), None, None
-    on_cal = prep.evaluator("calibration", options.threads).score(model)
+    on_cal = prep.evaluator("calibration-check", options.threads).score(model)
     held_ev = prep.evaluator("heldout", options.threads)
     on_held = held_ev.score(model) if held_ev is not None else None
     if options.gate_on == "all" and options.max_accuracy_drop is not None and not prep.source.is_random:

@@ -1,6 +1,10 @@
 """A model ready to optimise: loaded, canonical, its original kept, its data split into a calibration
 part (statistics) and a held-out part (verification), and the evaluators that judge candidates on them.
 
+Verification: the held-out (and ``all``) splits run with onnxruntime's graph optimisations, as the model
+is deployed; the calibration part is checked float-exactly (optimisations off) on its first 64 samples, a
+bug check, since the rewrites are exact there by construction.
+
 The split: the first ``1 - verify_split`` of the samples calibrate, the rest are held out. Random data
 is verified on fresh random samples. ``gate_on="all"`` judges the accuracy budget on every sample
 (calibration and held-out) while the statistics still come from the calibration part only: more
@@ -26,6 +30,7 @@ from .model_io import LoadedModel, load_model, model_from_proto, to_model_proto
 from .recipe import Recipe
 
 GateOn = Literal["heldout", "all"]
+CALIBRATION_CHECK_SAMPLES = 64  # the rewrite is exact on the calibration part by construction: a bug check
 
 
 @dataclass
@@ -53,7 +58,8 @@ class Prepared:
             return self.heldout_count
         return len(self.source) if gate_on == "all" else self.heldout_count
 
-    def evaluator(self, split: Literal["calibration", "heldout", "all"], threads: int = 0) -> Evaluator | None:
+    def evaluator(self, split: Literal["calibration", "calibration-check", "heldout", "all"],
+                  threads: int = 0) -> Evaluator | None:
         """The evaluator of one split (built once: the original runs once per split)."""
         if split not in self._evaluators:
             self._evaluators[split] = self._make_evaluator(split, threads)
@@ -64,17 +70,19 @@ class Prepared:
         if s is None:
             return None
         labels = None if s.is_random else self.labels
-        if split == "calibration":
-            return Evaluator(self.original, g, s, 0, self.n_calib, labels, threads=threads)
+        if split in ("calibration", "calibration-check"):  # graph optimisations off: float-exact comparisons
+            stop = self.n_calib if split == "calibration" else min(self.n_calib, CALIBRATION_CHECK_SAMPLES)
+            return Evaluator(self.original, g, s, 0, stop, labels, threads=threads)
+        # the splits that gate run with onnxruntime's graph optimisations, as deployed (and about twice as fast)
         if s.is_random:
             fresh = CalibrationSource(s.specs, random_samples=2 * len(s), shape_overrides=s.shape_overrides,
                                       seed=s.seed, description=s.description)
-            return Evaluator(self.original, g, fresh, len(s), 2 * len(s), threads=threads)
+            return Evaluator(self.original, g, fresh, len(s), 2 * len(s), threads=threads, optimize=True)
         if split == "all":
-            return Evaluator(self.original, g, s, 0, None, labels, threads=threads)
+            return Evaluator(self.original, g, s, 0, None, labels, threads=threads, optimize=True)
         if self.n_calib >= len(s):
             return None
-        return Evaluator(self.original, g, s, self.n_calib, None, labels, threads=threads)
+        return Evaluator(self.original, g, s, self.n_calib, None, labels, threads=threads, optimize=True)
 
 
 def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recipe: Recipe,
