@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -20,7 +21,6 @@ from .calibration.collector import Progress
 from .errors import NumericalMismatchError, OptionError
 from .evaluate.evaluator import Evaluator, Verification
 from .evaluate.search import SWEEP_THRESHOLDS, Candidate, CandidateScore, scan, smallest_within
-from .exact.compress import ExactOutcome, certify_for, stamp_and_check
 from .gates import (
     check_gates,
     check_not_worse,
@@ -37,6 +37,9 @@ from .pipeline import PassRecord, plan_pipeline, run_pipeline
 from .prepared import GateOn, Prepared, calibrate, pass_check, prepare
 from .recipe import ExactSettings, PassSpec, Recipe
 from .relu_sites import relu_nodes
+
+if TYPE_CHECKING:  # exact mode (and its MILP solver) is imported only when a run asks for it
+    from .exact.compress import ExactOutcome
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_OUTPUT_CHANGE = 0.01
@@ -109,6 +112,8 @@ def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe, ctx_metadat
 def _evidence(prep: Prepared, options: OptimizeOptions, stats: StatsSet | None, progress: Progress | None,
               certificate) -> tuple[UnitEvidence, StatsSet | None, ExactOutcome | None]:
     if options.recipe.exact is not None:
+        from .exact.compress import certify_for
+
         outcome = certify_for(prep.loaded, prep.source, options.recipe.exact, options.input_shapes, certificate)
         return outcome.certificate.unit_evidence(), None, outcome
     if stats is None:
@@ -173,6 +178,8 @@ def _verify(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions,
             exact: ExactOutcome | None) -> tuple[Verification | None, Verification | None, Verification | None]:
     """(on the calibration part or the box, on the held-out part, on the gate split)."""
     if exact is not None:
+        from .exact.compress import stamp_and_check
+
         return stamp_and_check(prep.original, model, prep.loaded.graph, exact), None, None
     on_cal = prep.evaluator("calibration-check", options.threads).score(model)
     held_ev = prep.evaluator("heldout", options.threads)
