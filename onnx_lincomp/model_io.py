@@ -280,9 +280,7 @@ def save_model_proto(
     data_name = out.name + ".data"
     try:
         if use_external:
-            model = _copy(model)  # saving with external data rewrites the tensors of the proto it is given
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD)
+            write_external(model, tmp_model, data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         if check:
@@ -302,10 +300,44 @@ def save_model_proto(
     return out
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
+def write_external(model: onnx.ModelProto, path: Path, location: str) -> None:
+    """Write ``model`` with its top-level initializers over ``EXTERNAL_DATA_THRESHOLD`` bytes in one data file
+    ``location`` beside it, one tensor at a time. onnx's own saver rewrites the proto it is given, so using
+    it would need a full copy of the weights first; ``model`` is left as it is."""
+    light = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, f, getattr(model, f))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.name, lg.doc_string = g.name, g.doc_string
+    for field_name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(lg, field_name).extend(getattr(g, field_name))
+    with open(path.parent / location, "wb") as data:
+        for t in g.initializer:
+            _write_tensor(t, lg.initializer.add(), data, location)
+    with open(path, "wb") as fh:
+        fh.write(light.SerializeToString())
+
+
+def _write_tensor(t: onnx.TensorProto, out: onnx.TensorProto, data, location: str) -> None:
+    raw = t.raw_data if t.HasField("raw_data") else None
+    if raw is None and onnx.numpy_helper.to_array(t).nbytes <= EXTERNAL_DATA_THRESHOLD:
+        out.CopyFrom(t)
+        return
+    if raw is None:
+        raw = onnx.numpy_helper.to_array(t).astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).tobytes()
+    if len(raw) <= EXTERNAL_DATA_THRESHOLD:
+        out.CopyFrom(t)
+        return
+    out.name, out.data_type, out.doc_string = t.name, t.data_type, t.doc_string
+    out.dims.extend(t.dims)
+    offset = data.tell()
+    data.write(raw)
+    out.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        out.external_data.add(key=key, value=value)
 
 
 def save_model(graph: gs.Graph, ctx: ModelContext, path: str | os.PathLike, *, overwrite: bool = False,
@@ -323,6 +355,5 @@ def session_source(model: onnx.ModelProto, workdir: str) -> str | bytes:
     if tensor_bytes(model) < PROTO_LIMIT_BYTES // 2:
         return model.SerializeToString()
     path = Path(workdir) / "model.onnx"
-    onnx.save_model(_copy(model), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=EXTERNAL_DATA_THRESHOLD)
+    write_external(model, path, "model.onnx.data")
     return str(path)

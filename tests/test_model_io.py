@@ -101,3 +101,15 @@ def test_constant_nodes_are_lifted_and_initializer_inputs_dropped(tmp_path, rng)
     x = rng.random((2, 4), dtype=np.float32)
     b = onnx.numpy_helper.to_array(model.graph.initializer[0])
     np.testing.assert_allclose(run(back, {"x": x})[0], run(model, {"x": x, "b": b})[0], rtol=1e-6)
+
+
+def test_write_external_leaves_the_model_alone_and_runs(tmp_path, rng):
+    from onnx_lincomp.model_io import write_external
+
+    model = mlp_model(rng, [64, 64, 8])
+    before = model.SerializeToString()
+    write_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    assert model.SerializeToString() == before  # no tensor moved out of the caller's proto
+    assert (tmp_path / "m.onnx.data").stat().st_size >= 64 * 64 * 4
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    assert_same_outputs(model, onnx.load(tmp_path / "m.onnx"), {"x": rng.random((2, 64), dtype=np.float32)})
