@@ -122,9 +122,10 @@ def calibrate(prep: Prepared, batch_size: int = 16, threads: int = 0, progress: 
                               stop=prep.n_calib)
 
 
-def pass_check(prep: Prepared, samples: int = 64):
-    """A pipeline check: the graph after a pass against the original on the first calibration samples."""
-    evaluator = Evaluator(prep.original, prep.loaded.graph, prep.source, 0, min(samples, prep.n_calib))
+def pass_check(prep: Prepared):
+    """A pipeline check: the graph after a pass against the original on the first calibration samples (the
+    calibration-check split, so the original runs there once for these checks and the final one)."""
+    evaluator = prep.evaluator("calibration-check")
 
     def check(graph, name: str) -> str:
         v = evaluator.score(to_model_proto(graph, prep.loaded.ctx))

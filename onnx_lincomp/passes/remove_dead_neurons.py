@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis.channel_groups import ChannelGroup, ChannelGroups, find_channel_groups
-from ..analysis.unit_sets import UnitEvidence
+from ..analysis.unit_sets import UnitEvidence, UnitSet
 from ..errors import OptionError
 from ..graph_edit import NameSource
 from ..linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
@@ -89,19 +89,17 @@ class RemoveDeadNeurons(Pass):
                "group by group")
     options: RemoveDeadOptions
 
-    def _dead(self, group: ChannelGroup, evidence: UnitEvidence, rate: float) -> tuple[dict, dict] | str:
-        """Per Relu of the group: dead masks and mean outputs in the Relu's own channels."""
-        dead, mean = {}, {}
+    def _units(self, group: ChannelGroup, evidence: UnitEvidence, rate: float) -> dict[str, UnitSet] | str:
+        """The unit set of every Relu of the group (masks in the Relu's own channels), or why there is none."""
+        units = {}
         for relu in group.relus:
-            units = evidence.unit_set(relu, None, dead_rate=rate)
-            if units is None:
+            found = evidence.unit_set(relu, None, dead_rate=rate)
+            if found is None:
                 return "no statistics for a Relu of the group"
-            idx = group.member_channels(relu)
-            if idx.max(initial=-1) >= units.width:
+            if group.member_channels(relu).max(initial=-1) >= found.width:
                 return "statistics do not match the group's width"
-            dead[relu] = units.dead
-            mean[relu] = units.mean_output
-        return dead, mean
+            units[relu] = found
+        return units
 
     def _mask(self, group: ChannelGroup, zero: np.ndarray) -> np.ndarray:
         o = self.options
@@ -118,32 +116,30 @@ class RemoveDeadNeurons(Pass):
     def _plan_group(self, group: ChannelGroup, ctx: PassContext, tally: SkipTally) -> Match | None:
         site, relu = group_key(group), _simple(group)
         rate = self.options.dead_rate if relu is not None else 0.0  # rates need one directly read Relu
-        found = self._dead(group, ctx.evidence, rate)
-        if isinstance(found, str):
-            tally.add(found, site)
+        units = self._units(group, ctx.evidence, rate)
+        if isinstance(units, str):
+            tally.add(units, site)
             return None
-        dead, mean = found
-        zero = group.zero_channels(dead)
+        zero = group.zero_channels({r: u.dead for r, u in units.items()})
         if zero is None:
             tally.add("a consumer reads channels that are not provably zero (not through dead Relus)", site)
             return None
         mask = self._mask(group, zero)
-        shift = mean[relu][group.member_channels(relu)] if relu is not None and rate > 0 else None
-        if mask.any() and removal_problem(group, mask, shift) is not None:
-            tally.add(removal_problem(group, mask, shift), site)
+        shift = units[relu].mean_output[group.member_channels(relu)] if relu is not None and rate > 0 else None
+        problem = removal_problem(group, mask, shift) if mask.any() else None
+        if problem is not None:
+            tally.add(problem, site)
             return None
         zero_rows = relu is not None and bool(zero.all()) and bool(np.any(group.producers[0].weight))
         if not mask.any() and not zero_rows:
             return None
-        approximate = rate > 0 and any(
-            np.any(ctx.evidence.unit_set(r, None, dead_rate=rate).ever_active[group.member_channels(r)][mask])
-            for r in group.relus)
+        approximate = rate > 0 and any(np.any(u.ever_active[group.member_channels(r)][mask]) for r, u in units.items())
         n = int(mask.sum())
         return Match(site, "remove", n, removed_params(group, n),
                      f"{n} of {group.width} channels, {len(group.producers)} producer(s), {len(group.consumers)} "
                      "consumer(s)",
                      {"remove": mask, "shift": shift, "zero_rest": zero_rows, "relus": group.relus,
-                      "widths": {r: d.size for r, d in dead.items()}, "approximate": approximate})
+                      "widths": {r: u.width for r, u in units.items()}, "approximate": approximate})
 
     def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
         tally, matches = SkipTally(), []

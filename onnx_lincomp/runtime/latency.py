@@ -97,7 +97,7 @@ def measure(session: ort.InferenceSession, feeds: Feeds, options: LatencyOptions
     return Latency.of(times, options.batch_size, options.threads)
 
 
-measure_session = measure  # the name optimize.py and cli.py import
+measure_session = measure  # the earlier name, kept for callers of the library
 
 
 def pinned_options(threads: int = 1) -> SessionOptions:
