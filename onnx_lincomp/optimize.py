@@ -32,9 +32,9 @@ from .gates import (
 )
 from .model_io import LoadedModel, to_model_proto
 from .optimize_report import OptimizeReport, SizeFigures
-from .passes import PassContext
+from .passes import PASSES, PassContext
 from .pipeline import PassRecord, plan_pipeline, run_pipeline
-from .prepared import GateOn, Prepared, calibrate, pass_check, prepare
+from .prepared import GateOn, Prepared, calibrate, calibration_data, pass_check, prepare
 from .recipe import ExactSettings, PassSpec, Recipe
 from .relu_sites import relu_nodes
 
@@ -76,14 +76,23 @@ class OptimizeOptions:
             raise OptionError("--exact proves equality on the domain: --max-accuracy-drop does not apply")
         if self.gate_on not in ("heldout", "all"):
             raise OptionError(f"--gate-on must be 'heldout' or 'all', got {self.gate_on!r}")
+        if self.recipe.exact is not None and self.lossy_passes:
+            raise OptionError(f"--exact proves the output unchanged on the domain: lossy pass "
+                              f"'{self.lossy_passes[0]}' cannot run in exact mode")
         if self.min_samples < 1 or (self.max_output_change is not None and self.max_output_change <= 0):
             raise OptionError("--min-samples must be at least 1 and --max-output-change positive")
 
     @property
+    def lossy_passes(self) -> tuple[str, ...]:
+        """Passes of the recipe that change outputs by design (pruning, ...)."""
+        return tuple(s.name for s in self.recipe.passes if PASSES[s.name].lossy)
+
+    @property
     def output_change_limit(self) -> float | None:
-        """The relative output-change gate in force (explicit error or accuracy gates replace the default)."""
+        """The relative output-change gate in force: explicit error or accuracy gates replace the default, and
+        the default (a guard for passes meant to be exact) does not apply to a recipe with a lossy pass."""
         if self.max_output_change == DEFAULT_MAX_OUTPUT_CHANGE and (
-                self.max_abs_error is not None or self.max_accuracy_drop is not None):
+                self.max_abs_error is not None or self.max_accuracy_drop is not None or self.lossy_passes):
             return None
         return self.max_output_change
 
@@ -104,9 +113,10 @@ def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe, ctx_metadat
     """Run the recipe's passes on a copy of the canonical graph; the prepared model is not touched."""
     graph = prep.loaded.graph.copy()
     check = pass_check(prep) if check_each_pass and prep.source is not None else None
-    records = run_pipeline(graph, recipe.passes, PassContext(evidence), check=check)
-    ctx = prep.loaded.ctx.with_metadata(ctx_metadata) if ctx_metadata else prep.loaded.ctx
-    return to_model_proto(graph, ctx), records
+    ctx = PassContext(evidence, calibration_data(prep))
+    records = run_pipeline(graph, recipe.passes, ctx, check=check)
+    model_ctx = prep.loaded.ctx.with_metadata(ctx_metadata) if ctx_metadata else prep.loaded.ctx
+    return to_model_proto(graph, model_ctx), records
 
 
 def _evidence(prep: Prepared, options: OptimizeOptions, stats: StatsSet | None, progress: Progress | None,
@@ -213,6 +223,10 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
     if not relu_nodes(prep.loaded.graph):
         messages.append("the model has no Relu in its main graph: remove-dead and fold-linear have nothing to do "
                         "(merge-affine may still merge layers; the pass table says what changed)")
+    if options.lossy_passes and options.output_change_limit is None and options.max_abs_error is None \
+            and options.max_accuracy_drop is None:
+        messages.append(f"lossy pass(es) {', '.join(options.lossy_passes)}: the output change is reported, not gated "
+                        "(gate it with --max-accuracy-drop, --max-abs-error or --max-output-change)")
     recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages)
     unchanged = exact is None and not any(r.result.changed for r in records)
     if unchanged:  # the output is the canonical graph: exact rewrites only, so spot-check instead of verifying
@@ -340,5 +354,5 @@ def explain(model: str | Path | onnx.ModelProto, calib: str | Path | None, optio
     """The recipe's plans on the canonical model (read-only) and, in exact mode, the certificate."""
     prep = prepare(model, calib, options.recipe, options.labels)
     evidence, _, exact = _evidence(prep, options, stats, progress, None)
-    plans = plan_pipeline(prep.loaded.graph, options.recipe.passes, PassContext(evidence))
+    plans = plan_pipeline(prep.loaded.graph, options.recipe.passes, PassContext(evidence, calibration_data(prep)))
     return plans, exact.certificate if exact is not None else None

@@ -101,7 +101,10 @@ def _step(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord],
     summary = check(graph, p.name) if check is not None and result.changed else None
     if result.changed or round_no == 0:
         records.append(PassRecord(result, before, after, seconds, round_no, summary, shapes))
-    if ctx.evidence is not None and result.kept:
+    if ctx.evidence is not None and result.changed and p.lossy:
+        # refit layers change the pre-activations downstream: the statistics no longer describe the graph
+        ctx = replace(ctx, evidence=None)
+    elif ctx.evidence is not None and result.kept:
         ctx = replace(ctx, evidence=ctx.evidence.subset(result.kept))
     logger.info("pass %s: changed=%s in %.3fs", p.name, result.changed, seconds)
     return ctx, after, result.changed

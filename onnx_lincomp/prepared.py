@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
+from .calibration.activations import CalibrationData
 from .calibration.collector import Progress
 from .calibration.data_source import CalibrationSource
 from .canonicalize import CanonicalizeReport, canonicalize
@@ -120,6 +121,14 @@ def calibrate(prep: Prepared, batch_size: int = 16, threads: int = 0, progress: 
     return collect_relu_stats(prep.loaded.graph, prep.loaded.ctx, prep.source,
                               CollectOptions(batch_size=batch_size, threads=threads), progress=progress,
                               stop=prep.n_calib)
+
+
+def calibration_data(prep: Prepared, batch_size: int = 32, threads: int = 0) -> CalibrationData | None:
+    """The calibration part as data-aware passes read it (never the held-out part)."""
+    if prep.source is None:
+        return None
+    return CalibrationData(prep.source, prep.loaded.ctx, prep.n_calib, batch_size, threads,
+                           description=prep.source.description)
 
 
 def pass_check(prep: Prepared):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -185,6 +186,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):  # inline table (per-layer overrides)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise OptionError(f"cannot write {v!r} to TOML")
 
 
@@ -200,14 +203,30 @@ def _toml(d: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pass_flags() -> dict[str, tuple[str, str, str]]:
-    """CLI shortcut flags generated from the passes' options: flag -> (pass name, field name, help)."""
-    out: dict[str, tuple[str, str, str]] = {}
+@dataclass(frozen=True)
+class PassFlag:
+    """A CLI flag generated from pass options: the (pass, field) pairs it sets, its help, whether boolean."""
+
+    flag: str
+    owners: tuple[tuple[str, str], ...]
+    help: str
+    boolean: bool = False
+
+
+def pass_flags() -> dict[str, PassFlag]:
+    """CLI shortcut flags generated from the passes' options. A flag shared by several passes (such as
+    ``--sparsity``) sets the field of every listed pass that has it."""
+    out: dict[str, PassFlag] = {}
     for name, cls in PASSES.items():
+        hints = typing.get_type_hints(cls.Options)
         for f in fields(cls.Options):
             flag = f.metadata.get("flag")
-            if flag:
-                out[flag] = (name, f.name, f.metadata.get("help", ""))
+            if not flag:
+                continue
+            seen = out.get(flag)
+            owners = (seen.owners if seen else ()) + ((name, f.name),)
+            out[flag] = PassFlag(flag, owners, seen.help if seen else f.metadata.get("help", ""),
+                                 hints[f.name] is bool)
     return out
 
 
@@ -229,15 +248,15 @@ def recipe_from_flags(passes: tuple[str, ...], flags: Mapping[str, Any], calibra
     table = pass_flags()
     given = {flag: v for flag, v in flags.items() if v is not None}
     for flag in given:
-        owner = table[flag][0]
-        if owner not in passes:
-            raise OptionError(f"{flag} is an option of pass '{owner}', which is not in --passes "
+        owners = [p for p, _ in table[flag].owners]
+        if not set(owners) & set(passes):
+            raise OptionError(f"{flag} is an option of pass '{' or '.join(owners)}', which is not in --passes "
                               f"({', '.join(passes) or 'none'})")
     specs = []
     for name in passes:
-        mine = {f: v for f, v in given.items() if table[f][0] == name}
+        mine = {f: (fld, v) for f, v in given.items() for p, fld in table[f].owners if p == name}
         try:
-            specs.append(PassSpec.of(name, {table[f][1]: _flag_value(v) for f, v in mine.items()}))
+            specs.append(PassSpec.of(name, {fld: _flag_value(v) for fld, v in mine.values()}))
         except OptionError as exc:
             raise OptionError(f"{', '.join(mine) or '--passes'}: {exc}") from exc
     return Recipe(tuple(specs), calibration, exact)

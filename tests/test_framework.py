@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from conftest import mlp_model
 from onnx_lincomp.analysis.unit_sets import UnitEvidence
 from onnx_lincomp.calibration import collect_relu_stats
+from onnx_lincomp.calibration.activations import CalibrationData
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.cli import main
 from onnx_lincomp.errors import InvalidModelError, OptionError, PassError
@@ -26,14 +27,14 @@ def _loaded_with_stats(rng):
     canonicalize(loaded.graph)
     x = rng.random((40, 6), dtype=np.float32)
     stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
-    return loaded, stats
+    return loaded, stats, CalibrationData(_array_source(loaded, x), loaded.ctx, 40)
 
 
 def test_plans_do_not_mutate(rng):
-    loaded, stats = _loaded_with_stats(rng)
+    loaded, stats, data = _loaded_with_stats(rng)
     before = to_model_proto(loaded.graph, loaded.ctx).SerializeToString()
     specs = tuple(PassSpec.of(n) for n in PASSES)
-    plans = plan_pipeline(loaded.graph, specs, PassContext(UnitEvidence.from_stats(stats)))
+    plans = plan_pipeline(loaded.graph, specs, PassContext(UnitEvidence.from_stats(stats), data))
     assert to_model_proto(loaded.graph, loaded.ctx).SerializeToString() == before
     removal = plans[0]
     expected = sum(min(int(s.dead.sum()), s.channels - 1) for s in stats.layers)
@@ -42,14 +43,15 @@ def test_plans_do_not_mutate(rng):
 
 
 def test_runner_names_the_pass_on_a_typed_error(rng, monkeypatch):
-    loaded, stats = _loaded_with_stats(rng)
+    loaded, stats, data = _loaded_with_stats(rng)
 
     def boom(self, graph, plan):
         raise InvalidModelError("weights changed under us")
 
     monkeypatch.setattr(PASSES["fold-linear"], "apply", boom)
     with pytest.raises(PassError) as info:
-        run_pipeline(loaded.graph, tuple(PassSpec.of(n) for n in PASSES), PassContext(UnitEvidence.from_stats(stats)))
+        run_pipeline(loaded.graph, tuple(PassSpec.of(n) for n in PASSES),
+                     PassContext(UnitEvidence.from_stats(stats), data))
     msg = str(info.value)
     assert "pass 'fold-linear' failed (weights changed under us)" in msg and "already run: remove-dead" in msg
     assert info.value.exit_code == InvalidModelError.exit_code

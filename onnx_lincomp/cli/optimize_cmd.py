@@ -17,9 +17,11 @@ EXACT_ONLY = ("--input-range", "--milp-time-limit", "--no-milp", "--check-points
 def _pass_flag_options():
     """One click option per pass-option flag, generated from the passes' Options (help from the field)."""
     opts = []
-    for flag, (pass_name, _field, help_text) in sorted(pass_flags().items()):
-        opts.append(click.option(flag, "pass_" + flag.lstrip("-").replace("-", "_"), default=None,
-                                 help=f"[{pass_name}] {help_text}"))
+    for flag, spec in sorted(pass_flags().items()):
+        owners = "/".join(p for p, _ in spec.owners)
+        dest = "pass_" + flag.lstrip("-").replace("-", "_")
+        decl = f"{flag}/--no-{flag[2:]}" if spec.boolean else flag
+        opts.append(click.option(decl, dest, default=None, help=f"[{owners}] {spec.help}"))
     return opts
 
 

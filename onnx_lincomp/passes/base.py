@@ -8,6 +8,7 @@ A pass is a small class::
         summary = "one line for --help and the docs"
         repeatable = True             # may run again until the pipeline reaches a fixed point
         runs_last = False             # True for passes after which no float pass may run (quantization)
+        lossy = False                 # True when the pass changes outputs by design (pruning, low-rank, ...)
 
         def plan(self, graph, ctx) -> Plan: ...       # read-only: typed matches and skip reasons
         def apply(self, graph, plan) -> PassResult: ... # mutates the graph as the plan says
@@ -32,11 +33,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis.unit_sets import UnitEvidence
+from ..calibration.activations import CalibrationData
 from ..errors import OptionError
 
 
 def option(default: Any, help: str, *, flag: str | None = None) -> Any:
-    """A documented options field: ``help`` is shown by ``--help`` and the docs, ``flag`` names its CLI flag."""
+    """A documented options field: ``help`` is shown by ``--help`` and the docs, ``flag`` names its CLI flag
+    (several passes may share a flag: it sets the field of every listed pass that has it)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help, "flag": flag})
     return field(default=default, metadata={"help": help, "flag": flag})
 
 
@@ -96,9 +101,11 @@ def _coerce(value: Any, hint: Any, pass_name: str, key: str) -> Any:
 @dataclass(frozen=True)
 class PassContext:
     """Read-only inputs shared by every pass: which units are dead or linear, and from what evidence
-    (calibration statistics or a certificate over an input domain). Nothing pass-specific lives here."""
+    (calibration statistics or a certificate over an input domain), and the calibration samples that
+    data-aware passes (pruning with refits, quantization) read. Nothing pass-specific lives here."""
 
     evidence: UnitEvidence | None = None
+    data: CalibrationData | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +213,7 @@ class Pass:
     summary: ClassVar[str] = ""
     repeatable: ClassVar[bool] = True
     runs_last: ClassVar[bool] = False
+    lossy: ClassVar[bool] = False
 
     def __init__(self, options: PassOptions | None = None):
         if options is not None and not isinstance(options, self.Options):

@@ -31,7 +31,7 @@ from ..errors import OptionError
 from ..graph_edit import NameSource
 from ..linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
 from ..relu_sites import relu_nodes
-from ..rewrite.channels import removal_problem, remove_channels
+from ..rewrite.channels import relu_channels_kept, removal_problem, remove_channels
 from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, option
 
 
@@ -180,7 +180,7 @@ class RemoveDeadNeurons(Pass):
             if match.data["zero_rest"]:
                 _zero_producer(graph, names, group)
             for relu in group.relus:
-                kept[relu] = _relu_kept(group, relu, keep, match.data["widths"][relu])
+                kept[relu] = relu_channels_kept(group, relu, keep, match.data["widths"][relu])
             rewritten += 1
         skipped = dict(plan.skipped)
         for why, n in tally.counts.items():
@@ -207,16 +207,6 @@ def _uncovered_reason(graph: gs.Graph, found: ChannelGroups, relu: gs.Node) -> s
 
 def _find_group(found: ChannelGroups, key: str) -> ChannelGroup | None:
     return next((g for g in found.groups if group_key(g) == key), None)
-
-
-def _relu_kept(group: ChannelGroup, relu: str, keep_group: np.ndarray, width: int) -> np.ndarray:
-    """Indices (in the Relu's own ``width`` channels before the pass) of the channels that remain."""
-    idx = group.member_channels(relu)
-    kept_group = np.zeros(group.width, bool)
-    kept_group[keep_group] = True
-    gone = np.zeros(width, bool)
-    gone[idx[~kept_group & (idx >= 0)]] = True
-    return np.flatnonzero(~gone)
 
 
 def _zero_producer(graph: gs.Graph, names: NameSource, group: ChannelGroup) -> None:

@@ -273,4 +273,14 @@ def remove_channels(graph: gs.Graph, names: NameSource, group: ChannelGroup, rem
     return ChannelRemoval(int(idx.size), int(removed), keep)
 
 
-__all__ = ["ChannelRemoval", "removal_problem", "remove_channels"]
+def relu_channels_kept(group: ChannelGroup, relu: str, keep_group: np.ndarray, width: int) -> np.ndarray:
+    """Indices (in the Relu's own ``width`` channels before the pass) of the channels that remain."""
+    idx = group.member_channels(relu)
+    kept_group = np.zeros(group.width, bool)
+    kept_group[keep_group] = True
+    gone = np.zeros(width, bool)
+    gone[idx[~kept_group & (idx >= 0)]] = True
+    return np.flatnonzero(~gone)
+
+
+__all__ = ["ChannelRemoval", "relu_channels_kept", "removal_problem", "remove_channels"]

@@ -1,0 +1,325 @@
+"""prune-channels: remove whole output channels of Conv / Gemm / MatMul layers, group by group, and refit
+the layers that read them on the calibration data.
+
+Channels are removed per channel group (:mod:`..analysis.channel_groups`: residual streams, concats,
+depthwise and grouped convolutions tied together), never a whole group and never below
+``min_channels`` (widths optionally kept at a multiple). Which channels go is decided by an importance
+score (:mod:`..analysis.channel_importance`); how many by ``sparsity`` (the fraction of each group's
+channels), by a per-layer override, or by a ``target_macs`` / ``target_params`` keep fraction (one
+uniform fraction found by bisection on the exact linear-layer cost of the masks).
+
+**Least-squares reconstruction** (``reconstruct``, on by default): groups are pruned one at a time in
+graph order. For each, the consumers' input rows on the *current* (already partly pruned) graph and
+their outputs in the *unpruned* graph are streamed into second moments, and each consumer's weights
+and bias are refit, ``min ||Y - X_K W'^T - b'||^2 + lam ||W' - W_K||^2``
+(:func:`..calibration.moments.refit`), so that each layer also corrects the error upstream pruning
+left. Grouped-Conv consumers are not refit. Without reconstruction, the removed channels' mean input
+is folded into each consumer's bias (exact in expectation, away from zero-padded borders).
+
+The pass is approximate by design (``lossy``): its error is verified and reported by ``optimize``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..analysis.channel_groups import ChannelGroup, find_channel_groups
+from ..analysis.channel_importance import consumer_owner, refittable, removal_order, stripe_of
+from ..calibration.moments import Moments, collect_layer_moments, refit
+from ..errors import OptionError
+from ..graph_edit import NameSource, refresh_shapes
+from ..linear_layer import LinearLayer, match_linear_layer, write_linear_layer
+from ..model_io import to_model_proto
+from ..rewrite.channels import relu_channels_kept, removal_problem, remove_channels
+from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named, option
+
+Importance = Literal["l1", "l2", "activation", "reconstruction"]
+
+
+@dataclass(frozen=True)
+class PruneChannelsOptions(PassOptions):
+    sparsity: float = option(0.0, "Fraction of each channel group's channels to remove (0 <= s < 1).",
+                             flag="--sparsity")
+    target_macs: float | None = option(None, "Keep this fraction of the linear layers' MACs (one uniform fraction "
+                                             "per group, found by bisection); replaces --sparsity.",
+                                       flag="--target-macs")
+    target_params: float | None = option(None, "Keep this fraction of the linear layers' parameters; replaces "
+                                               "--sparsity.", flag="--target-params")
+    importance: Importance = option("reconstruction", "Channel importance: l1 / l2 (producer weight rows), activation "
+                                                  "(E|x| times consumer column norm), reconstruction (greedy "
+                                                  "output error).", flag="--importance")
+    reconstruct: bool = option(True, "Refit each consumer's weights and bias by least squares on the calibration "
+                                     "data (else fold the removed channels' mean into its bias).",
+                               flag="--reconstruct")
+    min_channels: int = option(1, "A group never goes below this many channels.")
+    channel_multiple: int = option(1, "Keep widths at multiples of this (8 suits onnxruntime's blocked kernels).",
+                                   flag="--channel-multiple")
+    layers: dict[str, float] = option({}, "Per-layer sparsity overrides: producer node name -> fraction (recipe "
+                                          "only; 0 leaves a layer alone).")
+    ridge: float = option(1e-2, "Ridge strength of the refit, relative to the mean input energy.")
+    seed: int = option(0, "Seed of the receptive fields sampled from Conv inputs.")
+
+    def __post_init__(self):
+        for what, value in (("sparsity", self.sparsity), *self.layers.items()):
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise OptionError(f"prune-channels: sparsity of {what!r} must be in [0, 1), got {value!r}")
+        for what, value in (("target_macs", self.target_macs), ("target_params", self.target_params)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise OptionError(f"prune-channels: {what} is a keep fraction in (0, 1], got {value}")
+        if self.target_macs is not None and self.target_params is not None:
+            raise OptionError("prune-channels: give target_macs or target_params, not both")
+        if self.importance not in ("l1", "l2", "activation", "reconstruction"):
+            raise OptionError(f"prune-channels: importance must be l1, l2, activation or reconstruction, "
+                              f"got {self.importance!r}")
+        if self.min_channels < 1 or self.channel_multiple < 1 or self.ridge < 0:
+            raise OptionError("prune-channels: min_channels and channel_multiple must be >= 1, ridge >= 0")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.reconstruct or self.importance in ("activation", "reconstruction")
+
+
+def group_key(group: ChannelGroup) -> str:
+    return group.producers[0].nodes[0].name
+
+
+@dataclass(frozen=True, eq=False)
+class _Candidate:
+    """A prunable group: its removal order over stripes and the cost of each layer it touches."""
+
+    group: ChannelGroup
+    order: np.ndarray  # stripes, least important first
+    level: float | None  # per-layer override
+
+
+def removal_count(group: ChannelGroup, level: float, min_channels: int, multiple: int) -> int:
+    """Channels removed at ``level``: whole stripes, at least ``min_channels`` kept, the rest a multiple."""
+    stripe = group.width // group.period
+    keep = max(min_channels, group.width - int(math.floor(level * group.width + 1e-9)), 1)
+    if multiple > 1:
+        keep = min(group.width, -(-keep // multiple) * multiple)
+    keep = min(group.width, -(-keep // stripe) * stripe)  # whole stripes
+    return group.width - keep
+
+
+def removal_mask(cand: _Candidate, count: int) -> np.ndarray:
+    stripes = stripe_of(cand.group)
+    gone = cand.order[: count // (cand.group.width // cand.group.period)]
+    return np.isin(stripes, gone)
+
+
+class _Costs:
+    """Exact MACs and parameters of the linear layers for a choice of removal masks."""
+
+    def __init__(self, graph: gs.Graph, candidates: list[_Candidate]):
+        self.layers: dict[str, tuple[float, float, int, int]] = {}  # node -> (macs, params, rows, in_features)
+        for node in graph.nodes:
+            layer = match_linear_layer(graph, node)
+            if isinstance(layer, LinearLayer) and node is layer.nodes[0]:
+                self.layers[node.name] = (_layer_macs(layer), float(layer.param_count), layer.out_features,
+                                          layer.in_features)
+        self.candidates = candidates
+
+    def total(self, masks: list[np.ndarray] | None) -> tuple[float, float]:
+        rows = dict.fromkeys(self.layers, 1.0)
+        cols = dict.fromkeys(self.layers, 1.0)
+        for cand, mask in zip(self.candidates, masks or [], strict=False):
+            idx = np.flatnonzero(mask)
+            g = cand.group
+            for p in g.producers:
+                rows[p.nodes[0].name] *= 1.0 - idx.size / g.width
+            for link in g.consumers:
+                key = link.layer.nodes[0].name
+                cols[key] *= 1.0 - link.columns(idx).size / max(link.layer.in_features, 1)
+            for t in g.tied:
+                layer = getattr(t, "layer", None)
+                if layer is not None:
+                    frac = 1.0 - t.map(idx).size / max(layer.out_features, 1)
+                    rows[layer.nodes[0].name] *= frac
+        macs = sum(m * rows[k] * cols[k] for k, (m, _, _, _) in self.layers.items())
+        params = sum(p * rows[k] * cols[k] for k, (_, p, _, _) in self.layers.items())
+        return macs, params
+
+
+def _layer_macs(layer: LinearLayer) -> float:
+    shape = layer.output.shape
+    if layer.kind == "conv":
+        spatial = shape[2:] if shape is not None else ()
+        positions = math.prod(int(d) for d in spatial if isinstance(d, (int, np.integer)))
+        return float(layer.weight.size) * max(positions, 1)
+    lead = shape[1:-1] if shape is not None and len(shape) > 2 else ()
+    return float(layer.weight.size) * max(math.prod(int(d) for d in lead if isinstance(d, (int, np.integer))), 1)
+
+
+class PruneChannels(Pass):
+    name = "prune-channels"
+    Options = PruneChannelsOptions
+    summary = ("remove the least important output channels of each channel group and refit the layers that read "
+               "them by least squares on the calibration data")
+    repeatable = False
+    lossy = True
+    options: PruneChannelsOptions
+
+    # ---- plan -------------------------------------------------------------------------------------------
+    def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
+        o, tally = self.options, SkipTally()
+        if o.needs_data and ctx.data is None:
+            raise OptionError(f"prune-channels with importance '{o.importance}'"
+                              f"{' and reconstruction' if o.reconstruct else ''} needs calibration data (--calib); "
+                              "use --importance l1 --no-reconstruct to prune from the weights alone")
+        found = find_channel_groups(graph)
+        for skip in found.skips:
+            tally.add(skip.reason, skip.node)
+        groups = [g for g in found.groups if g.consumers and g.producers]
+        overrides = self._overrides(groups, found)
+        moments: dict[str, Moments] = {}
+        if o.importance in ("activation", "reconstruction") or not o.reconstruct:
+            links = [c.layer for g in groups for c in g.consumers if refittable(c)]
+            moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed) if ctx.data else {}
+        candidates = [_Candidate(g, removal_order(g, o.importance, moments), overrides.get(group_key(g)))
+                      for g in groups]
+        masks = self._masks(graph, candidates)
+        matches = []
+        for cand, mask in zip(candidates, masks, strict=True):
+            site = group_key(cand.group)
+            if not mask.any():
+                continue
+            problem = removal_problem(cand.group, mask)
+            if problem is not None:
+                tally.add(problem, site)
+                continue
+            n = int(mask.sum())
+            matches.append(Match(site, "prune", n, 0, f"{n} of {cand.group.width} channels ({o.importance})",
+                                 {"remove": mask, "relus": cand.group.relus, "moments": moments}))
+        shared = {"data": ctx.data, "reference": to_model_proto(graph, ctx.data.ctx, infer_shapes=False)
+                  if ctx.data is not None and o.reconstruct and matches else None}
+        matches = [Match(m.site, m.action, m.units, m.params_saved, m.detail, dict(m.data, shared=shared))
+                   for m in matches]
+        return tally.plan(self.name, matches, approximate=bool(matches))
+
+    def _overrides(self, groups: list[ChannelGroup], found) -> dict[str, float]:
+        """Per-layer levels keyed by group; a name that is no layer, or a layer that cannot be pruned, is an error."""
+        out = {}
+        for name, level in self.options.layers.items():
+            group = next((g for g in groups if any(p.nodes[0].name == name for p in g.producers)), None)
+            if group is None:
+                skip = found.skipped_starts.get(name)
+                if skip is not None:
+                    raise OptionError(f"prune-channels: layer '{name}' cannot be pruned ({skip.reason})")
+                raise OptionError(f"prune-channels: unknown layer '{name}' in the per-layer overrides (give the "
+                                  "node name of a Conv/Gemm/MatMul whose channels can be pruned)")
+            out[group_key(group)] = float(level)
+        return out
+
+    def _masks(self, graph: gs.Graph, candidates: list[_Candidate]) -> list[np.ndarray]:
+        o = self.options
+
+        def at(level: float) -> list[np.ndarray]:
+            return [removal_mask(c, removal_count(c.group, c.level if c.level is not None else level,
+                                                  o.min_channels, o.channel_multiple)) for c in candidates]
+
+        target = o.target_macs if o.target_macs is not None else o.target_params
+        if target is None:
+            return at(o.sparsity)
+        costs = _Costs(graph, candidates)
+        which = 0 if o.target_macs is not None else 1
+        full = costs.total(None)[which]
+        lo, hi = 0.0, 0.999
+        if costs.total(at(hi))[which] > target * full:
+            what = "MACs" if which == 0 else "parameters"
+            raise OptionError(f"prune-channels: cannot reach {target:g} of the {what} with at least "
+                              f"{o.min_channels} channel(s) per layer (lowest reachable: "
+                              f"{costs.total(at(hi))[which] / max(full, 1):.3f})")
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if costs.total(at(mid))[which] <= target * full:
+                hi = mid
+            else:
+                lo = mid
+        return at(hi)
+
+    # ---- apply ------------------------------------------------------------------------------------------
+    def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
+        names, tally = NameSource(graph), SkipTally()
+        kept: dict[str, np.ndarray] = {}
+        rows: dict[str, np.ndarray] = {}  # layer -> indices of its original output rows still present
+        removed = rewritten = refits = 0
+        for match in plan.matches:
+            group = next((g for g in find_channel_groups(graph).groups if g.producers and group_key(g) == match.site),
+                         None)
+            mask = match.data["remove"]
+            if group is None or group.width != mask.size or tuple(group.relus) != tuple(match.data["relus"]):
+                tally.add("site changed since it was planned", match.site)
+                continue
+            widths = {r: len(group.member_channels(r)) for r in group.relus}
+            params = self._consumer_params(graph, group, mask, match, rows)
+            result = remove_channels(graph, names, group, mask)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            for key, (w, b) in params.items():
+                layer = match_linear_layer(graph, node_named(graph, key))
+                if not isinstance(layer, LinearLayer) or layer.weight.size != w.size:
+                    tally.add("consumer changed shape during the rewrite (not refit)", key)
+                    continue
+                write_linear_layer(graph, names, layer, w.reshape(layer.weight.shape), b)
+                refits += 1
+            for p in group.producers:
+                key = p.nodes[0].name
+                rows[key] = rows.get(key, np.arange(group.width))[result.kept]
+            for relu in group.relus:
+                kept[relu] = relu_channels_kept(group, relu, result.kept, widths[relu])
+            removed += result.removed
+            rewritten += 1
+            refresh_shapes(graph)
+        skipped = dict(plan.skipped)
+        for why, n in tally.counts.items():
+            skipped[why] = skipped.get(why, 0) + n
+        return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches), rewritten=rewritten,
+                          approximate=rewritten > 0, skipped=skipped,
+                          counts={"units_removed": removed, "groups_pruned": rewritten, "layers_refit": refits},
+                          kept=kept)
+
+    def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
+                         rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """New (weight without the removed columns, bias) of each consumer: refit, or mean folded into the bias."""
+        o, shared = self.options, match.data["shared"]
+        idx = np.flatnonzero(mask)
+        links = [c for c in group.consumers if refittable(c)]
+        if len({id(c.layer.nodes[0]) for c in links}) != len(links):
+            return {}  # a layer reading the group twice: plain removal
+        moments: dict[str, Moments] = match.data["moments"]
+        if o.reconstruct and shared["data"] is not None:
+            moments = collect_layer_moments(graph, shared["data"], [c.layer for c in links], shared["reference"],
+                                            seed=o.seed)
+        out = {}
+        for link in links:
+            key = link.layer.nodes[0].name
+            m = moments.get(key)
+            if m is None:
+                continue
+            cols, owner = consumer_owner(link, group.width)
+            gone = cols[np.isin(owner, idx)]
+            keep = np.setdiff1d(np.arange(m.cols), gone)
+            w = link.layer.weight.reshape(link.layer.out_features, -1)
+            if o.reconstruct and m.cross is not None:
+                if key in rows:
+                    m.cross = m.cross[:, rows[key]]
+                out[key] = refit(m, keep, w, link.layer.bias, o.ridge)
+            else:
+                out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone])
+        return out
+
+
+def _unique(layers: list[LinearLayer]) -> list[LinearLayer]:
+    seen, out = set(), []
+    for layer in layers:
+        if id(layer.nodes[0]) not in seen:
+            seen.add(id(layer.nodes[0]))
+            out.append(layer)
+    return out
+
+
+__all__ = ["PruneChannels", "PruneChannelsOptions", "removal_count"]
