@@ -170,7 +170,7 @@ def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exa
            messages: list[str]):
     """(recipe, model, records, search rows): the search's pick, or the recipe as given; skip paths by cost."""
     recipe, rows, chosen = options.recipe, [], None
-    if options.search and options.max_accuracy_drop is not None:
+    if options.search and options.max_accuracy_drop is not None and not options.lossy_passes:
         chosen, rows = _search_linear_rate(prep, evidence, options)
         recipe = chosen.recipe if chosen is not None else recipe
         messages.append(f"accuracy-budgeted search chose linear rate {chosen.value}" if chosen is not None else

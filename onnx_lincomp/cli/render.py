@@ -123,8 +123,9 @@ def print_optimize(r, output: str) -> None:
     _print_passes(r)
     _print_sizes(r)
     _print_verification(r)
+    approx = [p.result.name for p in r.passes if p.result.approximate]
     click.echo("exact on the evidence (no approximate rewrite)" if r.exact_on_evidence
-               else "approximate: rates below the exact defaults were used (see the errors above)")
+               else f"approximate rewrites by {', '.join(dict.fromkeys(approx))} (see the errors above)")
     for m in r.messages:
         click.echo(m)
     for name, why in r.not_analysed:

@@ -1,0 +1,218 @@
+"""prune-channels: numeric checks in onnxruntime (original vs pruned on the same inputs), the refit against
+plain removal, exactly-dead channels against remove-dead, widths and targets, and the must-not-fire and
+bad-input cases."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import cnn_model, mlp_model, run
+from onnx_lincomp.analysis.channel_importance import greedy_order
+from onnx_lincomp.analysis.model_report import model_report
+from onnx_lincomp.calibration.activations import CalibrationData
+from onnx_lincomp.calibration.moments import Moments, conv_rows, refit, target_rows
+from onnx_lincomp.canonicalize import canonicalize
+from onnx_lincomp.cli import main
+from onnx_lincomp.errors import OptionError, PassError
+from onnx_lincomp.linear_layer import LinearLayer
+from onnx_lincomp.model_io import model_from_proto, to_model_proto
+from onnx_lincomp.passes import PassContext, PruneChannels, PruneChannelsOptions
+from onnx_lincomp.pipeline import run_pipeline
+from onnx_lincomp.recipe import PassSpec, Recipe, load_recipe
+from test_passes import _array_source
+
+
+def _prune(model: onnx.ModelProto, x: np.ndarray, passes=(("prune-channels", {}),)):
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    data = CalibrationData(_array_source(loaded, x), loaded.ctx, len(x))
+    from onnx_lincomp.analysis.unit_sets import UnitEvidence
+    from onnx_lincomp.calibration import collect_relu_stats
+
+    stats = collect_relu_stats(loaded.graph, loaded.ctx, _array_source(loaded, x))
+    records = run_pipeline(loaded.graph, tuple(PassSpec.of(n, o) for n, o in passes),
+                           PassContext(UnitEvidence.from_stats(stats), data))
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    onnx.checker.check_model(out, full_check=True)
+    return out, records
+
+
+def _correlated(rng, n, d, rank=3):
+    """Inputs on a low-dimensional subspace plus noise: removed units are predictable from kept ones."""
+    z = rng.random((n, rank))
+    return np.clip(z @ rng.random((rank, d)) / rank + 0.02 * rng.random((n, d)), 0, 1).astype(np.float32)
+
+
+def test_conv_rows_reproduce_the_convolution(rng):
+    w = rng.normal(size=(5, 3, 3, 2))
+    b = rng.normal(size=5)
+    attrs = {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [1, 2], "pads": [0, 1, 2, 0], "group": 1}
+    layer = LinearLayer("conv", w, b, None, None, (), True, attrs)
+    x = rng.normal(size=(2, 3, 9, 8)).astype(np.float32)
+    import onnx.helper as h
+
+    from conftest import init, make_model, vinfo
+    node = h.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 2], strides=[2, 1], dilations=[1, 2],
+                       pads=[0, 1, 2, 0])
+    m = make_model([node], [vinfo("x", [2, 3, 9, 8])], [vinfo("y", None)],
+                   [init("w", w.astype(np.float32)), init("b", b.astype(np.float32))])
+    y = run(m, {"x": x})[0]
+    rows, pick = conv_rows(layer, x, rng, positions=11)
+    assert rows.shape == (22, 18)
+    np.testing.assert_allclose(rows @ w.reshape(5, -1).T + b, target_rows(y, pick), atol=1e-5)
+
+
+def test_refit_recovers_a_predictable_column(rng):
+    x = rng.normal(size=(500, 4))
+    x[:, 3] = 2 * x[:, 0] - x[:, 1] + 0.5  # column 3 is affine in the others
+    w, b = rng.normal(size=(3, 4)), rng.normal(size=3)
+    m = Moments(4)
+    m.add(x)
+    w2, b2 = refit(m, np.array([0, 1, 2]), w, b, ridge=1e-9)
+    np.testing.assert_allclose(x[:, :3] @ w2.T + b2, x @ w.T + b, atol=1e-5)
+    # nothing to correct: the ridge pulls towards the current weights, so they come back unchanged
+    w3, b3 = refit(m, np.arange(4), w, b, ridge=0.1)
+    np.testing.assert_allclose(w3, w, atol=1e-8)
+    np.testing.assert_allclose(b3, b, atol=1e-8)
+
+
+def test_greedy_order_follows_interactions():
+    # items 0 and 1 cancel each other (removing both costs nothing), 2 is cheap alone but not with them
+    m = np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    assert list(greedy_order(m)) == [2, 0, 1]
+
+
+def test_refit_beats_plain_removal_and_keeps_shapes(rng):
+    model = mlp_model(rng, [12, 32, 24, 5])
+    x = _correlated(rng, 400, 12)
+    plain, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "reconstruct": False}),))
+    fitted, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5}),))
+    ref = run(model, {"x": x})[0]
+    err_plain = np.square(run(plain, {"x": x})[0] - ref).mean()
+    err_fit = np.square(run(fitted, {"x": x})[0] - ref).mean()
+    assert err_fit < 0.5 * err_plain
+    assert run(fitted, {"x": x})[0].shape == ref.shape  # the output layer keeps its width
+    result = records[0].result
+    assert result.approximate and result.count("units_removed") == 16 + 12 and result.count("layers_refit") == 2
+    assert model_report(fitted).params < model_report(model).params
+
+
+def test_exactly_dead_channels_equal_remove_dead(rng):
+    model = mlp_model(rng, [6, 12, 8, 3], dead={0: [0, 3, 7], 1: [2, 5]})
+    x = rng.random((200, 6), dtype=np.float32)
+    by_dead, _ = _prune(model, x, (("remove-dead", {}),))
+    kept = sorted((i.dims[0] for i in by_dead.graph.initializer if len(i.dims) == 2), reverse=True)[:2]
+    assert kept[0] <= 9 and kept[1] <= 6  # at least the planted units are dead
+    levels = {"fc0": (12 - kept[0]) / 12, "fc1": (8 - kept[1]) / 8}
+    for importance in ("activation", "reconstruction"):
+        pruned, _ = _prune(model, x, (("prune-channels", {"layers": levels, "importance": importance}),))
+        assert sorted(tuple(i.dims) for i in pruned.graph.initializer) == \
+            sorted(tuple(i.dims) for i in by_dead.graph.initializer)
+        np.testing.assert_allclose(run(pruned, {"x": x})[0], run(by_dead, {"x": x})[0], atol=1e-4)
+        np.testing.assert_allclose(run(pruned, {"x": x})[0], run(model, {"x": x})[0], atol=1e-4)
+
+
+def test_conv_model_with_flatten_consumer(rng):
+    model = cnn_model(rng)
+    x = rng.random((120, 1, 6, 6), dtype=np.float32)
+    pruned, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5}),))
+    out = run(pruned, {"x": x})[0]
+    assert out.shape == (120, 4) and np.all(np.isfinite(out))
+    shapes = {tuple(i.dims) for i in pruned.graph.initializer}
+    assert (3, 1, 3, 3) in shapes and (4, 3, 1, 1) in shapes and (4, 4 * 9) in shapes
+    plain, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "reconstruct": False}),))
+    ref = run(model, {"x": x})[0]
+    assert np.abs(out - ref).mean() < np.abs(run(plain, {"x": x})[0] - ref).mean()
+
+
+def test_sparsity_zero_and_must_not_fire(rng):
+    model = mlp_model(rng, [6, 10, 3])
+    x = rng.random((50, 6), dtype=np.float32)
+    out, records = _prune(model, x, (("prune-channels", {"sparsity": 0.0}),))
+    assert not records[0].result.changed
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], atol=1e-6)
+    # a single layer's output is the graph output: no group, nothing pruned, the reason shown
+    single = mlp_model(rng, [6, 3])
+    out, records = _prune(single, x, (("prune-channels", {"sparsity": 0.5}),))
+    assert not records[0].result.changed and records[0].result.skipped
+
+
+def test_width_multiple_min_channels_and_targets(rng):
+    model = mlp_model(rng, [8, 30, 20, 4])
+    x = rng.random((100, 8), dtype=np.float32)
+    out, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 8}),))
+    widths = sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2)
+    assert widths == [4, 16, 16]  # 30 -> 15 rounded up to 16, 20 -> 10 -> 16
+    out, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.9, "min_channels": 5}),))
+    assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 5, 5]
+    before = model_report(model).macs
+    for target in (0.75, 0.5, 0.25):
+        out, _ = _prune(model, x, (("prune-channels", {"target_macs": target}),))
+        macs = model_report(out).macs
+        assert macs <= target * before and macs > 0.6 * target * before
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"sparsity": 1.0}, "[0, 1)"), ({"sparsity": -0.1}, "[0, 1)"), ({"target_macs": 0.0}, "(0, 1]"),
+    ({"importance": "random"}, "importance"), ({"layers": {"fc0": 1.5}}, "fc0"),
+    ({"target_macs": 0.5, "target_params": 0.5}, "not both")])
+def test_bad_options(values, words):
+    with pytest.raises(OptionError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        PruneChannelsOptions(**values)
+
+
+def test_target_that_would_empty_a_layer_and_unknown_layer(rng):
+    model = mlp_model(rng, [8, 10, 4])
+    x = rng.random((60, 8), dtype=np.float32)
+    with pytest.raises(PassError, match="cannot reach") as info:
+        _prune(model, x, (("prune-channels", {"target_macs": 0.01}),))
+    assert info.value.exit_code == 2
+    with pytest.raises(PassError, match="unknown layer 'nope'") as info:
+        _prune(model, x, (("prune-channels", {"layers": {"nope": 0.5}}),))
+    assert info.value.exit_code == 2
+    with pytest.raises(PassError, match="cannot be pruned") as info:  # the output layer: its group is skipped
+        _prune(model, x, (("prune-channels", {"layers": {"fc1": 0.5}}),))
+
+
+def test_needs_data_unless_weights_only(rng):
+    model = mlp_model(rng, [6, 10, 3])
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    with pytest.raises(OptionError, match="needs calibration data"):
+        PruneChannels(PruneChannelsOptions(sparsity=0.5)).plan(loaded.graph, PassContext())
+    weights_only = PruneChannels(PruneChannelsOptions(sparsity=0.5, importance="l1", reconstruct=False))
+    result = weights_only.run(loaded.graph, PassContext())
+    assert result.changed and result.count("units_removed") == 5
+
+
+def test_recipe_with_per_layer_levels_round_trips(tmp_path):
+    recipe = Recipe((PassSpec.of("prune-channels", {"layers": {"fc0": 0.25, "conv/1": 0.5}, "sparsity": 0.1}),))
+    path = tmp_path / "r.toml"
+    path.write_text(recipe.to_toml())
+    assert load_recipe(path) == recipe
+
+
+def test_cli_prune_channels_on_the_example(tmp_path):
+    out, rep = str(tmp_path / "p.onnx"), str(tmp_path / "r.json")
+    args = ["optimize", "--example", "digits-cnn", "-o", out, "--passes", "remove-dead,fold-linear,prune-channels",
+            "--sparsity", "0.5", "--no-reconstruct", "--importance", "l1", "--no-latency", "--json", rep]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    with open(rep) as fh:
+        report = json.load(fh)
+    passes = {p["name"]: p for p in report["passes"]}
+    assert passes["prune-channels"]["counts"]["units_removed"] > 0
+    assert passes["prune-channels"]["after"]["params"] < passes["prune-channels"]["before"]["params"]
+    spec = next(p for p in report["recipe"]["passes"] if p["name"] == "prune-channels")
+    assert spec["reconstruct"] is False and spec["importance"] == "l1"
+    assert any("lossy" in m for m in report["messages"])
+    # a bad value is a usage error and writes nothing
+    bad = str(tmp_path / "bad.onnx")
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", bad, "--passes", "prune-channels",
+                                    "--sparsity", "1.5", "--no-latency"])
+    assert res.exit_code == 2 and "[0, 1)" in res.output and not os.path.exists(bad)
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", bad, "--sparsity", "0.5"])
+    assert res.exit_code == 2 and "not in --passes" in res.output and not os.path.exists(bad)
