@@ -7,7 +7,7 @@ from ..errors import OptionError
 from ..outputs import OutputPlan, Outputs
 from ..recipe import CalibrationSettings, ExactSettings, Recipe, load_recipe, pass_flags, recipe_from_flags
 from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
-from .render import print_certificate, print_optimize, print_plans
+from .render import print_certificate, print_optimize, print_plans, print_search
 
 STATS_ONLY = ("--dead-rate", "--linear-rate", "--max-accuracy-drop", "--labels", "--stats", "--save-stats",
               "--verify-split", "--gate-on")
@@ -37,6 +37,44 @@ exact_options = [
     click.option("--check-points", type=click.IntRange(1),
                  help="Random points of the box to compare outputs on before saving (default 10000)."),
 ]
+
+
+search_options = [
+    click.option("--objective", type=click.Choice(["latency", "size", "macs"]),
+                 help="Search across passes (pruning, low-rank, quantization) for the fastest / smallest / cheapest "
+                      "model within the budget (--max-accuracy-drop, --min-agreement or --max-output-error).",),
+    click.option("--min-agreement", type=click.FloatRange(0, 1, min_open=True),
+                 help="Budget / gate: top-1 agreement with the original on the held-out split at least this."),
+    click.option("--max-output-error", type=click.FloatRange(0),
+                 help="Search budget: largest held-out absolute output error (the --max-abs-error gate)."),
+    click.option("--pareto", "pareto_out", metavar="FILE", help="With --objective: every scored candidate as CSV."),
+    click.option("--plot", "plot_out", metavar="FILE",
+                 help="With --objective: PNG of objective against budget used, the choice marked (extra 'plot')."),
+    click.option("--time-budget", metavar="DURATION", help="With --objective: stop at the best verified model after "
+                                                           "this long (e.g. 90s, 10m, 1h)."),
+    click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+                 help="With --objective: score candidates in N processes (same results as 1)."),
+    click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="With --objective: score candidates locally or on a Ray cluster (extra 'ray')."),
+    click.option("--address", help="With --backend ray: the cluster address (default: a local cluster)."),
+]
+SEARCH_ONLY = ("--pareto", "--plot", "--time-budget", "--jobs", "--backend", "--address", "--max-output-error")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '10m', '1h' as seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    scale = units.get(t[-1:])
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise OptionError(f"--time-budget: expected a duration such as 90s, 10m or 1h, got '{text}'")
+    return value
 
 
 def _output_change(text: str | None) -> float | None:
@@ -133,12 +171,14 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
 @with_options(exact_options)
+@with_options(search_options)
 @click.pass_context
 def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
              verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, max_output_change, min_samples,
              allow_larger, check_each_pass, explain,
              json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
-             check_points, **pass_values):
+             check_points, objective, min_agreement, max_output_error, pareto_out, plot_out, time_budget, jobs, backend,
+             address, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
@@ -159,7 +199,13 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
                               gate_on=gate_on, max_output_change=_output_change(max_output_change),
                               min_samples=min_samples, batch_size=batch_size, threads=threads, latency=not no_latency,
                               search=max_accuracy_drop is not None and not rates_given and not recipe_file,
-                              allow_larger=allow_larger, check_each_pass=check_each_pass)
+                              allow_larger=allow_larger, check_each_pass=check_each_pass, min_agreement=min_agreement)
+    if objective is not None:
+        return _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out,
+                       time_budget, jobs, backend, address, json_out, overwrite, explain or exact or stats_file)
+    stray = _given(ctx, SEARCH_ONLY)
+    if stray:
+        raise OptionError(f"{stray[0]} applies to the search only: add --objective latency|size|macs")
     if explain:
         return _explain(model, calib, options, StatsSet.load(stats_file) if stats_file else None)
     plan = OutputPlan({"MODEL": model, "--calib": calib, "--stats": stats_file, "--recipe": recipe_file},
@@ -204,3 +250,60 @@ def _explain(model, calib, options, stats) -> None:
     if cert is not None:
         print_certificate(cert)
     print_plans(plans)
+
+
+def _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out, time_budget, jobs,
+            backend, address, json_out, overwrite, conflicting) -> None:
+    """``--objective``: the search across passes; the chosen model is written like any optimize output."""
+    from ..autotune import Budget
+    from ..autotune.executors import require_ray
+    from ..autotune.pareto import pareto_rows
+    from ..autotune.run import optimize_within_budget
+    from ..autotune.search import SearchOptions
+    from ..model_io import save_model_proto
+    from .plots import plot_pareto, pyplot
+    from .sweep_cmd import write_csv
+
+    if conflicting:
+        raise OptionError("--objective searches with statistics: drop --explain, --exact and --stats")
+    given = _given(ctx, ("--recipe", "--passes") + tuple(pass_flags()))
+    if given:
+        raise OptionError(f"--objective builds the recipe itself: drop {given[0]}")
+    budgets = [(k, v) for k, v in (("accuracy_drop", options.max_accuracy_drop), ("agreement", options.min_agreement),
+                                   ("output_error", max_output_error)) if v is not None]
+    if len(budgets) != 1:
+        raise OptionError("--objective needs exactly one budget: --max-accuracy-drop (with --labels), --min-agreement "
+                          "or --max-output-error")
+    if backend == "ray":
+        require_ray()
+    search = SearchOptions(objective, Budget(*budgets[0]), jobs, backend, address, parse_duration(time_budget),
+                           options.threads, options.batch_size)
+    plan = OutputPlan({"MODEL": model, "--calib": calib}, overwrite=overwrite)
+    plan.add("-o", output, model=True)
+    plan.add("--json", json_out)
+    plan.add("--pareto", pareto_out)
+    plan.add("--plot", plot_out, requires=pyplot)
+    with plan.check() as outputs:
+        result, found = optimize_within_budget(model, calib, options, search, progress=_search_progress())
+        with outputs.writing("-o") as path:
+            save_model_proto(result.model, path)
+        rows = pareto_rows(found, objective)
+        if pareto_out:
+            with outputs.writing("--pareto") as path:
+                write_csv(rows, path)
+        if plot_out:
+            with outputs.writing("--plot") as path:
+                plot_pareto(rows, str(path), model, objective)
+        stdout_json = stage_json(outputs, json_out, dict(result.report.as_dict(), output=output))
+        outputs.commit()
+    if stdout_json is not None:
+        click.echo(stdout_json)
+        return
+    print_optimize(result.report, output)
+    print_search(rows)
+
+
+def _search_progress():
+    def show(text: str) -> None:
+        click.echo(text, err=True)
+    return show

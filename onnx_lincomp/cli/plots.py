@@ -57,3 +57,25 @@ def plot_rates(stats, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_pareto(rows: list[dict], path: str, model: str, objective: str) -> None:
+    """Objective against budget used for every scored candidate, the Pareto front joined, the choice marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    inside = [r for r in rows if r["within_budget"]]
+    outside = [r for r in rows if not r["within_budget"] and r["budget_used"] != float("inf")]
+    ax.scatter([r["budget_used"] for r in outside], [r["objective"] for r in outside], c="0.7", label="over budget")
+    ax.scatter([r["budget_used"] for r in inside], [r["objective"] for r in inside], c="tab:blue", label="within")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["budget_used"])
+    ax.plot([r["budget_used"] for r in front], [r["objective"] for r in front], "b--", lw=1, label="Pareto front")
+    for r in rows:
+        if r["chosen"]:
+            ax.scatter([r["budget_used"]], [r["objective"]], s=160, facecolors="none", edgecolors="r", label="chosen")
+    ax.set_xlabel("budget used")
+    ax.set_ylabel({"latency": "batch-1 latency ratio", "size": "file bytes", "macs": "MACs"}.get(objective, objective))
+    ax.legend()
+    ax.set_title(Path(model).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

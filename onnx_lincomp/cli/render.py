@@ -159,3 +159,15 @@ def print_sweep(rows: list[dict]) -> None:
         lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}"
         click.echo(f"{r['threshold']:>9.2f} {r['params']:>10,} {r['layer_params']:>10,} {r['skip_params']:>8,} "
                    f"{r['macs']:>10,} {lat:>8} {acc:>9}")
+
+
+def print_search(rows: list[dict]) -> None:
+    """The candidates of ``optimize --objective``: figures, budget used, Pareto and chosen marks."""
+    click.echo(f"{'':2}{'candidate':<58} {'MACs':>11} {'bytes':>10} {'lat x':>6} {'used':>7} {'in':>3} {'P':>2}")
+    for r in rows:
+        lat = "-" if r["latency_ratio"] is None else f"{r['latency_ratio']:.2f}"
+        used = "-" if r["budget_used"] == float("inf") else f"{r['budget_used']:.3g}"
+        mark = "*" if r["chosen"] else " "
+        click.echo(f"{mark} {r['candidate'][:58]:<58} {r['macs']:>11,} {r['size_bytes']:>10,} {lat:>6} {used:>7} "
+                   f"{'yes' if r['within_budget'] else 'no':>3} {'P' if r['pareto'] else '':>2}")
+    click.echo("* chosen; P: on the Pareto front (objective against budget used); lat x: batch-1 latency vs original")

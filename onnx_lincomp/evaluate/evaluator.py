@@ -72,6 +72,12 @@ class Verification:
     def non_finite(self) -> int:
         return sum(o.non_finite for o in self.outputs)
 
+    @property
+    def agreement(self) -> float | None:
+        """Top-1 agreement of the classifier-shaped outputs (the lowest when several), None without one."""
+        found = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        return min(found) if found else None
+
     def within(self, tol: float) -> bool:
         return all(o.within(tol) for o in self.outputs)
 
