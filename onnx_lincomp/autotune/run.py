@@ -10,6 +10,7 @@ from ..optimize import OptimizeOptions, Result, optimize
 from ..prepared import calibrate, prepare
 from .budget import Budget
 from .search import Progress, SearchOptions, SearchResult, require_result, run_search
+from .space import Knob
 
 
 def gate_options(options: OptimizeOptions, budget: Budget) -> OptimizeOptions:
@@ -21,7 +22,8 @@ def gate_options(options: OptimizeOptions, budget: Budget) -> OptimizeOptions:
 
 
 def optimize_within_budget(model: str, calib: str, options: OptimizeOptions, search: SearchOptions,
-                           progress: Progress | None = None) -> tuple[Result, SearchResult]:
+                           progress: Progress | None = None,
+                           knobs: tuple[Knob, ...] | None = None) -> tuple[Result, SearchResult]:
     """The best model the search finds within ``search.budget``; raises the gate error when none is."""
     if search.budget.kind == "accuracy_drop" and options.labels is None:
         raise OptionError("--max-accuracy-drop needs --labels KEY (else budget with --min-agreement or "
@@ -31,7 +33,7 @@ def optimize_within_budget(model: str, calib: str, options: OptimizeOptions, sea
         require_budget_support(prep, search.budget.value, "heldout")
     require_samples(prep.n_calib, options.min_samples, "the statistics would")
     stats = calibrate(prep, options.batch_size, options.threads)
-    found = run_search(prep, stats, model, calib, options.recipe.calibration, options.labels, search,
+    found = run_search(prep, stats, model, calib, options.recipe.calibration, options.labels, search, knobs,
                        progress=progress)
     chosen = require_result(found, search.budget)
     result = optimize(model, calib, replace(gate_options(options, search.budget), recipe=found.recipe), stats=stats)
