@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import SHARED  # noqa: E402
 from onnx_lincomp.examples import example_paths  # noqa: E402
 from onnx_lincomp.optimize import OptimizeOptions, optimize  # noqa: E402
+from onnx_lincomp.recipe import CalibrationSettings, Recipe  # noqa: E402
 from real_models import REAL_MODELS, calibration_file  # noqa: E402
 
 
@@ -53,9 +54,10 @@ def main() -> None:
             full = replace(spec, samples=10000) if labelled else spec
             calib = calibration_file(full, Path(tmp))
             split = 0.8 if labelled else (0.2 if spec.data in ("crepe", "digits") else 0.0)
-            options = OptimizeOptions(verify_split=split, labels="y" if labelled or spec.data == "digits" else None,
-                                      latency=args.latency, input_shapes=tuple(spec.input_shapes.items()),
-                                      batch_size=16)
+            recipe = Recipe(calibration=CalibrationSettings(verify_split=split,
+                                                            input_shapes=tuple(spec.input_shapes.items())))
+            options = OptimizeOptions(recipe, labels="y" if labelled or spec.data == "digits" else None,
+                                      latency=args.latency, batch_size=16)
             start = time.perf_counter()
             result = optimize(SHARED / "models" / spec.path, calib, options)
             rows.append(row(spec.path, result, time.perf_counter() - start))

@@ -146,6 +146,7 @@ class CanonicalizeReport:
     conv_bias_adds_fused: int = 0
     conv_pads_made_explicit: int = 0
     folding: FoldReport = field(default_factory=FoldReport)
+    quantized: dict[str, int] = field(default_factory=dict)  # integer ops found: the model is quantized already
 
     def as_dict(self) -> dict:
         return {"constants_lifted": self.constants_lifted,
@@ -153,7 +154,7 @@ class CanonicalizeReport:
                 "constant_folding": self.folding.as_dict(), "conv_bias_adds_fused": self.conv_bias_adds_fused,
                 "conv_pads_made_explicit": self.conv_pads_made_explicit,
                 "batchnorms_folded": self.batchnorms_folded, "skipped": dict(self.skipped),
-                "examples": {k: list(v) for k, v in self.examples.items()}}
+                "examples": {k: list(v) for k, v in self.examples.items()}, "quantized": dict(self.quantized)}
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
@@ -264,21 +265,55 @@ def _inputs_constant(node: gs.Node) -> bool:
     return all(isinstance(t, gs.Constant) for t in node.inputs if not t.is_empty())
 
 
-def _fold_candidates(graph: gs.Graph, output_names: set[str], quantize: bool) -> list[gs.Node]:
+def _fold_candidates(graph: gs.Graph, output_names: _Kept, quantize: bool) -> list[gs.Node]:
     """Top-level nodes whose inputs are all constants and that the folder may evaluate."""
     return [n for n in graph.nodes
             if n.op != "Constant" and _inputs_constant(n) and _excluded(n, output_names) is None
             and (n.op in _QUANTIZE_OPS) == quantize]
 
 
-def _excluded(node: gs.Node, output_names: set[str]) -> str | None:
+@dataclass(frozen=True)
+class _Kept:
+    """What folding must leave alone: graph outputs, and the codebook lookups of shared weights."""
+
+    outputs: frozenset[str]
+    codebook: frozenset[str]  # node names
+
+
+CODEBOOK_MAX_ENTRIES = 256
+
+
+def codebook_nodes(graph: gs.Graph) -> frozenset[str]:
+    """Nodes of shared-weight lookups ``Gather(codebook, indices)`` (a 1-D float codebook of at most 256
+    entries) and the constant-only nodes computing their indices: folding them would store float weights
+    (or int64 indices) in place of the packed indices, a larger file."""
+    out: set[str] = set()
+    for node in graph.nodes:
+        data = node.inputs[0] if node.op == "Gather" and node.inputs else None
+        if not (isinstance(data, gs.Constant) and data.values.ndim == 1 and data.values.dtype.kind == "f"
+                and data.values.size <= CODEBOOK_MAX_ENTRIES):
+            continue
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            out.add(n.name)
+            stack += [t.inputs[0] for t in n.inputs if isinstance(t, gs.Variable) and t.inputs]
+    return frozenset(out)
+
+
+def _excluded(node: gs.Node, output_names: _Kept) -> str | None:
     """Why ``node`` must not be folded whatever its inputs (None: it may be)."""
     if node.domain not in _DEFAULT_DOMAINS:
         return "op outside the default ONNX domain"
     if node.op in _RANDOM_OPS:
         return "random op (folding would freeze one draw)"
-    if any(t.name in output_names for t in node.outputs):
+    if any(t.name in output_names.outputs for t in node.outputs):
         return "result is a graph output"
+    if node.name in output_names.codebook:
+        return "codebook lookup of shared weights (folding would store float weights)"
     return None
 
 
@@ -300,7 +335,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-def _run_graphsurgeon(graph: gs.Graph, options: FoldOptions, output_names: set[str]) -> str:
+def _run_graphsurgeon(graph: gs.Graph, options: FoldOptions, output_names: _Kept) -> str:
     """graphsurgeon's folder on ``graph``; returns the first error ('' when it ran in one piece)."""
     kwargs = {"fold_shapes": False, "recurse_subgraphs": False, "flatten_subgraphs": False,
               "recurse_functions": False, "size_threshold": options.size_limit_bytes,
@@ -345,7 +380,7 @@ def _evaluate_quantize_ops(graph: gs.Graph, nodes: list[gs.Node]) -> list[np.nda
     return run_session(session, [o.name for o in outputs], {}, what="constant folding")
 
 
-def _fold_quantize_ops(graph: gs.Graph, options: FoldOptions, output_names: set[str]) -> tuple[int, str]:
+def _fold_quantize_ops(graph: gs.Graph, options: FoldOptions, output_names: _Kept) -> tuple[int, str]:
     """Evaluate (De)QuantizeLinear nodes with constant inputs; (how many, the error if onnxruntime failed)."""
     nodes = [n for n in _fold_candidates(graph, output_names, quantize=True)
              if len(n.outputs) == 1 and _quantize_result_bytes(n) <= options.size_limit_bytes]
@@ -388,7 +423,7 @@ def _describe_bytes(n: int) -> str:
     return f"{n:,} bytes"
 
 
-def _why_still_computed(node: gs.Node, options: FoldOptions, output_names: set[str], error: str) -> str:
+def _why_still_computed(node: gs.Node, options: FoldOptions, output_names: _Kept, error: str) -> str:
     excluded = _excluded(node, output_names)
     if excluded is not None:
         return excluded
@@ -407,7 +442,7 @@ def fold_constants(graph: gs.Graph, options: FoldOptions = FoldOptions()) -> Fol
     for a failure inside the folder: what stayed computed is reported with the reason."""
     if not options.enabled:
         return FoldReport(size_limit_bytes=options.size_limit_bytes)
-    output_names = {t.name for t in graph.outputs}
+    output_names = _Kept(frozenset(t.name for t in graph.outputs), codebook_nodes(graph))
     nodes_folded, folded, errors = 0, [], []
     if _fold_candidates(graph, output_names, quantize=False) or (
             options.dequantize and _fold_candidates(graph, output_names, quantize=True)):
@@ -548,6 +583,25 @@ def name_nodes(graph: gs.Graph) -> None:
         seen.add(node.name)
 
 
+# Ops that only a quantized model holds. DequantizeLinear alone is not one of them: exporters store weights as
+# int8 + DequantizeLinear in float models too, and folding those is what lets the passes see the weights.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+    "ConvInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "QAttention",
+})
+
+
+def quantized_ops(graph: gs.Graph) -> dict[str, int]:
+    """Op type -> count of the nodes that show ``graph`` is quantized already."""
+    found: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op in QUANTIZED_OPS:
+            found[n.op] = found.get(n.op, 0) + 1
+    return found
+
+
 def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None = None,
                  fold: FoldOptions = FoldOptions()) -> CanonicalizeReport:
     """Bring ``graph`` (mutated in place) into the canonical form the analyses and passes expect.
@@ -558,10 +612,14 @@ def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None
     name_nodes(graph)
     lifted = lift_constant_nodes(graph)
     dropped = drop_initializer_inputs(graph) + (ctx.initializer_inputs if ctx is not None else 0)
+    quantized = quantized_ops(graph)
+    if quantized and fold.dequantize:  # keep a quantized model's integer weights integer
+        fold = FoldOptions(fold.enabled, fold.size_limit_bytes, dequantize=False)
     folding = fold_constants(graph, fold)
     explicit = explicit_conv_pads(graph)
     fused, tally = fuse_conv_bias_adds(graph)
     folded, bn_tally = fold_batchnorms(graph) if fold_bn else (0, ReasonTally())
     tally.merge(bn_tally.skipped, bn_tally.examples)
     tally.merge(folding.skipped, folding.examples, prefix="constant folding: ")
-    return CanonicalizeReport(lifted, dropped, folded, tally.skipped, tally.examples, fused, explicit, folding)
+    return CanonicalizeReport(lifted, dropped, folded, tally.skipped, tally.examples, fused, explicit, folding,
+                              quantized)

@@ -181,6 +181,14 @@ def model_from_proto(model: onnx.ModelProto, source: str | None = None) -> Loade
     return LoadedModel(_graph_with_shapes(model), context_from_proto(model, source), model)
 
 
+def _min_ir_version(opsets) -> int:
+    """The lowest IR version that can carry these opset imports (a pass may have raised the opset)."""
+    try:
+        return int(onnx.helper.find_min_ir_version_for(list(opsets), ignore_unknown=True))
+    except (ValueError, TypeError):
+        return 0
+
+
 def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None = None) -> onnx.ModelProto:
     """Export a graph and restore every model-level field the context carries.
 
@@ -191,12 +199,12 @@ def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None
     """
     opsets = dict(ctx.opset_imports)
     model = gs.export_onnx(graph, do_type_check=False)
-    for imp in model.opset_import:  # domains a pass may have added
-        opsets.setdefault(imp.domain, int(imp.version))
+    for imp in model.opset_import:  # domains a pass may have added, opsets a pass raised (quantizers)
+        opsets[imp.domain] = max(opsets.get(imp.domain, 0), int(imp.version))
     del model.opset_import[:]
     model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     # IR < 4 requires every initializer to be a graph input; canonical graphs do not list them.
-    model.ir_version = max(ctx.ir_version, 4)
+    model.ir_version = max(ctx.ir_version, 4, _min_ir_version(model.opset_import))
     model.producer_name = ctx.producer_name
     model.producer_version = ctx.producer_version
     model.domain = ctx.domain

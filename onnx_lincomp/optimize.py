@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from .analysis.model_report import model_report
+from .analysis.storage import storage_sizes
 from .analysis.unit_sets import UnitEvidence
 from .calibration import StatsSet
 from .calibration.collector import Progress
@@ -111,11 +112,11 @@ class Result:
 
 
 def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe, ctx_metadata: dict[str, str] | None = None,
-             check_each_pass: bool = False) -> tuple[onnx.ModelProto, list[PassRecord]]:
+             check_each_pass: bool = False, threads: int = 0) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Run the recipe's passes on a copy of the canonical graph; the prepared model is not touched."""
     graph = prep.loaded.graph.copy()
     check = pass_check(prep) if check_each_pass and prep.source is not None else None
-    ctx = PassContext(evidence, calibration_data(prep))
+    ctx = PassContext(evidence, calibration_data(prep, threads=threads))
     records = run_pipeline(graph, recipe.passes, ctx, check=check)
     model_ctx = prep.loaded.ctx.with_metadata(ctx_metadata) if ctx_metadata else prep.loaded.ctx
     return to_model_proto(graph, model_ctx), records
@@ -160,8 +161,13 @@ def _before_figures(prep: Prepared, options: OptimizeOptions, lat, messages: lis
 
 
 def _data_messages(prep: Prepared) -> list[str]:
-    """What the report must say about the data: casts of input dtypes, random data."""
+    """What the report must say about the input: a quantized model, casts of input dtypes."""
     out = []
+    if prep.canon.quantized:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(prep.canon.quantized.items()))
+        out.append(f"the model is quantized already ({ops}): its integer weights are kept; float passes skip "
+                   "the layers that compute with them, quantizers decline")
+        logger.warning(out[-1])
     for name, (found, fed) in (prep.source.casts.items() if prep.source is not None else ()):
         out.append(f"calibration data for input '{name}' is {found}; it was cast to {fed}, the model's input type")
         logger.warning(out[-1])
@@ -179,7 +185,8 @@ def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exa
                         "accuracy-budgeted search found no linear rate within the budget; exact rates kept")
     metadata = exact.metadata if exact is not None else None
     model, records = ((chosen.model, list(chosen.records)) if chosen is not None
-                      else compress(prep, evidence, recipe, metadata, options.check_each_pass))
+                      else compress(prep, evidence, recipe, metadata, options.check_each_pass,
+                                options.threads))
     if options.latency and any(r.result.count("skip_params") for r in records):
         recipe, model, records, note = _cheaper_without_skips(prep, evidence, recipe, metadata, model, records, options)
         messages.append(note)
@@ -251,7 +258,9 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
         exact_on_evidence=not any(r.result.approximate for r in records), messages=tuple(messages),
         not_analysed=evidence.not_analysed, search=tuple(search_rows),
         certificate=exact.as_dict() if exact is not None else None,
-        on_all=on_gate if on_gate is not on_held and on_gate is not on_cal else None)
+        on_all=on_gate if on_gate is not on_held and on_gate is not on_cal else None,
+        storage=(storage_sizes(optimized).as_dict() if any(r.result.name == "prune-magnitude" for r in records)
+                 else None))
     worse = check_not_worse(report.before, report.after, options.allow_larger)
     if worse:
         report = replace(report, messages=report.messages + (worse,))
@@ -276,7 +285,7 @@ def _cheaper_without_skips(prep: Prepared, evidence: UnitEvidence, recipe: Recip
     """Skip paths save parameters but add nodes: keep them only when onnxruntime runs them no slower than
     the same recipe without skip paths (batch 1, interleaved rounds). The recipe records the choice."""
     alt_recipe = _with_fold_options(recipe, skip_paths=False)
-    alt_model, alt_records = compress(prep, evidence, alt_recipe, metadata, options.check_each_pass)
+    alt_model, alt_records = compress(prep, evidence, alt_recipe, metadata, options.check_each_pass, options.threads)
     feeds = latency_feeds(prep, options.batch_size, options.input_shapes)[0]
     verdict = compare_two(alt_model, model, feeds, options.threads).ratios[1]
     if verdict.change == "slower":

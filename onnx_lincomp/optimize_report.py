@@ -70,6 +70,7 @@ class OptimizeReport:
     search: tuple[dict, ...] = ()
     certificate: dict | None = None  # exact mode: the certificate, witness check and box check
     on_all: Verification | None = None  # --gate-on all: every sample (the budget was judged here)
+    storage: dict | None = None  # after prune-magnitude: file bytes dense / zipped / sparse (analysis.storage)
 
     @property
     def exact_on_calibration(self) -> bool:
@@ -86,5 +87,5 @@ class OptimizeReport:
             "exact_on_evidence": self.exact_on_evidence, "messages": list(self.messages),
             "not_analysed": [list(x) for x in self.not_analysed], "search": list(self.search),
             "verification_all": self.on_all.as_dict() if self.on_all else None,
-            "certificate": self.certificate, "recipe": self.recipe.as_dict(),
+            "certificate": self.certificate, "recipe": self.recipe.as_dict(), "storage": self.storage,
         }

@@ -18,8 +18,10 @@ sparse initializer, or the value of a ``Constant`` node. Each input slot of a no
 A constant is a **parameter** when at least one node reads it at a data input (or it is itself a
 graph or subgraph output), whatever its dtype (float, int8, uint8, int4, int32 bias, ...); otherwise
 it is a **quantization parameter** (``quant_params``) when some node reads it at a quantization
-input; otherwise (read only shape-like, or not read at all) it is not counted. String tensors are
-never counted. Each constant counts once, however many nodes read it.
+input; otherwise (read only shape-like, or not read at all) it is not counted, unless it holds more than
+``SHAPE_LIKE_MAX_ELEMENTS`` (64) elements: no shape, axis list or slice bound is that long, so such a tensor
+is stored data (the codebook indices of shared weights, read through Gather). String tensors are never
+counted. Each constant counts once, however many nodes read it.
 
 Shape-like inputs (op: 0-based input indices; ops matched by name in any domain):
 
@@ -111,6 +113,9 @@ _SUB_BYTE_BITS: dict[int, int] = {TensorProto.INT4: 4, TensorProto.UINT4: 4, Ten
                                   TensorProto.INT2: 2, TensorProto.UINT2: 2}
 _DTYPE_NAMES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64",
                                 TensorProto.FLOAT16: "float16"}
+
+
+SHAPE_LIKE_MAX_ELEMENTS = 64  # shapes, axes, starts: a bigger integer constant is data (an index tensor)
 
 
 def _input_role(op: str, index: int) -> Role | None:
@@ -221,6 +226,8 @@ def _constant_roles(view: _View) -> dict[str, tuple[Role, _NodeIO | None, int]]:
                 roles[name] = (role, node, i)
         if name in view.sinks and (name not in roles or roles[name][0] != "weight"):
             roles[name] = ("weight", None, -1)
+        if name in roles and roles[name][0] == "shape" and math.prod(const.shape) > SHAPE_LIKE_MAX_ELEMENTS:
+            roles[name] = ("weight",) + roles[name][1:]  # stored weights (share-weights' codebook indices)
     return roles
 
 

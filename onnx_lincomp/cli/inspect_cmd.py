@@ -16,10 +16,18 @@ from .render import print_bench, print_certificate, print_report
               help="Domain: LO,HI, NAME=LO,HI, bounds.npz, or from-calib.")
 @click.option("--calib", help="Calibration data: its points disprove stability cheaply (and give from-calib ranges).")
 @click.option("--input-shape", multiple=True, help="NAME=D1,D2,... for dynamic dimensions.")
-@click.option("--milp-time-limit", default=240.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--milp-time-limit", default=240.0, show_default=True, type=click.FloatRange(min=1),
+              help="Wall-clock seconds for the whole MILP stage.")
+@click.option("--unit-time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="CPU seconds per unit MILP (a unit that runs out stays open; the stage goes on).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="Processes solving units in parallel (the result does not depend on it).")
+@click.option("--milp-method", type=click.Choice(["units", "network"]), default="units", show_default=True,
+              help="One small LP and MILP per unit, or one network-wide MILP.")
 @click.option("--no-milp", is_flag=True, help="Stop after the bound stages.")
 @click.option("--json", "json_out", help="Write the certificate as JSON ('-' for stdout).")
-def certify(model, input_range, calib, input_shape, milp_time_limit, no_milp, json_out):
+def certify(model, input_range, calib, input_shape, milp_time_limit, unit_time_limit, jobs, milp_method, no_milp,
+            json_out):
     """Prove which ReLU units are stable on an input box; report only (writes no model)."""
     from ..calibration import input_specs, open_calibration
     from ..canonicalize import canonicalize
@@ -39,7 +47,8 @@ def certify(model, input_range, calib, input_shape, milp_time_limit, no_milp, js
             click.echo(f"certifying: samples, bounds, witness search, then the MILP stage (at most "
                        f"{milp_time_limit:g} s; -v shows progress)", err=True)
         settings = ExactSettings(tuple(input_range), milp_time_limit, not no_milp)
-        outcome = certify_for(loaded, source, settings, overrides)
+        outcome = certify_for(loaded, source, settings, overrides, jobs=jobs, unit_time_limit=unit_time_limit,
+                              method=milp_method)
         cert, witness = outcome.certificate, outcome.witness_check
         stdout_json = stage_json(outputs, json_out, dict(cert.as_dict(), model=model, witness_check=witness.as_dict()))
         outputs.commit()

@@ -79,3 +79,23 @@ def plot_pareto(rows: list[dict], path: str, model: str, objective: str) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sensitivity(scan, path: str) -> None:
+    """One line per layer: the scan's figure (accuracy, agreement or output error) against the pruning level."""
+    plt = pyplot()
+    field, heading = scan.figure
+    scale = 100.0 if field in ("accuracy", "agreement") else 1.0
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for layer in scan.layers:
+        rows = scan.curve(layer)
+        ax.plot([r.level for r in rows], [scale * (getattr(r, field) or 0.0) for r in rows], "o-", ms=3, lw=1,
+                label=layer)
+    ax.set_xlabel("pruning level")
+    ax.set_ylabel(heading)
+    if len(scan.layers) <= 30:
+        ax.legend(fontsize=6, ncol=2 if len(scan.layers) > 12 else 1, loc="best")
+    ax.set_title(f"{Path(scan.model).name}: one {scan.unit} pruned at a time ({scan.pass_name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -87,6 +87,13 @@ def _print_sizes(r) -> None:
                        f"(ratio interval {ch.low:.3f}-{ch.high:.3f}, interleaved rounds)")
 
 
+def _print_storage(s: dict) -> None:
+    loads = {True: "onnxruntime loads it", False: "onnxruntime does not load it", None: "load not tried"}
+    click.echo(f"storage: dense {s['dense_bytes']:,} bytes, zipped {s['zipped_bytes']:,}, sparse_initializer "
+               f"{s['sparse_bytes']:,} ({s['sparse_tensors']} sparse tensor(s), {loads[s['sparse_loads']]})")
+    click.echo("unstructured sparsity does not make onnxruntime faster")
+
+
 def _print_verification(r) -> None:
     splits = (("calibration" if r.certificate is None else "box check", r.on_calibration), ("held-out", r.on_heldout),
               ("all samples (gate)", r.on_all))
@@ -122,6 +129,8 @@ def print_optimize(r, output: str) -> None:
     print_canonical(c)
     _print_passes(r)
     _print_sizes(r)
+    if r.storage:
+        _print_storage(r.storage)
     _print_verification(r)
     approx = [p.result.name for p in r.passes if p.result.approximate]
     click.echo("exact on the evidence (no approximate rewrite)" if r.exact_on_evidence

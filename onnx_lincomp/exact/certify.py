@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,6 +28,7 @@ from .chain import AffineChain, extract_chain
 from .domain import Domain
 from .milp import MilpOutcome, decide_candidates
 from .search import search_witness
+from .unit_stage import UnitStageOptions, decide_units, one_blas_thread
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,18 @@ class CertifyOptions:
     random_points: int = 2048
     search_restarts: int = 16  # random starting points per candidate for the witness search
     milp: bool = True
-    time_limit: float = 240.0  # total seconds for the MILP stage
-    solve_limit: float = 60.0  # seconds per MILP solve
+    time_limit: float = 240.0  # total wall-clock seconds for the MILP stage
+    solve_limit: float = 60.0  # seconds per MILP solve ("network": wall clock; "units": CPU seconds per unit)
     seed: int = 0
+    method: Literal["units", "network"] = "units"  # per-unit LPs and MILPs, or one network-wide MILP
+    jobs: int = 1  # processes for the per-unit stage
+    tighten: bool = True  # per-unit LP bounds for deeper layers (per-unit stage)
 
     def __post_init__(self):
         if self.random_points < 0 or self.time_limit <= 0 or self.solve_limit <= 0:
             raise OptionError("random_points must be >= 0 and time limits positive")
+        if self.method not in ("units", "network") or self.jobs < 1:
+            raise OptionError(f"method must be 'units' or 'network' (got {self.method!r}) and jobs at least 1")
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +104,11 @@ class Certificate:
     witnesses: tuple[np.ndarray, ...] = field(repr=False, default=())
     witness_flips: tuple[tuple[str, int, str, int], ...] = field(repr=False, default=())  # relu, unit, kind, witness
     evidence: np.ndarray = field(repr=False, default=None)  # inputs showing every claimed-unstable unit's two signs
+    method: str = "units"
+    lp_solves: int = 0
+    tightened: int = 0
+    unit_records: tuple = field(repr=False, default=())  # per-unit solves (UnitRecord), per-unit stage only
+    unit_events: tuple = field(repr=False, default=())  # per-unit stage: when each candidate was decided
 
     def unit_evidence(self) -> UnitEvidence:
         """The proven channel sets as unit evidence for the linearity passes (the same rewrites as statistics)."""
@@ -106,7 +118,8 @@ class Certificate:
 
     def as_dict(self) -> dict:
         return {"domain": self.domain.as_dict(), "complete": self.complete, "seconds": self.seconds,
-                "milp_solves": self.milp_solves, "witnesses": len(self.witnesses),
+                "method": self.method, "milp_solves": self.milp_solves, "lp_solves": self.lp_solves,
+                "bounds_tightened": self.tightened, "witnesses": len(self.witnesses),
                 "layers": [layer.as_dict() for layer in self.layers], "not_certified": list(self.not_certified),
                 "stop_reason": self.stop_reason}
 
@@ -172,7 +185,13 @@ def _points(domain: Domain, calib: CalibrationSource | None, n_random: int, seed
 def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: CalibrationSource | None = None,
             options: CertifyOptions = CertifyOptions()) -> Certificate:
     """Prove which Relu units of ``graph`` are stable on ``domain``."""
-    t0 = time.perf_counter()
+    with one_blas_thread():
+        return _certify(graph, ctx, domain, calib, options)
+
+
+def _certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: CalibrationSource | None,
+             options: CertifyOptions) -> Certificate:
+    t0, cpu0 = time.perf_counter(), time.process_time()
     chain = extract_chain(graph, domain.shape, ctx.default_opset)
     t_chain = time.perf_counter()
     points = _points(domain, calib, options.random_points, options.seed)
@@ -191,12 +210,8 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
                 for i in np.flatnonzero(~neg[k] & ~r_act[k] & ~r_inact[k])}
     searched_pos = _search_flips(chain, domain, points, signs, inactive_c, +1.0, options.search_restarts, options.seed)
     searched_neg = _search_flips(chain, domain, points, signs, active_c, -1.0, options.search_restarts, options.seed)
-    t_search = time.perf_counter()
-    outcome = (decide_candidates(chain, tight, domain.lower, domain.upper, inactive_c - set(searched_pos),
-                                 active_c - set(searched_neg), time_limit=options.time_limit,
-                                 solve_limit=options.solve_limit)
-               if options.milp else MilpOutcome(unproven_inactive=inactive_c - set(searched_pos),
-                                                unproven_active=active_c - set(searched_neg)))
+    t_search, cpu_search = time.perf_counter(), time.process_time()
+    outcome = _decide(chain, tight, domain, inactive_c - set(searched_pos), active_c - set(searched_neg), options)
     outcome.complete = outcome.complete or not (outcome.unproven_inactive | outcome.unproven_active) and options.milp
     for found, target in ((searched_pos, outcome.flipped_positive), (searched_neg, outcome.flipped_negative)):
         for cand, x in found.items():
@@ -228,9 +243,24 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
     evidence = _evidence(points, signs, layers, outcome.witnesses)
     complete = outcome.complete and not chain.uncovered
     seconds = {"chain": t_chain - t0, "samples": t_samples - t_chain, "bounds": t_bounds - t_samples,
-               "search": t_search - t_bounds, "milp": t_milp - t_search, "total": t_milp - t0}
+               "search": t_search - t_bounds, "milp": t_milp - t_search, "total": t_milp - t0,
+               "cpu_before_milp": cpu_search - cpu0}
     return Certificate(domain, tuple(layers), chain.uncovered, chain.stop_reason, complete, seconds, outcome.solves,
-                       tuple(outcome.witnesses), tuple(flips), evidence)
+                       tuple(outcome.witnesses), tuple(flips), evidence, options.method, outcome.lp_solves,
+                       outcome.tightened, tuple(outcome.records), tuple(outcome.events))
+
+
+def _decide(chain: AffineChain, bounds, domain: Domain, inactive_c: set, active_c: set,
+            options: CertifyOptions) -> MilpOutcome:
+    """The MILP stage on the candidates no sample, bound or search decided."""
+    if not options.milp:
+        return MilpOutcome(unproven_inactive=inactive_c, unproven_active=active_c)
+    if options.method == "network":
+        return decide_candidates(chain, bounds, domain.lower, domain.upper, inactive_c, active_c,
+                                 time_limit=options.time_limit, solve_limit=options.solve_limit)
+    unit_options = UnitStageOptions(time_limit=options.time_limit, unit_time_limit=options.solve_limit,
+                                    jobs=options.jobs, tighten=options.tighten)
+    return decide_units(chain, bounds, domain.lower, domain.upper, inactive_c, active_c, unit_options)
 
 
 def _evidence(points: np.ndarray, signs: _Signs, layers: list[LayerCertificate],

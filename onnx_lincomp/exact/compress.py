@@ -61,11 +61,14 @@ def certificate_metadata(cert: Certificate, witness: WitnessCheck) -> dict[str, 
 
 
 def certify_for(loaded: LoadedModel, source: CalibrationSource | None, settings: ExactSettings,
-                input_shapes: dict | None = None, certificate: Certificate | None = None) -> ExactOutcome:
+                input_shapes: dict | None = None, certificate: Certificate | None = None, *, jobs: int = 1,
+                unit_time_limit: float | None = None, method: str = "units") -> ExactOutcome:
     """Certify the canonical graph over the settings' domain (unless ``certificate`` is given) and re-check
-    every witness in onnxruntime."""
-    options = CertifyOptions(milp=settings.milp, time_limit=settings.milp_time_limit,
-                             solve_limit=min(60.0, settings.milp_time_limit))
+    every witness in onnxruntime. ``unit_time_limit``: CPU seconds per unit MILP (default: 60, at most the
+    stage's wall budget ``settings.milp_time_limit``); ``jobs``: processes for the per-unit stage."""
+    limit = min(60.0, settings.milp_time_limit) if unit_time_limit is None else unit_time_limit
+    options = CertifyOptions(milp=settings.milp, time_limit=settings.milp_time_limit, solve_limit=limit, jobs=jobs,
+                             method=method)
     domain = parse_domain(settings.input_range, input_specs(loaded.graph), calib=source, overrides=input_shapes or {})
     cert = certificate if certificate is not None else certify(loaded.graph, loaded.ctx, domain, source, options)
     witness = check_witnesses(loaded.graph, loaded.ctx, cert)

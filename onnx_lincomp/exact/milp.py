@@ -40,6 +40,10 @@ class MilpOutcome:
     lp_solves: int = 0
     seconds: float = 0.0
     complete: bool = False
+    tightened: int = 0  # bounds moved by per-unit LPs (per-unit stage)
+    records: list = field(default_factory=list)  # per-unit solves (per-unit stage): UnitRecord
+    bounds: list = field(default_factory=list)  # per-unit stage: the bounds it ended with (LayerBounds per layer)
+    events: list = field(default_factory=list)  # per-unit stage: (wall s, CPU s, layer, unit, sign, verdict)
 
 
 class _Program:
@@ -172,6 +176,45 @@ class _Program:
         return res.status, x
 
 
+def _flip_rounds(program: _Program, chain: AffineChain, pc: set, qc: set, out: MilpOutcome, eps: float,
+                 start: float, time_limit: float, solve_limit: float) -> tuple[set, set]:
+    """Witness rounds with margin ``eps``, then a proof round with 0; returns the candidates left open."""
+    margin = eps
+    while pc or qc:
+        left = time_limit - (time.perf_counter() - start)
+        if left <= 0:
+            break
+        logger.info("MILP solve %d: %d candidates open, margin %g, %.0f s left", out.solves + 1, len(pc) + len(qc),
+                    margin, left)
+        status, x = program.solve(sorted(pc), sorted(qc), margin, min(solve_limit, left))
+        out.solves += 1
+        if status == 2:  # infeasible: nothing can flip with this margin
+            if margin == 0.0:  # sound: no input of the box reaches even z = 0 for these
+                out.proven_inactive |= pc
+                out.proven_active |= qc
+                return set(), set()
+            margin = 0.0
+            continue
+        if x is None:  # time limit without a solution: these stay open
+            break
+        zs = chain.forward(x[None, :])
+        flipped_p = {(k, i) for (k, i) in pc if zs[k][0, i] > 0}
+        flipped_q = {(k, i) for (k, i) in qc if zs[k][0, i] < 0}
+        if not flipped_p and not flipped_q:
+            if margin == 0.0:
+                break  # only boundary points z = 0: those candidates are not claimed stable
+            margin *= 10.0
+            continue
+        out.witnesses.append(x)
+        for cand in flipped_p:
+            out.flipped_positive[cand] = len(out.witnesses) - 1
+        for cand in flipped_q:
+            out.flipped_negative[cand] = len(out.witnesses) - 1
+        pc = pc - flipped_p
+        qc = qc - flipped_q
+    return pc, qc
+
+
 def decide_candidates(chain: AffineChain, bounds: list[LayerBounds], lo: np.ndarray, hi: np.ndarray,
                       inactive_cands: set[tuple[int, int]], active_cands: set[tuple[int, int]], *,
                       time_limit: float = 120.0, solve_limit: float = 60.0, eps: float = 1e-4) -> MilpOutcome:
@@ -195,41 +238,18 @@ def decide_candidates(chain: AffineChain, bounds: list[LayerBounds], lo: np.ndar
             if bound is not None and bound < 0:
                 proven.add((k, i))
         cands -= proven
-    margin = eps
-    while pc or qc:
-        left = time_limit - (time.perf_counter() - start)
-        if left <= 0:
-            break
-        logger.info("MILP solve %d: %d candidates open, margin %g, %.0f s left", out.solves + 1, len(pc) + len(qc),
-                    margin, left)
-        status, x = program.solve(sorted(pc), sorted(qc), margin, min(solve_limit, left))
-        out.solves += 1
-        if status == 2:  # infeasible: nothing can flip with this margin
-            if margin == 0.0:  # sound: no input of the box reaches even z = 0 for these
-                out.proven_inactive |= pc
-                out.proven_active |= qc
-                pc, qc = set(), set()
-                out.complete = True
-                break
-            margin = 0.0
-            continue
-        if x is None:  # time limit without a solution: the rest stays open
-            break
-        zs = chain.forward(x[None, :])
-        flipped_p = {(k, i) for (k, i) in pc if zs[k][0, i] > 0}
-        flipped_q = {(k, i) for (k, i) in qc if zs[k][0, i] < 0}
-        if not flipped_p and not flipped_q:
-            if margin == 0.0:
-                break  # only boundary points z = 0: those candidates are not claimed stable
-            margin *= 10.0
-            continue
-        out.witnesses.append(x)
-        for cand in flipped_p:
-            out.flipped_positive[cand] = len(out.witnesses) - 1
-        for cand in flipped_q:
-            out.flipped_negative[cand] = len(out.witnesses) - 1
-        pc -= flipped_p
-        qc -= flipped_q
+    pc, qc = _flip_rounds(program, chain, pc, qc, out, eps, start, time_limit, solve_limit)
+    if len(pc) + len(qc) > 1:  # a joint solve timed out (or met only boundary points): one candidate at a time,
+        rest_p, rest_q = set(), set()  # a unit that times out stays open and the stage goes on with the next
+        for cands, sign in ((sorted(pc), 1), (sorted(qc), -1)):
+            for cand in cands:
+                if cand in out.flipped_positive and sign > 0 or cand in out.flipped_negative and sign < 0:
+                    continue
+                p, q = _flip_rounds(program, chain, {cand} if sign > 0 else set(), set() if sign > 0 else {cand},
+                                    out, eps, start, time_limit, solve_limit)
+                rest_p |= p
+                rest_q |= q
+        pc, qc = rest_p, rest_q
     out.unproven_inactive, out.unproven_active = pc, qc
     out.complete = not pc and not qc  # every candidate proven or flipped
     out.seconds = time.perf_counter() - start

@@ -42,7 +42,7 @@ Importance = Literal["l1", "l2", "activation", "reconstruction"]
 
 @dataclass(frozen=True)
 class PruneChannelsOptions(PassOptions):
-    sparsity: float = option(0.0, "Fraction of each channel group's channels to remove (0 <= s < 1).",
+    sparsity: float = option(0.25, "Fraction of each channel group's channels to remove (0 <= s < 1).",
                              flag="--sparsity")
     target_macs: float | None = option(None, "Keep this fraction of the linear layers' MACs (one uniform fraction "
                                              "per group, found by bisection); replaces --sparsity.",

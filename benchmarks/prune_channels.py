@@ -1,0 +1,299 @@
+"""Structured channel pruning (prune-channels) on conv models: accuracy, size, MACs and latency.
+
+    python benchmarks/prune_channels.py [--quick] [--models NAME,...] [--channel-multiple 8]
+
+For each model, prune-channels at 25 / 50 / 75 % of the linear layers' MACs removed (``target_macs``
+0.75 / 0.5 / 0.25), with least-squares reconstruction (the default) and without (plain removal, the removed
+channels' mean folded into the consumers' bias). own_fmnist_cnn_bn also at 25 / 50 / 75 % of the units of
+every layer (``sparsity``), the setting its accuracy targets are stated for.
+
+Data: the bundled digits CNN on its calibration file (half calibrates, half is held out); own_fmnist_cnn_bn
+and onnxzoo mnist-8 on the Fashion-MNIST / MNIST test sets (2,000 calibrate, 8,000 held out); UltraFace and
+PP-OCR cls (1x3x48x192) on random data (64 samples calibrate, 64 fresh ones verify: agreement and output error
+instead of accuracy), PP-OCRv4 det on 32 random 1x3x160x160 samples (at 320x320 with 64 samples one
+reconstructing run took over 15 minutes on 2 cores). Latency: onnxruntime, one pinned thread, interleaved
+rounds (the optimize report's ratios, after / before; below 1 is faster) at batch 1 and batch 32 (batch 32 only
+where the model takes a batch axis). A run whose output the report's not-worse gate rejects (slower at batch 1)
+is rerun with allow_larger and marked so. Prints a table and the targets, writes
+benchmarks/results/prune_channels.json after every run (``--merge`` keeps other models' rows there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from conftest import SHARED  # noqa: E402
+from onnx_lincomp.errors import VerificationGateError  # noqa: E402
+from onnx_lincomp.examples import example_paths  # noqa: E402
+from onnx_lincomp.optimize import OptimizeOptions, optimize  # noqa: E402
+from onnx_lincomp.recipe import CalibrationSettings, PassSpec, Recipe  # noqa: E402
+from real_models import RealModel, calibration_file  # noqa: E402
+
+RESULTS = HERE / "results" / "prune_channels.json"
+MAC_TARGETS = (0.75, 0.5, 0.25)  # keep fractions: 25 / 50 / 75 % of the MACs removed
+SPARSITIES = (0.25, 0.5, 0.75)
+FMNIST_TARGETS = {0.25: 0.8933, 0.5: 0.8869, 0.75: 0.8645}  # accuracy at each per-layer sparsity (the issue)
+SPEEDUP_TARGET = 1.6  # at 50 % of the MACs removed
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: Callable[[], Path]
+    calib: Callable[[Path], str]
+    split: float
+    labels: str | None = None
+    shapes: dict = field(default_factory=dict)
+    sparsity_rows: bool = False
+    quick: bool = False
+
+
+def _shared(rel: str) -> Callable[[], Path]:
+    return lambda: SHARED / "models" / rel
+
+
+def _real(rel: str, data: str, n: int) -> Callable[[Path], str]:
+    return lambda tmp: calibration_file(RealModel(rel, data, n), tmp)
+
+
+def _random(n: int) -> Callable[[Path], str]:
+    return lambda tmp: f"random:{n}"
+
+
+def cases(samples: int, det_side: int, det_samples: int) -> list[Case]:
+    return [
+        Case("digits_cnn (bundled)", lambda: Path(example_paths("digits-cnn")[0]),
+             lambda tmp: str(example_paths("digits-cnn")[1]), 0.5, "y", quick=True),
+        Case("own_fmnist_cnn_bn", _shared("trained/own_fmnist_cnn_bn.onnx"),
+             _real("trained/own_fmnist_cnn_bn.onnx", "fmnist-4d", 10000), 0.8, "y", sparsity_rows=True, quick=True),
+        Case("onnxzoo_mnist-8", _shared("real/onnxzoo_mnist-8.onnx"),
+             _real("real/onnxzoo_mnist-8.onnx", "mnist-raw", 10000), 0.8, "y"),
+        Case("ultraface_RFB-320_bnfolded", _shared("real/ortexamples_ultraface_RFB-320_bnfolded.onnx"),
+             _random(samples), 0.0),
+        Case("ppocr_mobile_v2.0_cls", _shared("real/ch_ppocr_mobile_v2.0_cls_infer.onnx"), _random(samples), 0.0,
+             shapes={"x": (1, 3, 48, 192)}),
+        Case(f"PP-OCRv4_det {det_side}x{det_side}", _shared("real/ch_PP-OCRv4_det_infer.onnx"),
+             _random(det_samples), 0.0, shapes={"x": (1, 3, det_side, det_side)}),
+    ]
+
+
+def _options(case: Case, prune: dict, allow_larger: bool, threads: int) -> OptimizeOptions:
+    max_samples = 10000 if case.labels else None
+    recipe = Recipe((PassSpec.of("prune-channels", prune),),
+                    CalibrationSettings(verify_split=case.split, max_samples=max_samples,
+                                        input_shapes=tuple(case.shapes.items())))
+    # min_samples 1: prune-channels does not use the Relu statistics the minimum guards (random data is small)
+    return OptimizeOptions(recipe, labels=case.labels, latency=True, threads=threads, batch_size=BATCH,
+                           allow_larger=allow_larger, min_samples=1)
+
+
+def run_one(case: Case, calib: str, level: tuple[str, float], reconstruct: bool, extra: dict, threads: int) -> dict:
+    kind, value = level
+    prune = {kind: value, "reconstruct": reconstruct, **extra}
+    row = {"model": case.name, "level": kind, "value": value, "reconstruct": reconstruct, "options": prune,
+           "data": calib if calib.startswith("random") else Path(calib).name, "threads": threads}
+    start = time.perf_counter()
+    try:
+        try:
+            result = optimize(case.path(), calib, _options(case, prune, False, threads))
+            row["allow_larger"] = False
+        except VerificationGateError as exc:  # larger or slower: measured anyway, and said so
+            row["allow_larger"] = str(exc)
+            result = optimize(case.path(), calib, _options(case, prune, True, threads))
+    except Exception as exc:  # noqa: BLE001 - a failed run is a row of the table, not the end of the benchmark
+        row.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=4),
+                   seconds=time.perf_counter() - start)
+        return row
+    row["seconds"] = time.perf_counter() - start
+    row.update(figures(result.report))
+    return row
+
+
+def figures(r) -> dict:
+    held = r.on_heldout
+    pr = r.passes[0].result
+    agree = [o.top1_agreement for o in held.outputs if o.top1_agreement is not None]
+    b, a = r.before, r.after
+    return {
+        "calibration_samples": r.calibration_samples, "heldout_samples": held.samples,
+        "acc_before": held.accuracy_before, "acc_after": held.accuracy_after,
+        "agreement": min(agree) if agree else None,
+        "rel_max": held.rel_max, "mean_rel": max(o.mean_abs / max(o.scale, 1e-12) for o in held.outputs),
+        "non_finite": held.non_finite,
+        "params_before": b.params, "params_after": a.params, "size_before": b.size_bytes, "size_after": a.size_bytes,
+        "macs_before": b.macs, "macs_after": a.macs,
+        "lat_b1_ms": [b.latency_b1.median_ms if b.latency_b1 else None,
+                      a.latency_b1.median_ms if a.latency_b1 else None],
+        "lat_ratio_b1": a.change_b1.ratio if a.change_b1 else None,
+        "lat_change_b1": a.change_b1.as_dict() if a.change_b1 else None,
+        "lat_batch_ms": [b.latency_batch.median_ms if b.latency_batch else None,
+                         a.latency_batch.median_ms if a.latency_batch else None],
+        "lat_ratio_batch": a.change_batch.ratio if a.change_batch else None,
+        "lat_change_batch": a.change_batch.as_dict() if a.change_batch else None,
+        "counts": dict(pr.counts), "skipped": dict(pr.skipped), "messages": list(r.messages),
+    }
+
+
+# ---- table and targets ----------------------------------------------------------------------------------------
+def _f(x, spec: str, scale: float = 1.0) -> str:
+    return "-" if x is None else format(x * scale, spec)
+
+
+def _quality(r: dict) -> str:
+    if r.get("acc_after") is not None:
+        return f"{100 * r['acc_before']:.2f}->{100 * r['acc_after']:.2f}"
+    agree = "" if r.get("agreement") is None else f" agr {100 * r['agreement']:.1f}%"
+    return f"rel {r['mean_rel']:.4f}/{r['rel_max']:.3f}{agree}"
+
+
+def print_table(rows: list[dict], header: bool = True) -> None:
+    head = (f"{'model':<28} {'level':<10} {'rec':<3} {'accuracy / rel err mean/max':<29} {'params':>17} "
+            f"{'size KB':>13} {'MACs':>9} {'lat b1':>6} {'b32':>6} {'s':>5}")
+    if header:
+        print(head)
+        print("-" * len(head))
+    for r in rows:
+        level = f"{'macs' if r['level'] == 'target_macs' else 'units'} {r['value']:g}"
+        rec = "yes" if r["reconstruct"] else "no"
+        if "error" in r:
+            print(f"{r['model'][:28]:<28} {level:<10} {rec:<3} FAILED: {r['error'][:110]}")
+            continue
+        params = f"{r['params_before']:,}->{r['params_after'] / r['params_before']:.2f}x"
+        size = f"{r['size_before'] / 1024:.0f}->{r['size_after'] / r['size_before']:.2f}x"
+        macs = f"{r['macs_after'] / r['macs_before']:.3f}x"
+        flag = " (allow_larger)" if r.get("allow_larger") else ""
+        print(f"{r['model'][:28]:<28} {level:<10} {rec:<3} {_quality(r):<29} {params:>17} {size:>13} {macs:>9} "
+              f"{_f(r['lat_ratio_b1'], '.3f'):>6} {_f(r['lat_ratio_batch'], '.3f'):>6} {r['seconds']:>5.0f}{flag}")
+
+
+def _find(rows, model, level, value, rec):
+    return next((r for r in rows if r["model"] == model and r["level"] == level and r["value"] == value
+                 and r["reconstruct"] == rec and "error" not in r), None)
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets, each with the figures it was judged on."""
+    out: dict = {"speedup_at_50pct_macs": [], "reconstruct_vs_plain": [], "fmnist_sparsity_accuracy": []}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        r = _find(rows, model, "target_macs", 0.5, True)
+        if r is not None:
+            speed = {k: (None if r[k] is None else 1.0 / r[k]) for k in ("lat_ratio_b1", "lat_ratio_batch")}
+            met = all(v is None or v >= SPEEDUP_TARGET for v in speed.values())
+            out["speedup_at_50pct_macs"].append({"model": model, "speedup_b1": speed["lat_ratio_b1"],
+                                                 "speedup_b32": speed["lat_ratio_batch"], "met": met})
+        for value in (0.5, 0.25):
+            rec, plain = (_find(rows, model, "target_macs", value, x) for x in (True, False))
+            entry = {"model": model, "macs_removed": f"{100 * (1 - value):.0f}%"}
+            if rec is None or plain is None:
+                failed = [x for x in rows if x["model"] == model and x["value"] == value and "error" in x]
+                entry.update(met=None, note="; ".join(f"reconstruct={x['reconstruct']}: {x['error'][:100]}"
+                                                      for x in failed) or "not run")
+            elif rec.get("acc_after") is not None:
+                gap = 100 * (rec["acc_after"] - plain["acc_after"])
+                entry.update(acc_reconstruct=rec["acc_after"], acc_plain=plain["acc_after"], gap_points=gap,
+                             met=gap > 0)
+            else:
+                entry.update(mean_rel_reconstruct=rec["mean_rel"], mean_rel_plain=plain["mean_rel"],
+                             error_ratio=plain["mean_rel"] / max(rec["mean_rel"], 1e-30),
+                             met=rec["mean_rel"] < plain["mean_rel"])
+            out["reconstruct_vs_plain"].append(entry)
+    for s, goal in FMNIST_TARGETS.items():
+        r = _find(rows, "own_fmnist_cnn_bn", "sparsity", s, True)
+        if r is not None:
+            out["fmnist_sparsity_accuracy"].append({"sparsity": s, "accuracy": r["acc_after"], "target": goal,
+                                                    "met": r["acc_after"] >= goal})
+    return out
+
+
+def print_targets(t: dict) -> None:
+    print(f"\nTarget: >= {SPEEDUP_TARGET}x faster at 50 % of the MACs removed (with reconstruction)")
+    for e in t["speedup_at_50pct_macs"]:
+        print(f"  {e['model']:<30} b1 {_f(e['speedup_b1'], '.2f')}x  b32 {_f(e['speedup_b32'], '.2f')}x  "
+              f"{'met' if e['met'] else 'MISSED'}")
+    print("Target: reconstruction clearly better than plain removal at 50 / 75 % of the MACs removed")
+    for e in t["reconstruct_vs_plain"]:
+        if e.get("met") is None:
+            print(f"  {e['model']:<30} {e['macs_removed']:>4}  n/a ({e['note']})")
+        elif "gap_points" in e:
+            print(f"  {e['model']:<30} {e['macs_removed']:>4}  {100 * e['acc_reconstruct']:.2f} vs "
+                  f"{100 * e['acc_plain']:.2f}  gap {e['gap_points']:+.2f} points  {'met' if e['met'] else 'MISSED'}")
+        else:
+            print(f"  {e['model']:<30} {e['macs_removed']:>4}  mean rel error {e['mean_rel_reconstruct']:.4f} vs "
+                  f"{e['mean_rel_plain']:.4f} ({e['error_ratio']:.1f}x lower)  {'met' if e['met'] else 'MISSED'}")
+    print("Target: own_fmnist_cnn_bn accuracy at 25 / 50 / 75 % of the units of every layer")
+    for e in t["fmnist_sparsity_accuracy"]:
+        print(f"  sparsity {e['sparsity']:.2f}: {100 * e['accuracy']:.2f} (target {100 * e['target']:.2f})  "
+              f"{'met' if e['met'] else 'MISSED'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="only the digits and Fashion-MNIST CNNs")
+    ap.add_argument("--models", default="", help="comma-separated substrings of the model names to run")
+    ap.add_argument("--samples", type=int, default=64, help="random samples for the models without a data set")
+    ap.add_argument("--det-side", type=int, default=160, help="PP-OCRv4 det input side")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads (pinned) for the latency rounds")
+    ap.add_argument("--channel-multiple", type=int, default=1, help="prune-channels channel_multiple")
+    ap.add_argument("--importance", default="reconstruction", help="prune-channels importance")
+    ap.add_argument("--det-samples", type=int, default=32, help="random samples for PP-OCRv4 det (the slowest)")
+    ap.add_argument("--merge", action="store_true", help="keep the other models' rows already in --out")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--table-only", action="store_true", help="print the table and targets of --out, run nothing")
+    args = ap.parse_args()
+    if args.table_only:
+        rows = json.loads(args.out.read_text())["rows"]
+        print_table(rows)
+        print_targets(targets(rows))
+        return
+    chosen = [c for c in cases(args.samples, args.det_side, args.det_samples) if (c.quick or not args.quick)
+              and (not args.models or any(m in c.name for m in args.models.split(",")))]
+    if not SHARED.is_dir():
+        print(f"{SHARED} is absent: running the bundled model only")
+        chosen = [c for c in chosen if "bundled" in c.name]
+    extra = {"importance": args.importance}
+    if args.channel_multiple > 1:
+        extra["channel_multiple"] = args.channel_multiple
+    names = {c.name for c in chosen}
+    kept = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] not in names] \
+        if args.merge and args.out.exists() else []
+    rows: list[dict] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print_table([])
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in chosen:
+            calib = case.calib(Path(tmp))
+            levels = [("target_macs", t) for t in MAC_TARGETS]
+            levels += [("sparsity", s) for s in SPARSITIES] if case.sparsity_rows else []
+            for level in levels:
+                for reconstruct in (True, False):
+                    rows.append(run_one(case, calib, level, reconstruct, extra, args.threads))
+                    print_table(rows[-1:], header=False)
+                    sys.stdout.flush()
+                    _write(args, kept + rows)
+    print()
+    print_table(kept + rows)
+    print_targets(_write(args, kept + rows))
+
+
+def _write(args, rows: list[dict]) -> dict:
+    t = targets(rows)
+    settings = {"threads": args.threads, "batch": BATCH, "samples": args.samples, "det_side": args.det_side,
+                "det_samples": args.det_samples, "channel_multiple": args.channel_multiple,
+                "importance": args.importance}
+    args.out.write_text(json.dumps({"settings": settings, "rows": rows, "targets": t}, indent=2, default=str))
+    return t
+
+
+if __name__ == "__main__":
+    main()

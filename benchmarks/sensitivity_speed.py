@@ -1,0 +1,84 @@
+"""Wall time of the per-layer sensitivity scan (every channel group at 9 levels) with 1 and 2 processes.
+
+    python benchmarks/sensitivity_speed.py [--model PATH] [--calib random:16] [--jobs 1,2] [--plain 3]
+
+Default: the largest conv model in ../shared/models, UltraFace RFB-320 (BatchNorm folded; 52 Convs, 25
+prunable channel groups) on 16 random samples. The scan plans once per level (calibration moments of every
+group's consumers) and applies one group's match per candidate; ``--plain N`` also times N candidates built
+the plain way (the pass planned per candidate) to show what the plan reuse saves. Also checks that every
+process count gives the same rows. Prints a table and writes benchmarks/results/sensitivity_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+from onnx_lincomp.optimize import compress
+from onnx_lincomp.recipe import Recipe
+from onnx_lincomp.sensitivity import METHODS, ScanInput, ScanOptions, _pass, sensitivity
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_MODEL = ROOT.parent / "shared" / "models" / "real" / "ortexamples_ultraface_RFB-320_bnfolded.onnx"
+
+
+def plain_seconds(source: ScanInput, layers: tuple[str, ...], level: float, count: int) -> float:
+    """Mean seconds to build one candidate by running the pass alone (plan + apply per candidate)."""
+    prep = source.prepare()
+    start = time.perf_counter()
+    for layer in layers[:count]:
+        compress(prep, None, Recipe((_pass(METHODS["channels"], {layer: level}),)))
+    return (time.perf_counter() - start) / max(min(count, len(layers)), 1)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children (the pool's workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--calib", default="random:16")
+    ap.add_argument("--jobs", default="1,2")
+    ap.add_argument("--plain", type=int, default=3, help="candidates to time the plain way (0: skip)")
+    args = ap.parse_args()
+    source = ScanInput(args.model, args.calib)
+    runs, rows = [], None
+    for jobs in (int(j) for j in args.jobs.split(",")):
+        load, cpu = os.getloadavg()[0], cpu_seconds()
+        start = time.perf_counter()
+        scan = sensitivity(source, ScanOptions(jobs=jobs)).scan
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        same = rows is None or [r.as_dict() for r in scan.rows] == rows
+        rows = rows or [r.as_dict() for r in scan.rows]
+        runs.append({"jobs": jobs, "seconds": seconds, "scan_seconds": scan.seconds, "candidates": len(scan.rows),
+                     "layers": len(scan.layers), "levels": len(scan.levels), "same_rows_as_first": same,
+                     "cpu_seconds": cpu, "load_before": load, "load_after": os.getloadavg()[0]})
+    cpu = cpu_seconds()
+    plain = plain_seconds(source, scan.layers, 0.5, args.plain) if args.plain else None
+    plain_cpu = (cpu_seconds() - cpu) / args.plain if args.plain else None
+    print(f"{Path(args.model).name} on {args.calib}: {runs[0]['layers']} channel groups x {runs[0]['levels']} levels "
+          f"= {runs[0]['candidates']} candidates ({os.cpu_count()} CPUs)")
+    print(f"{'jobs':>4} {'wall s':>8} {'CPU s':>8} {'wall s/candidate':>16} {'same rows':>9} {'load 1 min':>10}")
+    for r in runs:
+        print(f"{r['jobs']:>4} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} {r['seconds'] / r['candidates']:>16.2f} "
+              f"{str(r['same_rows_as_first']):>9} {r['load_before']:>4.1f}-{r['load_after']:<4.1f}")
+    if plain is not None:
+        print(f"plain pass per candidate: {plain:.2f} s wall, {plain_cpu:.2f} s CPU each (includes preparing once) "
+              f"-> about {plain_cpu * runs[0]['candidates']:.0f} CPU s for the whole scan")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sensitivity_speed.json").write_text(json.dumps(
+        {"model": Path(args.model).name, "calib": args.calib, "cpus": os.cpu_count(), "machine": platform.machine(),
+         "runs": runs, "plain_seconds_per_candidate": plain,
+         "plain_cpu_seconds_per_candidate": plain_cpu, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

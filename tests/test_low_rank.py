@@ -1,0 +1,388 @@
+"""low-rank: the factorised layers equal the original at full rank (Conv attributes, Gemm attributes, MatMul,
+groups k), the measured operator-norm error matches the SVD prediction at reduced rank, budgets are met,
+data-aware beats weight space on correlated inputs, the must-not-fire cases and bad options."""
+import os
+import time
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from conftest import cnn_model, init, make_model, mlp_model, run, vinfo
+from onnx_lincomp.analysis.low_rank_alloc import Allocator, Spectrum, choices, divisors
+from onnx_lincomp.analysis.model_report import graph_figures
+from onnx_lincomp.calibration.activations import CalibrationData
+from onnx_lincomp.canonicalize import canonicalize
+from onnx_lincomp.cli import main
+from onnx_lincomp.errors import OptionError, PassError
+from onnx_lincomp.graph_edit import NameSource
+from onnx_lincomp.linear_layer import LinearLayer, match_linear_layer
+from onnx_lincomp.model_io import model_from_proto, to_model_proto
+from onnx_lincomp.passes import LowRankOptions, PassContext
+from onnx_lincomp.passes.low_rank import write_factorised
+from onnx_lincomp.pipeline import run_pipeline
+from onnx_lincomp.recipe import PassSpec
+from test_passes import _array_source
+
+
+def _low_rank(model, x=None, **options):
+    """Run low-rank (data-aware when ``x`` is given); the checked output model and the pass record."""
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    data = CalibrationData(_array_source(loaded, x), loaded.ctx, len(x)) if x is not None else None
+    options.setdefault("data_aware", x is not None)
+    records = run_pipeline(loaded.graph, (PassSpec.of("low-rank", options),), PassContext(None, data))
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    onnx.checker.check_model(out, full_check=True)
+    return out, records[0]
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def _conv_model(rng, c, f, kernel, strides, pads, dilations, bias=True, side=9):
+    w = rng.normal(0, 0.3, (f, c, *kernel)).astype(np.float32)
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    inits = [init("w", w)] + ([init("b", rng.normal(0, 0.1, f).astype(np.float32))] if bias else [])
+    node = helper.make_node("Conv", inputs, ["y"], name="conv", kernel_shape=list(kernel), strides=list(strides),
+                            pads=list(pads), dilations=list(dilations))
+    shape = ["N", c] + [side] * len(kernel)
+    return make_model([node], [vinfo("x", shape)], [vinfo("y", None)], inits), shape
+
+
+def _factorise_fully(model, k, cov_rng=None):
+    """Write the single layer of ``model`` at full rank with ``k`` groups (optionally whitened factors)."""
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    layer = next(lay for n in loaded.graph.nodes if isinstance(lay := match_linear_layer(loaded.graph, n), LinearLayer))
+    w = layer.weight.reshape(layer.out_features, -1)
+    cov = None
+    if cov_rng is not None:
+        a = cov_rng.normal(size=(w.shape[1], w.shape[1]))
+        cov = a @ a.T / w.shape[1] + 0.1 * np.eye(w.shape[1])
+    sp = Spectrum(w, int(layer.weight.shape[1]), cov)
+    enc, dec = sp.factors(k, sp.rank_max(k))
+    write_factorised(loaded.graph, NameSource(loaded.graph), layer, enc, dec, layer.bias, k)
+    loaded.graph.cleanup().toposort()
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _same(a, b, feeds, tol=1e-4):
+    for x, y in zip(run(a, feeds), run(b, feeds), strict=True):
+        scale = max(float(np.abs(x).max()), 1.0)
+        np.testing.assert_allclose(y, x, atol=tol * scale, rtol=0)
+
+
+@pytest.mark.parametrize("c,f,kernel,strides,pads,dilations,k", [
+    (4, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (4, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 2),
+    (6, 5, (3, 2), (2, 1), (0, 1, 2, 0), (1, 2), 3),
+    (8, 4, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 4),
+    (6, 7, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), 2),
+    (4, 3, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 4),
+    (4, 6, (3,), (2,), (1, 0), (1,), 2),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_full_rank_equals_original(rng, c, f, kernel, strides, pads, dilations, k, bias):
+    model, shape = _conv_model(rng, c, f, kernel, strides, pads, dilations, bias)
+    out = _factorise_fully(model, k, cov_rng=rng if k % 2 == 0 else None)
+    assert _ops(out) == ["Conv", "Conv"]
+    enc = next(n for n in out.graph.node if any(a.name == "group" for a in n.attribute))
+    assert helper.get_attribute_value(next(a for a in enc.attribute if a.name == "group")) == k
+    x = rng.normal(size=[3] + shape[1:]).astype(np.float32)
+    _same(model, out, {"x": x})
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta,bias", [(1, 1.0, 1.0, True), (0, 1.0, 1.0, True), (1, 0.5, 2.0, True),
+                                                      (0, 1.7, 0.3, True), (1, 1.0, 1.0, False)])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_gemm_full_rank_equals_original(rng, trans_b, alpha, beta, bias, k):
+    n, f = 10, 7
+    w = rng.normal(size=(f, n) if trans_b else (n, f)).astype(np.float32)
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    inits = [init("w", w)] + ([init("b", rng.normal(size=f).astype(np.float32))] if bias else [])
+    node = helper.make_node("Gemm", inputs, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
+    model = make_model([node], [vinfo("x", ["N", n])], [vinfo("y", ["N", f])], inits)
+    out = _factorise_fully(model, k, cov_rng=rng if k == 2 else None)
+    assert ("Split" in _ops(out)) == (k > 1) and _ops(out).count("MatMul") == (2 if k == 1 else k + 1)
+    _same(model, out, {"x": rng.normal(size=(4, n)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matmul_full_rank_equals_original(rng, opset, k, bias):
+    n, f = 12, 9
+    w = rng.normal(size=(n, f)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm" if bias else "y"], name="mm")]
+    inits = [init("w", w)]
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["y"], name="add"))
+        inits.append(init("b", rng.normal(size=f).astype(np.float32)))
+    model = make_model(nodes, [vinfo("x", ["N", 5, n])], [vinfo("y", ["N", 5, f])], inits, opset=opset)
+    out = _factorise_fully(model, k)
+    _same(model, out, {"x": rng.normal(size=(2, 5, n)).astype(np.float32)})
+
+
+def _effective_matrix(model, n):
+    """``W`` as onnxruntime computes it: outputs on the identity minus outputs on zero."""
+    eye, zero = np.eye(n, dtype=np.float32), np.zeros((n, n), np.float32)
+    return (run(model, {"x": eye})[0] - run(model, {"x": zero})[0]).T.astype(np.float64)
+
+
+def test_reduced_rank_error_matches_the_svd(rng):
+    n, f = 20, 12
+    w = rng.normal(size=(f, n)).astype(np.float32)
+    model = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+                       [vinfo("x", ["N", n])], [vinfo("y", ["N", f])],
+                       [init("w", w), init("b", rng.normal(size=f).astype(np.float32))])
+    out, rec = _low_rank(model, method="uniform", rank_ratio=0.25, min_rank_out=0.0)
+    assert rec.result.rewritten == 1 and _ops(out) == ["MatMul", "MatMul", "Add"]
+    w64 = w.astype(np.float64)
+    measured = np.linalg.norm(w64 - _effective_matrix(out, n), 2) / np.linalg.norm(w64, 2)
+    s = np.linalg.svd(w64, compute_uv=False)
+    assert measured == pytest.approx(s[3] / s[0], rel=1e-4)  # rank ceil(0.25 * 12) = 3
+    assert "rank 3" in rec.result.notes[0] and f"op-norm error {measured:.3g}" in rec.result.notes[0]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_grouped_error_lies_between_the_bounds(rng, k):
+    w = rng.normal(size=(10, 24))
+    sp = Spectrum(w, 24)
+    for j in (1, 3, 5):
+        bound = sp.errors(k)[j]
+        true, _ = sp.true_errors(sp.approximation(k, j))
+        assert bound - 1e-9 <= true <= np.sqrt(k) * bound + 1e-9
+
+
+@pytest.mark.parametrize("aware", [False, True])
+@pytest.mark.parametrize("k", [2, 3])
+def test_exact_grouped_errors_match_the_factorised_layer(rng, k, aware):
+    w = rng.normal(size=(9, 30))
+    a = rng.normal(size=(30, 30))
+    sp = Spectrum(w, 30, a @ a.T / 30 + 0.1 * np.eye(30) if aware else None)
+    exact = sp.errors(k, "exact")
+    for j in range(1, sp.rank_max(k)):
+        weight_err, data_err = sp.true_errors(sp.approximation(k, j))
+        assert exact[j] == pytest.approx(data_err if aware else weight_err, rel=1e-6)
+        assert exact[j] >= sp.errors(k, "bound")[j] - 1e-9 or aware  # the refit decoder may beat the bound
+
+
+def _correlated(rng, n, d, rank=4):
+    z = rng.normal(size=(n, rank))
+    return (z @ rng.normal(size=(rank, d)) + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_data_aware_beats_weight_space_on_correlated_inputs(rng):
+    model = mlp_model(rng, [16, 24, 6])
+    data = _correlated(rng, 600, 16)
+    x, held = data[:400], data[400:]
+    ref = run(model, {"x": held})[0]
+    errs = {}
+    for aware in (False, True):
+        out, rec = _low_rank(model, x, method="uniform", rank_ratio=0.3, data_aware=aware, min_rank_out=0.0)
+        assert rec.result.rewritten == 2
+        errs[aware] = float(np.abs(run(out, {"x": held})[0] - ref).max())
+    assert errs[True] < 0.5 * errs[False]
+
+
+@pytest.mark.parametrize("method", ["alds", "uniform", "energy"])
+@pytest.mark.parametrize("keep", [0.7, 0.4])
+def test_parameter_budget_is_met(rng, method, keep):
+    model = mlp_model(rng, [48, 64, 56, 10])
+    before = graph_figures(model_from_proto(model).graph).params
+    out, rec = _low_rank(model, method=method, keep_params=keep)
+    after = graph_figures(model_from_proto(out).graph).params
+    assert after <= keep * before and after >= keep * before - 0.06 * before
+    assert rec.result.count("weights_after") < rec.result.count("weights_before")
+
+
+def test_mac_budget_is_met_on_a_cnn(rng):
+    model = _two_conv_model(rng)
+    before = graph_figures(model_from_proto(model).graph).macs
+    x = rng.normal(size=(64, 8, 10, 10)).astype(np.float32)
+    out, rec = _low_rank(model, x, keep_macs=0.5)
+    after = graph_figures(model_from_proto(out).graph).macs
+    assert 0.4 * before <= after <= 0.5 * before
+    _bounded_change(model, out, x)
+
+
+def _two_conv_model(rng):
+    w1 = rng.normal(0, 0.2, (24, 8, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (16, 24, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+    inits = [init("w1", w1), init("b1", np.zeros(24, np.float32)), init("w2", w2),
+             init("b2", np.zeros(16, np.float32))]
+    return make_model(nodes, [vinfo("x", ["N", 8, 10, 10])], [vinfo("y", ["N", 16, 10, 10])], inits)
+
+
+def _bounded_change(model, out, x):
+    a, b = run(model, {"x": x})[0], run(out, {"x": x})[0]
+    assert np.isfinite(b).all() and np.abs(a - b).max() < 2 * np.abs(a).max()
+
+
+def test_alds_has_the_lowest_worst_layer_error(rng):
+    model = _two_conv_model(rng)
+    worst = {}
+    for method in ("alds", "uniform"):
+        _, rec = _low_rank(model, method=method, keep_params=0.5)
+        bounds = [float(note.split("predicted ")[1].split(")")[0]) for note in rec.result.notes]
+        worst[method] = max(bounds)
+    assert worst["alds"] <= worst["uniform"] + 1e-9
+
+
+def _decaying_gemm(rng, f, n, decay=0.8):
+    """A Gemm + Relu whose weight has singular values ``decay ** i``."""
+    u, _ = np.linalg.qr(rng.normal(size=(f, f)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    r = min(f, n)
+    w = (u[:, :r] * decay ** np.arange(r)) @ v[:, :r].T
+    return make_model([helper.make_node("Gemm", ["x", "w"], ["h"], name="fc", transB=1),
+                       helper.make_node("Relu", ["h"], ["y"], name="relu")],
+                      [vinfo("x", ["N", n])], [vinfo("y", ["N", f])], [init("w", w.astype(np.float32))]), w
+
+
+def test_energy_threshold_keeps_the_energy(rng):
+    model, w = _decaying_gemm(rng, 40, 30)
+    _, rec = _low_rank(model, method="energy", energy=0.9, min_rank_out=0.0)
+    s2 = np.linalg.svd(w, compute_uv=False) ** 2
+    rank = int(np.searchsorted(np.cumsum(s2) / s2.sum(), 0.9 - 1e-9) + 1)
+    assert f"rank {rank}:" in rec.result.notes[0]
+
+
+def test_output_layer_guard_and_layers_that_would_grow(rng):
+    model = mlp_model(rng, [40, 50, 10])
+    _, rec = _low_rank(model, keep_params=0.8, max_groups=1)  # k = 1: rank 10 of 10 saves nothing
+    assert any("output width" in r for r in rec.result.skipped)
+    assert rec.result.rewritten == 1
+    tiny = make_model([helper.make_node("Gemm", ["x", "w"], ["h"], name="fc", transB=1),
+                       helper.make_node("Relu", ["h"], ["y"], name="relu")],
+                      [vinfo("x", ["N", 2])], [vinfo("y", ["N", 2])], [init("w", rng.normal(size=(2, 2)).astype(
+                          np.float32))])
+    out, rec = _low_rank(tiny, keep_params=1.0, min_rank_out=0.0)
+    assert not rec.result.changed and any("no factorised form" in r for r in rec.result.skipped)
+
+
+def test_grouped_conv_is_skipped(rng):
+    w = rng.normal(size=(8, 2, 3, 3)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="gconv", group=4, pads=[1, 1, 1, 1]),
+                        helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                       [vinfo("x", ["N", 8, 6, 6])], [vinfo("y", ["N", 8, 6, 6])], [init("w", w)])
+    out, rec = _low_rank(model, keep_params=0.9)
+    assert not rec.result.changed and rec.result.skipped.get("grouped or depthwise Conv") == 1
+    assert _ops(out) == ["Conv", "Relu"]
+
+
+def test_classifier_is_cut_only_to_meet_the_budget_and_says_so(rng):
+    model = cnn_model(rng)  # the Gemm classifier holds most weights
+    out, rec = _low_rank(model, keep_params=0.6, max_groups=1)
+    assert any("output layer cut below its 4 outputs" in n for n in rec.result.notes)
+
+
+def test_per_layer_override(rng):
+    model = mlp_model(rng, [30, 40, 30, 10])
+    _, rec = _low_rank(model, method="uniform", rank_ratio=0.5, layers={"fc0": 0.0, "fc1": 0.2})
+    assert rec.result.rewritten == 1 and rec.result.notes[0].startswith("fc1: k=1 rank 6:")
+    with pytest.raises(PassError, match="overrides"):
+        _low_rank(model, layers={"nope": 0.5})
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"keep_params": 0.0}, "fraction"), ({"keep_params": 1.5}, "fraction"), ({"keep_macs": -1.0}, "fraction"),
+    ({"keep_params": 0.5, "keep_macs": 0.5}, "not both"), ({"rank_ratio": 0.5}, "method uniform"),
+    ({"method": "energy", "energy": 0.9, "keep_params": 0.5}, "not both"), ({"method": "svd"}, "method"),
+    ({"max_groups": 0}, "max_groups"), ({"layers": {"fc0": 2.0}}, "fc0"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(OptionError, match=message):
+        LowRankOptions(**options)
+
+
+def test_infeasible_budget_and_missing_data_are_usage_errors(rng):
+    model = mlp_model(rng, [40, 50, 30, 10])
+    with pytest.raises(PassError, match="keep_params 0.05 cannot be met") as info:
+        _low_rank(model, keep_params=0.05)
+    assert info.value.exit_code == 2
+    loaded = model_from_proto(model)
+    with pytest.raises(PassError, match="needs calibration data"):
+        run_pipeline(loaded.graph, (PassSpec.of("low-rank", {}),), PassContext(None, None))
+
+
+def test_allocation_of_fifty_layers_takes_seconds(rng):
+    tables = []
+    for _ in range(50):
+        sp = Spectrum(rng.normal(size=(16, 16 * 9)), 16)
+        tables.append({k: choices(sp.errors(k, "exact"), k, 16, 144, 1.0, 1) for k in divisors(16, 8)})
+    dense = 50 * 16 * 144
+    start = time.perf_counter()
+    alloc = Allocator(tables, 0.3 * dense).alds((2, 3, 4, 5, 8), 4)
+    assert time.perf_counter() - start < 5.0
+    assert alloc is not None and 0.29 * dense <= alloc.size <= 0.3 * dense
+
+
+def test_composes_after_pruning(rng):
+    model = _two_conv_model(rng)
+    x = np.abs(rng.normal(size=(64, 8, 10, 10))).astype(np.float32)
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    data = CalibrationData(_array_source(loaded, x), loaded.ctx, len(x))
+    specs = (PassSpec.of("prune-channels", {"sparsity": 0.25}), PassSpec.of("low-rank", {"keep_params": 0.6}))
+    records = run_pipeline(loaded.graph, specs, PassContext(None, data))
+    assert [r.result.name for r in records] == ["prune-channels", "low-rank"]
+    assert records[1].after.params < records[1].before.params < records[0].before.params
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    onnx.checker.check_model(out, full_check=True)
+    _bounded_change(model, out, x)
+
+
+def test_cli_low_rank_on_the_example(tmp_path):
+    out = str(tmp_path / "lr.onnx")
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "--passes", "low-rank", "--keep-params",
+                                    "0.6", "-o", out, "--no-latency"])
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert "low-rank" in res.output and "k=" in res.output
+    bad = str(tmp_path / "bad.onnx")
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "--passes", "low-rank", "--keep-params",
+                                    "0.01", "-o", bad, "--no-latency"])
+    assert res.exit_code == 2 and "cannot be met" in res.output and not os.path.exists(bad)
+
+
+def test_latency_check_limits_slow_layers_to_k1_then_dense(rng, monkeypatch):
+    import onnx_lincomp.passes.low_rank as low_rank
+
+    model = mlp_model(rng, [64, 96, 64, 10])
+    calls = []
+
+    def grouped_slow(site, k, rank, timings):  # grouped forms and fc0 are "slower"
+        calls.append((site.name, k))
+        return k > 1 or site.name == "fc0"
+
+    monkeypatch.setattr(low_rank, "_slower", grouped_slow)
+    _, rec = _low_rank(model, keep_params=0.7, check_latency=True)
+    assert calls and all(" k=1 " in n for n in rec.result.notes)
+    assert not any(n.startswith("fc0:") for n in rec.result.notes)
+    assert rec.result.skipped.get("the factorised form ran slower in onnxruntime (latency check)") == 1
+    # when the budget needs a slow layer it stays, and the report says so
+    monkeypatch.setattr(low_rank, "_slower", lambda site, k, rank, timings: True)
+    _, rec = _low_rank(model, keep_params=0.5, check_latency=True)
+    assert any("kept to meet the budget" in n for n in rec.result.notes)
+
+
+def test_single_layer_timing_models_are_valid(rng):
+    from onnx_lincomp.passes.low_rank import _single_layer_models
+
+    loaded = model_from_proto(_two_conv_model(rng))
+    layer = match_linear_layer(loaded.graph, next(n for n in loaded.graph.nodes if n.name == "conv2"))
+    dense, factorised = _single_layer_models(layer, 4, 3)
+    onnx.checker.check_model(factorised, full_check=True)
+    x = rng.normal(size=(2, 24, 10, 10)).astype(np.float32)
+    assert run(dense, {"x": x})[0].shape == run(factorised, {"x": x})[0].shape == (2, 16, 10, 10)
