@@ -141,13 +141,15 @@ def test_sparsity_zero_and_must_not_fire(rng):
 
 
 def test_width_multiple_min_channels_and_targets(rng):
-    model = mlp_model(rng, [8, 30, 20, 4])
+    model = mlp_model(rng, [8, 40, 20, 4])
     x = rng.random((100, 8), dtype=np.float32)
     out, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 8}),))
     widths = sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2)
-    assert widths == [4, 16, 16]  # 30 -> 15 rounded up to 16, 20 -> 10 -> 16
+    assert widths == [4, 10, 24]  # 40 -> 20 rounded up to 24; 20 is narrower than 4 x 8: exactly 10
+    out, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 1}),))
+    assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 10, 20]
     out, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.9, "min_channels": 5}),))
-    assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 5, 5]
+    assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 5, 8]
     before = model_report(model).macs
     for target in (0.75, 0.5, 0.25):
         out, _ = _prune(model, x, (("prune-channels", {"target_macs": target}),))

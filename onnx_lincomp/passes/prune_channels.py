@@ -56,7 +56,8 @@ class PruneChannelsOptions(PassOptions):
                                      "data (else fold the removed channels' mean into its bias).",
                                flag="--reconstruct")
     min_channels: int = option(1, "A group never goes below this many channels.")
-    channel_multiple: int = option(1, "Keep widths at multiples of this (8 suits onnxruntime's blocked kernels).",
+    channel_multiple: int = option(8, "Keep widths at multiples of this in groups at least 4x as wide (onnxruntime's "
+                                      "blocked Conv kernels are slower at odd widths); 1 to disable.",
                                    flag="--channel-multiple")
     layers: dict[str, float] = option({}, "Per-layer sparsity overrides: producer node name -> fraction (recipe "
                                           "only; 0 leaves a layer alone).")
@@ -97,10 +98,11 @@ class _Candidate:
 
 
 def removal_count(group: ChannelGroup, level: float, min_channels: int, multiple: int) -> int:
-    """Channels removed at ``level``: whole stripes, at least ``min_channels`` kept, the rest a multiple."""
+    """Channels removed at ``level``: whole stripes, at least ``min_channels`` kept, the rest a multiple of
+    ``multiple`` when the group is at least four times that wide (narrow layers keep their exact count)."""
     stripe = group.width // group.period
     keep = max(min_channels, group.width - int(math.floor(level * group.width + 1e-9)), 1)
-    if multiple > 1:
+    if multiple > 1 and group.width >= 4 * multiple:
         keep = min(group.width, -(-keep // multiple) * multiple)
     keep = min(group.width, -(-keep // stripe) * stripe)  # whole stripes
     return group.width - keep
