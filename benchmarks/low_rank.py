@@ -1,6 +1,7 @@
 """low-rank: ALDS against uniform SVD and the energy threshold, each with and without data-aware SVD.
 
-    python benchmarks/low_rank.py [--only SUBSTRING] [--no-latency] [--keeps 0.8,0.6,0.4]
+    python benchmarks/low_rank.py [--only SUBSTRING] [--no-latency] [--keeps 0.8,0.6,0.4] [--methods alds,...]
+                                  [--allocation-only] [--latency-check]
 
 Models: the bundled digits MLP and CNN (their 540 labelled samples, half calibration, half held out),
 ``trained/own_fmnist_cnn_bn.onnx`` and ``trained/own_fmnist_mlp_l1.onnx`` (Fashion-MNIST test set:
@@ -9,7 +10,8 @@ calibration on the first 2,000 images, held out the other 8,000) and ``real/onnx
 ``optimize`` run with the ``low-rank`` pass only: parameters and MACs after / before, onnxruntime latency
 ratio at batch 1 and 32 (interleaved rounds, pinned threads; mnist-8 takes batch 1 only), held-out
 accuracy, and the per-layer choices (k, rank). Prints a markdown table and writes
-benchmarks/results/low_rank.json (rewritten after every run, so a partial run keeps its rows).
+benchmarks/results/low_rank.json (rewritten after every run, so a partial run keeps its rows). First it
+times the decompositions and the ALDS allocation of a synthetic 50-layer model.
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ def models(tmp: Path) -> list[tuple[str, str, str, CalibrationSettings]]:
 
 
 def one_run(model: str, calib: str, settings: CalibrationSettings, keep: float, method: str, aware: bool,
-            latency: bool) -> dict:
-    recipe = Recipe((PassSpec.of("low-rank", {"keep_params": keep, "method": method, "data_aware": aware}),),
-                    settings)
+            latency: bool, check_latency: bool = False) -> dict:
+    options = {"keep_params": keep, "method": method, "data_aware": aware, "check_latency": check_latency}
+    recipe = Recipe((PassSpec.of("low-rank", options),), settings)
     start = time.perf_counter()
     result = optimize(model, calib, OptimizeOptions(recipe, labels="y", latency=latency, batch_size=32,
                                                      max_output_change=None, allow_larger=True))
@@ -112,13 +114,45 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def allocation_timing(layers: int = 50, width: int = 64) -> dict:
+    """Seconds to decompose (every k <= 8, exact grouped errors) and to allocate ``layers`` Conv layers of
+    ``width`` -> ``width`` channels, 3x3, in weight space (a 50-layer model)."""
+    import numpy as np
+
+    from onnx_lincomp.analysis.low_rank_alloc import Allocator, Spectrum, choices, divisors
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    tables = []
+    for _ in range(layers):
+        sp = Spectrum(rng.normal(size=(width, width * 9)), width)
+        tables.append({k: choices(sp.errors(k, "exact"), k, width, width * 9, 1.0, 1) for k in divisors(width, 8)})
+    spectra = time.perf_counter() - start
+    start = time.perf_counter()
+    alloc = Allocator(tables, 0.4 * layers * width * width * 9).alds((2, 3, 4, 5, 8), 4)
+    return {"layers": layers, "shape": [width, width, 3, 3], "decompose_seconds": spectra,
+            "allocate_seconds": time.perf_counter() - start, "max_error": alloc.max_error if alloc else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="run the models whose label contains this")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--allocation-only", action="store_true", help="only time a 50-layer allocation (added to the "
+                                                                        "existing JSON)")
+    ap.add_argument("--latency-check", action="store_true",
+                    help="run the pass with check_latency (rows go to low_rank_latency_check.json)")
     args = ap.parse_args()
+    out = OUT.with_name("low_rank_latency_check.json") if args.latency_check else OUT
+    timing = allocation_timing()
+    print(f"50 Conv layers 64x64x3x3: decompositions {timing['decompose_seconds']:.1f}s, allocation "
+          f"{timing['allocate_seconds']:.2f}s")
+    if args.allocation_only:
+        saved = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps(dict(saved, allocation_50_layers=timing), indent=1))
+        return
     keeps = [float(k) for k in args.keeps.split(",")]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,10 +163,11 @@ def main() -> None:
                 for method in args.methods.split(","):
                     for aware in (False, True):
                         row = {"model": label, **one_run(model, calib, settings, keep, method, aware,
-                                                         not args.no_latency)}
+                                                         not args.no_latency, args.latency_check)}
                         rows.append(row)
                         print(table([row]).splitlines()[-1], f"({row['seconds']:.0f}s)", flush=True)
-                        OUT.write_text(json.dumps({"rows": rows, "verdicts": verdicts(rows)}, indent=1))
+                        out.write_text(json.dumps({"rows": rows, "verdicts": verdicts(rows),
+                                                   "allocation_50_layers": timing}, indent=1))
     print()
     print(table(rows))
     print()

@@ -21,7 +21,10 @@ KNOBS = (Knob("prune", (Choice("prune-channels", {"target_macs": 0.7}), Choice("
                         Choice("prune-channels", {"target_macs": 0.1})), frozenset({"macs"})),)
 
 
-def _search(jobs=1, backend="local", budget=Budget("agreement", 0.9), knobs=KNOBS):
+AGREEMENT = Budget("agreement", 0.9)
+
+
+def _search(jobs=1, backend="local", budget=AGREEMENT, knobs=KNOBS):
     model, calib = (str(p) for p in example_paths("digits-cnn"))
     cal = CalibrationSettings(verify_split=0.3)
     prep = prepare(model, calib, Recipe(calibration=cal), "y")

@@ -30,10 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+import scipy.linalg
 
-ErrorMeasure = str  # "exact", "bound" (ALDS: max over groups of sigma_{j+1} / ||W||) or "energy"
+ErrorMeasure = Literal["exact", "bound", "energy"]  # bound: ALDS, max over groups of sigma_{j+1} / ||W||
 EXACT_GRID = 16  # exact grouped errors at every rank up to this, then at about this many more ranks
 
 
@@ -91,7 +93,7 @@ class Spectrum:
             out = []
             for i in range(k):
                 cols = slice(i * m, (i + 1) * m)
-                vals, vecs = np.linalg.eigh(self._gram(self.weight[:, cols], cols))
+                vals, vecs = scipy.linalg.eigh(self._gram(self.weight[:, cols], cols), driver="evd")
                 order = np.argsort(vals)[::-1][: self.rank_max(k)]
                 out.append((np.sqrt(np.clip(vals[order], 0.0, None)), vecs[:, order]))
             self._groups[k] = out
@@ -132,10 +134,14 @@ class Spectrum:
         for i in range(k):
             h = sum(blocks[a][i] for a in range(k))  # sum_i' G_i'i
             x[:, i::k] = h @ us[i]
-            for i2 in range(k):
+            for i2 in range(k) if self.cov is not None else (i,):
                 y[i::k, i2::k] = us[i].T @ blocks[i][i2] @ us[i2]
         y[np.diag_indices_from(y)] += 1e-12 * max(float(np.trace(y)) / y.shape[0], 1e-300)
-        z = _solve_lower(np.linalg.cholesky(y), x.T).T
+        if self.cov is None:  # groups see disjoint columns: Y is diagonal (the squared singular values)
+            z = x / np.sqrt(np.diag(y))[None, :]
+        else:
+            low = scipy.linalg.cholesky(y, lower=True)
+            z = scipy.linalg.solve_triangular(low, x.T, lower=True).T
         total = sum(blocks[a][b] for a in range(k) for b in range(k))
         grid = sorted({*range(1, min(r, EXACT_GRID) + 1),
                        *np.unique(np.geomspace(min(r, EXACT_GRID), r, EXACT_GRID).round().astype(int)).tolist()})
@@ -178,7 +184,7 @@ class Spectrum:
             cb = self.cov @ block.T
             gram = block @ cb
             gram[np.diag_indices_from(gram)] += 1e-10 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
-            dec = np.linalg.solve(gram, (self.weight @ cb).T).T
+            dec = scipy.linalg.solve(gram, (self.weight @ cb).T, assume_a="pos").T
         e_norm, d_norm = np.linalg.norm(enc, axis=1), np.linalg.norm(dec, axis=0)
         scale = np.sqrt(np.where((e_norm > 0) & (d_norm > 0), d_norm / np.where(e_norm > 0, e_norm, 1.0), 1.0))
         return enc * scale[:, None], dec / scale[None, :]
@@ -196,12 +202,6 @@ class Spectrum:
             return weight_err, None
         top = float(np.linalg.eigvalsh((delta @ self.cov) @ delta.T)[-1])
         return weight_err, math.sqrt(max(top, 0.0)) / self.norm
-
-
-def _solve_lower(low: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    from scipy.linalg import solve_triangular
-
-    return solve_triangular(low, rhs, lower=True)
 
 
 def _top_eig(a: np.ndarray) -> float:

@@ -84,32 +84,74 @@ def target_rows(y: np.ndarray, pick: RowPick, channel_axis: int = 1) -> np.ndarr
     return np.moveaxis(y, channel_axis, -1)[(pick.sample, *pick.position)]
 
 
+FLUSH_ROWS = 4096  # rows buffered before one matrix product (many small products are slow) ...
+FLUSH_BYTES = 16 << 20  # ... or this many bytes of them (wide Conv rows), so buffers stay small
+
+
 @dataclass
 class Moments:
-    """Running ``G = sum x~ x~^T``, ``C = sum x~ y^T`` (when targets are given) and ``sum |x|`` over rows."""
+    """Running ``G = sum x~ x~^T``, ``C = sum x~ y^T`` (when targets are given) and ``sum |x|`` over rows.
+
+    Rows are buffered and folded in by one product per :data:`FLUSH_ROWS` rows (at most
+    :data:`FLUSH_BYTES`); reading ``gram`` or ``cross`` folds in what is pending.
+    """
 
     cols: int
     rows: int = 0
-    gram: np.ndarray = field(init=False, repr=False)
-    cross: np.ndarray | None = field(init=False, repr=False)
+    _gram: np.ndarray = field(init=False, repr=False)
+    _cross: np.ndarray | None = field(init=False, repr=False)
     abs_sum: np.ndarray = field(init=False, repr=False)
+    _pending: list = field(init=False, repr=False)
+    _pending_y: list = field(init=False, repr=False)
+    _pending_rows: int = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.gram = np.zeros((self.cols + 1, self.cols + 1))
-        self.cross = None
+        self._gram = np.zeros((self.cols + 1, self.cols + 1))
+        self._cross = None
         self.abs_sum = np.zeros(self.cols)
+        self._pending, self._pending_y, self._pending_rows = [], [], 0
 
     def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        if (y is None) != (not self._pending_y) and self._pending:
+            self._flush()
+        self._pending.append(np.asarray(x))
+        if y is not None:
+            self._pending_y.append(np.asarray(y))
+        self._pending_rows += int(x.shape[0])
+        self.abs_sum += np.abs(x).sum(axis=0)
+        self.rows += int(x.shape[0])
+        if self._pending_rows >= FLUSH_ROWS or self._pending_rows * (self.cols + 1) * 8 >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        x = np.concatenate(self._pending, axis=0)
         xa = np.empty((x.shape[0], self.cols + 1))
         xa[:, :-1] = x
         xa[:, -1] = 1.0
-        self.gram += xa.T @ xa
-        if y is not None:
-            if self.cross is None:
-                self.cross = np.zeros((self.cols + 1, y.shape[1]))
-            self.cross += xa.T @ np.asarray(y, dtype=np.float64)
-        self.abs_sum += np.abs(x).sum(axis=0)
-        self.rows += int(x.shape[0])
+        self._gram += xa.T @ xa
+        if self._pending_y:
+            y = np.concatenate(self._pending_y, axis=0).astype(np.float64, copy=False)
+            if self._cross is None:
+                self._cross = np.zeros((self.cols + 1, y.shape[1]))
+            self._cross += xa.T @ y
+        self._pending, self._pending_y, self._pending_rows = [], [], 0
+
+    @property
+    def gram(self) -> np.ndarray:
+        self._flush()
+        return self._gram
+
+    @property
+    def cross(self) -> np.ndarray | None:
+        self._flush()
+        return self._cross
+
+    @cross.setter
+    def cross(self, value: np.ndarray | None) -> None:
+        self._flush()
+        self._cross = value
 
     @property
     def mean(self) -> np.ndarray:

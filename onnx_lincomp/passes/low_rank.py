@@ -73,8 +73,9 @@ class LowRankOptions(PassOptions):
                                     "the weights).", flag="--data-aware")
     max_groups: int = option(8, "Largest number of input-channel groups k per layer (alds; 1: plain SVD).",
                              flag="--max-groups")
-    min_rank_out: float = option(1.0, "An output layer (a classifier) keeps at least this fraction of its output "
-                                      "width as rank (0: no guard).", flag="--min-rank-out")
+    min_rank_out: float = option(1.0, "An output layer (a classifier) keeps a total rank k*j of at least this "
+                                      "fraction of its output width unless the budget needs less (0: no guard).",
+                                 flag="--min-rank-out")
     layers: dict[str, float] = option({}, "Per-layer rank fractions: node name -> fraction of its rank kept with "
                                           "k = 1 (0: leave dense; recipe only).")
     rounds: int = option(4, "Alternating global/local rounds of the ALDS allocation.")
@@ -192,11 +193,12 @@ class LowRank(Pass):
         sites = self._sites(graph, tally)
         if o.data_aware and sites:
             self._whiten(graph, ctx, sites)
-        tables, relaxed = self._tables(graph, sites)
-        picks = self._allocate(graph, sites, tables)
+        total = self._total(graph) if o.keep is not None and sites else 0.0
+        tables, relaxed = self._tables(total, sites)
+        picks = self._allocate(total, sites, tables)
         slow: set[str] = set()
         if o.check_latency:
-            picks = self._faster_only(graph, sites, tables, picks, slow)
+            picks = self._faster_only(total, sites, tables, picks, slow)
         matches = []
         for site, table, (k, idx) in zip(sites, tables, picks, strict=True):
             rank = int(table[k].ranks[idx])
@@ -211,14 +213,14 @@ class LowRank(Pass):
             matches.append(self._match(site, k, rank, site.name in relaxed and k * rank < site.layer.out_features))
         return tally.plan(self.name, matches, approximate=bool(matches))
 
-    def _tables(self, graph: gs.Graph, sites: list[_Site]) -> tuple[list[dict[int, Choices]], set[str]]:
+    def _tables(self, total: float, sites: list[_Site]) -> tuple[list[dict[int, Choices]], set[str]]:
         """Every site's choices; when the budget cannot be met with the output layers at their output width,
         their minimum rank is lowered just enough (those layers are named, and their matches say so)."""
         tables = [self._table(s) for s in sites]
         keep = self.options.keep
         if keep is None or not sites:
             return tables, set()
-        budget = self._budget(graph, sites, keep)
+        budget = self._budget(total, sites, keep)
         guarded = [i for i, s in enumerate(sites) if s.min_width > 1 and s.override is None]
         if not guarded or Allocator(tables, budget).min_size() <= budget:
             return tables, set()
@@ -232,7 +234,7 @@ class LowRank(Pass):
                 break
         return tables, {sites[i].name for i in guarded if sites[i].min_width < widths[i]}
 
-    def _faster_only(self, graph: gs.Graph, sites: list[_Site], tables: list[dict[int, Choices]],
+    def _faster_only(self, total: float, sites: list[_Site], tables: list[dict[int, Choices]],
                      picks: list[tuple[int, int]], slow: set[str]) -> list[tuple[int, int]]:
         """Re-allocate while some factorised layer runs slower than the dense one: such a layer is limited
         to k = 1, then kept dense (``tables`` and ``slow`` are updated), one layer at a time; a restriction
@@ -251,7 +253,7 @@ class LowRank(Pass):
             else:
                 tables[i] = {1: Choices(1, last.ranks[-1:], last.errors[-1:], last.sizes[-1:])}
             try:
-                picks = self._allocate(graph, sites, tables)
+                picks = self._allocate(total, sites, tables)
                 if len(tables[i][1].ranks) == 1:
                     slow.add(sites[i].name)
             except OptionError:
@@ -310,16 +312,16 @@ class LowRank(Pass):
         return {k: choices(sp.errors(k, measure), k, sp.out, sp.cols, weight, math.ceil(site.min_width / k))
                 for k in ks}
 
-    def _allocate(self, graph: gs.Graph, sites: list[_Site], tables: list[dict[int, Choices]]) -> list[tuple[int, int]]:
-        """(k, choice index) per site."""
+    def _allocate(self, total: float, sites: list[_Site], tables: list[dict[int, Choices]]) -> list[tuple[int, int]]:
+        """(k, choice index) per site; ``total`` is the model's parameters or MACs (what the budget counts)."""
         o = self.options
         if not sites:
             return []
         keep = o.keep
-        budget = self._budget(graph, sites, keep) if keep is not None else math.inf
+        budget = self._budget(total, sites, keep) if keep is not None else math.inf
         allocator = Allocator(tables, budget)
         if keep is not None and allocator.min_size() > budget + 1e-9:
-            self._infeasible(graph, sites, allocator, keep)
+            self._infeasible(total, sites, allocator, keep)
         if o.method == "uniform":
             return self._uniform(sites, tables, allocator)
         if o.method == "energy" and o.energy is not None:
@@ -330,26 +332,23 @@ class LowRank(Pass):
         else:
             alloc = allocator.global_step([1] * len(sites))
         if alloc is None:  # the minimum fits, so a feasible start exists; kept as a guard
-            self._infeasible(graph, sites, allocator, keep)
+            self._infeasible(total, sites, allocator, keep)
         return list(zip(alloc.ks, alloc.index, strict=True))
 
-    def _budget(self, graph: gs.Graph, sites: list[_Site], keep: float) -> float:
-        """What the sites may take: the kept fraction of the model minus everything the pass does not touch."""
+    def _total(self, graph: gs.Graph) -> float:
         figures = graph_figures(graph)
-        if self.options.by_macs:
-            total = float(figures.macs)
-            dense = sum(s.positions * s.dense_params() for s in sites)
-        else:
-            total = float(figures.params)
-            dense = sum(s.dense_params() for s in sites)
-        return keep * total - (total - dense)
+        return float(figures.macs if self.options.by_macs else figures.params)
 
-    def _infeasible(self, graph: gs.Graph, sites: list[_Site], allocator: Allocator, keep: float) -> None:
-        figures = graph_figures(graph)
-        total = float(figures.macs if self.options.by_macs else figures.params)
-        other = total - sum((s.positions if self.options.by_macs else 1) * s.dense_params() for s in sites)
+    def _dense(self, sites: list[_Site]) -> float:
+        return float(sum((s.positions if self.options.by_macs else 1) * s.dense_params() for s in sites))
+
+    def _budget(self, total: float, sites: list[_Site], keep: float) -> float:
+        """What the sites may take: the kept fraction of the model minus everything the pass does not touch."""
+        return keep * total - (total - self._dense(sites))
+
+    def _infeasible(self, total: float, sites: list[_Site], allocator: Allocator, keep: float) -> None:
         what = "keep_macs" if self.options.by_macs else "keep_params"
-        lowest = (other + allocator.min_size()) / max(total, 1.0)
+        lowest = (total - self._dense(sites) + allocator.min_size()) / max(total, 1.0)
         raise OptionError(f"low-rank: {what} {keep:g} cannot be met: rank 1 in every factorisable layer keeps "
                           f"{lowest:.3f} of the {'MACs' if self.options.by_macs else 'parameters'}")
 
@@ -464,7 +463,7 @@ def _single_layer_models(layer: LinearLayer, k: int, rank: int):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "w"))
         nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="layer"),
                  helper.make_node("Add", ["m", "b"], ["y"])]
-    shape = [d if isinstance(d, (int, np.integer)) and d > 0 else None for d in layer.input.shape]
+    shape = [None] + [d if isinstance(d, (int, np.integer)) and d > 0 else None for d in layer.input.shape[1:]]
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     dense = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -475,7 +474,9 @@ def _single_layer_models(layer: LinearLayer, k: int, rank: int):
     write_factorised(g, NameSource(g), view, rng.standard_normal((k * rank, n // k)),
                      rng.standard_normal((view.out_features, k * rank)), view.bias, k)
     g.cleanup().toposort()
-    return dense, gs.export_onnx(g)
+    factorised = gs.export_onnx(g)
+    del factorised.graph.value_info[:]  # typed without shapes: nothing to say
+    return dense, factorised
 
 
 def write_factorised(graph: gs.Graph, names: NameSource, layer: LinearLayer, encoder: np.ndarray,
