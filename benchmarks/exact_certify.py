@@ -98,6 +98,121 @@ def to_onnx(ws, bs, path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+def _im2col(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, H*W, C*9): the 3x3 patches of a zero-padded input, (c, di, dj) order."""
+    n, c, h, w = x.shape
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = np.lib.stride_tricks.sliding_window_view(pad, (3, 3), axis=(2, 3))  # (N, C, H, W, 3, 3)
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n, h * w, c * 9)
+
+
+def _col2im(cols: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    n, c, h, w = shape
+    g = cols.reshape(n, h, w, c, 3, 3)
+    pad = np.zeros((n, c, h + 2, w + 2))
+    for di in range(3):
+        for dj in range(3):
+            pad[:, :, di:di + h, dj:dj + w] += g[:, :, :, :, di, dj].transpose(0, 3, 1, 2)
+    return pad[:, :, 1:-1, 1:-1]
+
+
+class ResidualCnn:
+    """conv1(1->C)-Relu-MaxPool2-conv2(C->C)-Relu-conv3(C->C)+pool-Relu-Flatten-fc(10), 3x3 convs with pad 1,
+    on 1x8x8 inputs; numpy forward/backward for a small L1-regularised training run."""
+
+    def __init__(self, channels: int, rng: np.random.Generator):
+        c = channels
+        self.p = {"w1": rng.normal(0, np.sqrt(2 / 9), (9, c)), "b1": np.zeros(c),
+                  "w2": rng.normal(0, np.sqrt(2 / (9 * c)), (9 * c, c)), "b2": np.zeros(c),
+                  "w3": rng.normal(0, np.sqrt(1 / (9 * c)), (9 * c, c)), "b3": np.zeros(c),
+                  "w4": rng.normal(0, np.sqrt(2 / (16 * c)), (16 * c, 10)), "b4": np.zeros(10)}
+        self.c = c
+
+    def _conv(self, x, w, b):
+        cols = _im2col(x)
+        y = cols @ w + b  # (N, HW, Cout)
+        n, _, h, wd = x.shape
+        return y.transpose(0, 2, 1).reshape(n, -1, h, wd), cols
+
+    def loss_grad(self, x: np.ndarray, y: np.ndarray, l1: float) -> dict:
+        p, n, c = self.p, len(x), self.c
+        z1, cols1 = self._conv(x, p["w1"], p["b1"])
+        r1 = np.maximum(z1, 0)
+        blocks = r1.reshape(n, c, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, 4, 4, 4)
+        arg = blocks.argmax(axis=-1)
+        m = blocks.max(axis=-1)
+        z2, cols2 = self._conv(m, p["w2"], p["b2"])
+        r2 = np.maximum(z2, 0)
+        g3, cols3 = self._conv(r2, p["w3"], p["b3"])
+        z3 = g3 + m
+        r3 = np.maximum(z3, 0)
+        flat = r3.reshape(n, -1)
+        logits = flat @ p["w4"] + p["b4"]
+        prob = np.exp(logits - logits.max(1, keepdims=True))
+        prob /= prob.sum(1, keepdims=True)
+        prob[np.arange(n), y] -= 1
+        d = prob / n
+        g = {"w4": flat.T @ d, "b4": d.sum(0)}
+        dz3 = (d @ p["w4"].T).reshape(r3.shape) * (z3 > 0)
+        dm = dz3.copy()
+        dg = dz3.transpose(0, 2, 3, 1).reshape(n, 16, c)
+        g["w3"], g["b3"] = np.einsum("npk,npc->kc", cols3, dg), dg.sum((0, 1))
+        dz2 = _col2im(dg @ p["w3"].T, r2.shape) * (z2 > 0)
+        dg2 = dz2.transpose(0, 2, 3, 1).reshape(n, 16, c)
+        g["w2"], g["b2"] = np.einsum("npk,npc->kc", cols2, dg2), dg2.sum((0, 1))
+        dm += _col2im(dg2 @ p["w2"].T, m.shape)
+        dblocks = np.zeros(blocks.shape)
+        np.put_along_axis(dblocks, arg[..., None], dm[..., None], axis=-1)
+        dr1 = dblocks.reshape(n, c, 4, 4, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(r1.shape)
+        dz1 = (dr1 * (z1 > 0)).transpose(0, 2, 3, 1).reshape(n, 64, c)
+        g["w1"], g["b1"] = np.einsum("npk,npc->kc", cols1, dz1), dz1.sum((0, 1))
+        for k in ("w1", "w2", "w3", "w4"):
+            g[k] = g[k] + l1 * np.sign(p[k])
+        return g
+
+    def fit(self, x, y, l1: float, epochs: int, seed: int = 0, lr: float = 2e-3) -> None:
+        rng = np.random.default_rng(seed)
+        m = {k: np.zeros_like(v) for k, v in self.p.items()}
+        v = {k: np.zeros_like(val) for k, val in self.p.items()}
+        step = 0
+        for _ in range(epochs):
+            order = rng.permutation(len(x))
+            for s in range(0, len(x), 64):
+                idx = order[s:s + 64]
+                g = self.loss_grad(x[idx], y[idx], l1)
+                step += 1
+                for k in self.p:
+                    m[k] = 0.9 * m[k] + 0.1 * g[k]
+                    v[k] = 0.999 * v[k] + 0.001 * g[k] ** 2
+                    self.p[k] -= lr * (m[k] / (1 - 0.9**step)) / (np.sqrt(v[k] / (1 - 0.999**step)) + 1e-8)
+
+    def to_onnx(self, path: Path) -> None:
+        p, c = self.p, self.c
+
+        def conv_w(w, cin):
+            return w.reshape(cin, 3, 3, c).transpose(3, 0, 1, 2).astype(np.float32)
+
+        weights = {"w1": conv_w(p["w1"], 1), "w2": conv_w(p["w2"], c), "w3": conv_w(p["w3"], c),
+                   "w4": p["w4"].T.astype(np.float32)}
+        weights.update({f"b{i}": p[f"b{i}"].astype(np.float32) for i in range(1, 5)})
+        inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+        pads = [1, 1, 1, 1]
+        nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=pads),
+                 helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                 helper.make_node("MaxPool", ["r1"], ["m"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+                 helper.make_node("Conv", ["m", "w2", "b2"], ["c2"], name="conv2", pads=pads),
+                 helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+                 helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=pads),
+                 helper.make_node("Add", ["c3", "m"], ["s3"], name="residual"),
+                 helper.make_node("Relu", ["s3"], ["r3"], name="relu3"),
+                 helper.make_node("Flatten", ["r3"], ["f"], name="flatten", axis=1),
+                 helper.make_node("Gemm", ["f", "w4", "b4"], ["logits"], name="fc", transB=1)]
+        graph = helper.make_graph(nodes, path.stem,
+                                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
 def trained_models(out: Path) -> list[Path]:
     from sklearn.datasets import load_digits
 
@@ -111,6 +226,12 @@ def trained_models(out: Path) -> list[Path]:
         if not path.exists():
             to_onnx(*train_l1_mlp(xd[:1400], yd[:1400], widths, l1, epochs), path)
         paths.append(path)
+    path = out / "digits_residual_cnn_l1.onnx"
+    if not path.exists():
+        net = ResidualCnn(8, np.random.default_rng(0))
+        net.fit(xd[:1400].reshape(-1, 1, 8, 8), yd[:1400], 2e-3, 30)
+        net.to_onnx(path)
+    paths.append(path)
     fm = SHARED / "data" / "fashion-mnist"
     if fm.is_dir():
         x = read_idx(fm / "t10k-images-idx3-ubyte.gz").reshape(-1, 784) / 255.0
@@ -134,7 +255,7 @@ def _claims_hold(loaded, cert, points: int = 10000, corners: int = 2000, seed: i
     stats = collect_relu_stats(loaded.graph, loaded.ctx, source, CollectOptions(batch_size=512, mode="pre"))
     claimed = broken = 0
     for lc in cert.layers:
-        s = stats[lc.relu]
+        s = stats.get(lc.relu)
         claimed += int(lc.stably_active.sum() + lc.stably_inactive.sum())
         broken += int((s.pre_max[lc.stably_inactive] > 0).sum() + (s.pre_min[lc.stably_active] < 0).sum())
     return {"points": len(x), "claimed": claimed, "broken": broken}
@@ -144,8 +265,8 @@ def _timeline(cert, before_cpu: float, before_wall: float, marks=(60, 120, 180, 
     """Last layer: stably inactive proven and candidates open at each mark (CPU and wall seconds)."""
     if not cert.unit_events and not cert.unit_records:
         return None
-    last = len(cert.layers) - 1
-    lc = cert.layers[last]
+    last = max(r.layer for r in cert.unit_records) if cert.unit_records else -1  # the chain's index of it
+    lc = cert.layers[-1]
     bound_inactive = lc.interval_inactive + lc.relaxed_inactive
     queried = {(r.unit, r.sign) for r in cert.unit_records if r.layer == last}
     events = [e for e in cert.unit_events if e[2] == last]
@@ -213,7 +334,8 @@ def _print(name: str, rows: list[dict], other: dict | None) -> None:
           f"{'onnxsim a/i':>11} {'wall s':>7} {'cpu s':>7} {'claims ok':>10} {'witness':>9}")
     for row in rows:
         for k, layer in enumerate(row["layers"]):
-            theirs_s = "-" if other is None else f"{other['layers'][k]['on']}/{other['layers'][k]['dead']}"
+            theirs_layer = next((t for t in (other or {}).get("layers", []) if t["relu"] == layer["relu"]), None)
+            theirs_s = "-" if theirs_layer is None else f"{theirs_layer['on']}/{theirs_layer['dead']}"
             first = k == 0
             print(f"  {row['method'] if first else '':<8} {layer['relu'][:10]:<10} {layer['units']:>5} "
                   f"{layer['active']:>6} {layer['inactive']:>6} {layer['unstable']:>6} {layer['open']:>5} "
@@ -225,7 +347,8 @@ def _print(name: str, rows: list[dict], other: dict | None) -> None:
             print(f"  {'':<8} params {row['params_before']:,} -> {row['params_after']:,}; 10,000 box points max abs "
                   f"err {row['box_check_max_abs']:.2g} (within 1e-5: {row['box_check_within_1e-5']})")
         if row.get("timeline"):
-            marks = ", ".join(f"{c['at']} s: {c['inactive']} inactive / {c['open']} open" for c in row["timeline"]["cpu"])
+            marks = ", ".join(f"{c['at']} s: {c['inactive']} inactive / {c['open']} open"
+                              for c in row["timeline"]["cpu"])
             print(f"  {'':<8} last layer by CPU time: {marks}")
 
 
@@ -241,6 +364,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "exact_certify.json"))
     args = ap.parse_args()
     models = trained_models(RESULTS / "models")
+    models.append(HERE.parent / "onnx_lincomp" / "examples" / "digits_cnn.onnx")
     for rel in ("trained/own_fmnist_mlp_l1.onnx", "exact-compression/serra_cifar10_400x400_l1_pruned.onnx",
                 "exact-compression/serra_cifar100_400x400_l1_pruned.onnx", "exact-compression/serra_mnist_100x100.onnx",
                 "exact-compression/serra_mnist_200x200.onnx"):

@@ -74,10 +74,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--only", help="comma-separated model names (digits-cnn, fmnist-cnn, fmnist-mlp, ultraface)")
+    ap.add_argument("--budgets", help="comma-separated budget values, replacing each model's defaults")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, calib, labels, cal, (kind, values) in models(Path(tmp), args.quick):
+            if args.only and name not in args.only.split(","):
+                continue
+            values = tuple(float(v) for v in args.budgets.split(",")) if args.budgets else values
             every = default_knobs("latency")
             variants = [("combined", every)] + [(f"{k.name} alone", (k,)) for k in every]
             for value in values:

@@ -9,6 +9,7 @@ from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact.bounds import relaxed_bounds
 from onnx_lincomp.exact.chain import extract_chain
 from onnx_lincomp.exact.highs_model import SparseProgram, threshold_search
+from onnx_lincomp.exact.unit_bab import branch_and_bound
 from onnx_lincomp.exact.unit_encoding import UnitQuery, encode_unit
 from onnx_lincomp.exact.unit_stage import UnitStageOptions, decide_units
 from onnx_lincomp.model_io import model_from_proto
@@ -89,8 +90,8 @@ def test_jobs_do_not_change_the_outcome(rng):
     assert a.proven_inactive == b.proven_inactive and a.proven_active == b.proven_active
     assert a.flipped_positive.keys() == b.flipped_positive.keys()
     assert a.flipped_negative.keys() == b.flipped_negative.keys()
-    for la, lb in zip(a.bounds, b.bounds, strict=True):
-        np.testing.assert_array_equal(la.upper, lb.upper)
+    for la, lb in zip(a.bounds, b.bounds, strict=True):  # the same LPs: equal up to float64 summation order
+        np.testing.assert_allclose(la.upper, lb.upper, rtol=1e-12, atol=1e-12)
 
 
 def test_a_timed_out_unit_stays_open_and_the_stage_goes_on(rng):
@@ -142,3 +143,55 @@ def test_encoding_drops_units_the_target_cannot_feel_and_binaries_it_does_not_ne
         assert unit.encoded_units == int((feel & (upper[0] > 0)).sum())
         pulls_up = feel & unstable & (-sign * w[0] < 0)
         assert unit.program.binaries == int(pulls_up.sum())
+
+
+@SETTINGS
+@given(st.integers(0, 10**6))
+def test_branch_and_bound_agrees_with_brute_force_in_two_dimensions(seed):
+    rng = np.random.default_rng(seed)
+    chain = _chain(mlp_model(rng, [2, 8, 6, 5, 2]), 2)
+    lo, hi = np.zeros(2), np.ones(2)
+    _, tight = relaxed_bounds(chain, lo, hi)
+    lower, upper = [b.lower for b in tight], [b.upper for b in tight]
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    zs = chain.forward(grid)
+    for k, i in sorted(_undecided(tight)):
+        if k == 0:
+            continue
+        for sign in (1.0, -1.0):
+            unit = encode_unit(chain, lower, upper, lo, hi, UnitQuery(k, i, sign))
+
+            def flips(v, k=k, i=i, sign=sign):
+                return sign * chain.forward(v[None, :2])[k][0, i] > 1e-6
+
+            res = branch_and_bound(unit, 1e-6, flips, 30.0, 60.0)
+            extreme = (sign * zs[k][:, i]).max()
+            if res.status == "no":
+                assert extreme <= 1e-9, (k, i, sign)
+            elif res.status == "found":
+                assert sign * chain.forward(res.point[None, :2])[k][0, i] > 0
+            if extreme > 1e-4:
+                assert res.status == "found", (k, i, sign)
+            if extreme < -1e-4:
+                assert res.status == "no", (k, i, sign)
+
+
+def test_cli_certify_per_unit_options(tmp_path, rng):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from onnx_lincomp.cli import main
+
+    model = mlp_model(rng, [6, 12, 10, 2], dead={1: [0, 1]})
+    onnx.save(model, tmp_path / "m.onnx")
+    runner = CliRunner()
+    outs = {}
+    for args in (["--jobs", "2", "--unit-time-limit", "5"], ["--milp-method", "network"]):
+        res = runner.invoke(main, ["certify", str(tmp_path / "m.onnx"), "--input-range", "0,1", "--json", "-", *args])
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout)
+        assert data["complete"]
+        outs[data["method"]] = [(lc["stably_active_channels"], lc["stably_inactive_channels"]) for lc in data["layers"]]
+    assert outs["units"] == outs["network"] and outs["units"][1][1] >= 2

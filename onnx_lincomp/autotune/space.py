@@ -50,7 +50,7 @@ def default_knobs(objective: Objective, available: Mapping[str, type] = PASSES) 
     if objective not in OBJECTIVES:
         raise OptionError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     knobs = [
-        Knob("prune", _levels("prune-channels", "target_macs", (0.85, 0.7, 0.55, 0.45, 0.35, 0.25)),
+        Knob("prune", _levels("prune-channels", "target_macs", (0.85, 0.7, 0.55, 0.45, 0.35, 0.25, 0.18, 0.12)),
              frozenset(OBJECTIVES)),
         Knob("low-rank", _levels("low-rank", "keep_params", (0.8, 0.6, 0.45, 0.3)), frozenset(OBJECTIVES)),
         Knob("quantize", (Choice("quantize-int8"),), frozenset({"latency"})),

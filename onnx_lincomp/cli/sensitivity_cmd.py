@@ -18,10 +18,11 @@ EXAMPLE = ("Examples:\n\n  onnx-lincomp sensitivity --example digits-cnn --level
 def _allocation(target_macs: float | None, target_params: float | None, target_latency: float | None,
                 max_accuracy_drop: float | None, output: str | None):
     """The allocation the flags ask for (None: scan only); flag combinations that mean nothing are usage errors."""
-    from ..sensitivity import AllocationOptions
+    from ..sensitivity import AllocationOptions, Target
 
-    given = [(name, v) for name, v in (("macs", target_macs), ("params", target_params), ("latency", target_latency))
-             if v is not None]
+    flags: list[tuple[Target, float | None]] = [("macs", target_macs), ("params", target_params),
+                                                ("latency", target_latency)]
+    given = [(name, v) for name, v in flags if v is not None]
     if len(given) > 1:
         raise OptionError("give one of --target-macs, --target-params, --target-latency")
     if not given:

@@ -4,7 +4,9 @@
    positive and negative is unstable; a unit never seen positive is a candidate for *stably inactive*,
    one never seen negative a candidate for *stably active*;
 2. interval bounds, then the linear relaxation (:mod:`.bounds`), prove candidates;
-3. the MILP (:mod:`.milp`) proves or disproves (with a witness input) the rest, within time limits.
+3. per unit (:mod:`.unit_stage`, the default): a small LP, HiGHS's MILP and an LP branch and bound prove
+   or disprove (with a witness input) the rest, each unit within its CPU time, the stage within its wall
+   budget; or (``method="network"``) one network-wide MILP (:mod:`.milp`).
 
 A Conv channel is stable when every position of it is. The proven sets become unit evidence
 (:meth:`Certificate.unit_evidence`) that the linearity passes read exactly as they read statistics, so
@@ -13,7 +15,7 @@ exact and statistical modes share one set of rewrites.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -42,6 +44,7 @@ class CertifyOptions:
     method: Literal["units", "network"] = "units"  # per-unit LPs and MILPs, or one network-wide MILP
     jobs: int = 1  # processes for the per-unit stage
     tighten: bool = True  # per-unit LP bounds for deeper layers (per-unit stage)
+    bab: bool = True  # per-unit stage: LP branch and bound after the first MILP round (else HiGHS throughout)
 
     def __post_init__(self):
         if self.random_points < 0 or self.time_limit <= 0 or self.solve_limit <= 0:
@@ -204,14 +207,16 @@ def _certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrat
     i_inact = [b.upper <= 0 for b in interval]
     r_act = [b.lower >= 0 for b in tight]
     r_inact = [b.upper <= 0 for b in tight]
-    inactive_c = {(k, int(i)) for k in range(len(chain.layers))
+    inactive_c = {(k, int(i)) for k in chain.relu_layers
                   for i in np.flatnonzero(~pos[k] & ~r_inact[k] & ~r_act[k])}
-    active_c = {(k, int(i)) for k in range(len(chain.layers))
+    active_c = {(k, int(i)) for k in chain.relu_layers
                 for i in np.flatnonzero(~neg[k] & ~r_act[k] & ~r_inact[k])}
     searched_pos = _search_flips(chain, domain, points, signs, inactive_c, +1.0, options.search_restarts, options.seed)
     searched_neg = _search_flips(chain, domain, points, signs, active_c, -1.0, options.search_restarts, options.seed)
     t_search, cpu_search = time.perf_counter(), time.process_time()
-    outcome = _decide(chain, tight, domain, inactive_c - set(searched_pos), active_c - set(searched_neg), options)
+    method = options.method if chain.is_sequential else "units"  # the network-wide MILP reads chains only
+    outcome = _decide(chain, tight, domain, inactive_c - set(searched_pos), active_c - set(searched_neg),
+                      replace(options, method=method))
     outcome.complete = outcome.complete or not (outcome.unproven_inactive | outcome.unproven_active) and options.milp
     for found, target in ((searched_pos, outcome.flipped_positive), (searched_neg, outcome.flipped_negative)):
         for cand, x in found.items():
@@ -221,6 +226,8 @@ def _certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrat
     layers, flips = [], []
     searched = {**dict.fromkeys(searched_pos, "positive"), **dict.fromkeys(searched_neg, "negative")}
     for k, layer in enumerate(chain.layers):
+        if layer.kind != "relu":
+            continue
         m_act = np.zeros(layer.width, bool)
         m_inact = np.zeros(layer.width, bool)
         m_act[[i for kk, i in outcome.proven_active if kk == k]] = True
@@ -246,7 +253,7 @@ def _certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrat
                "search": t_search - t_bounds, "milp": t_milp - t_search, "total": t_milp - t0,
                "cpu_before_milp": cpu_search - cpu0}
     return Certificate(domain, tuple(layers), chain.uncovered, chain.stop_reason, complete, seconds, outcome.solves,
-                       tuple(outcome.witnesses), tuple(flips), evidence, options.method, outcome.lp_solves,
+                       tuple(outcome.witnesses), tuple(flips), evidence, method, outcome.lp_solves,
                        outcome.tightened, tuple(outcome.records), tuple(outcome.events))
 
 
@@ -259,7 +266,7 @@ def _decide(chain: AffineChain, bounds, domain: Domain, inactive_c: set, active_
         return decide_candidates(chain, bounds, domain.lower, domain.upper, inactive_c, active_c,
                                  time_limit=options.time_limit, solve_limit=options.solve_limit)
     unit_options = UnitStageOptions(time_limit=options.time_limit, unit_time_limit=options.solve_limit,
-                                    jobs=options.jobs, tighten=options.tighten)
+                                    jobs=options.jobs, tighten=options.tighten, bab=options.bab)
     return decide_units(chain, bounds, domain.lower, domain.upper, inactive_c, active_c, unit_options)
 
 
@@ -267,7 +274,7 @@ def _evidence(points: np.ndarray, signs: _Signs, layers: list[LayerCertificate],
               witnesses: list[np.ndarray]) -> np.ndarray:
     """The sample points closest to each sign of every unit, plus all witnesses."""
     idx = set()
-    for k in range(len(layers)):
+    for k in range(len(signs.best_pos)):
         idx.update(int(i) for i in signs.best_pos[k])
         idx.update(int(i) for i in signs.best_neg[k])
     parts = [points[sorted(idx)]] + ([np.stack(witnesses)] if witnesses else [])

@@ -4,7 +4,8 @@ The binding is ``highspy`` when installed, else the copy of the same pybind11 mo
 (``scipy.optimize._highspy._core``, HiGHS >= 1.7): both expose the class ``_Highs`` with callbacks, which
 ``scipy.optimize.milp`` does not.
 
-A *threshold search* minimises ``c @ v`` and asks one question: is there a feasible point with
+LP answers are read through :func:`lagrangian_bound`, a bound that holds whatever the solver's
+tolerances. A *threshold search* minimises ``c @ v`` and asks one question: is there a feasible point with
 ``c @ v < threshold``? The model carries no objective offset (every value HiGHS reports is then the plain
 ``c @ v``), HiGHS's ``objective_bound`` is set to ``threshold + margin`` so it prunes every node whose dual
 bound reaches it, and:
@@ -68,7 +69,8 @@ class SearchResult:
     reason: str = ""
 
 
-def _highs(program: SparseProgram, relax: bool, wall_limit: float):
+def highs_instance(program: SparseProgram, relax: bool, wall_limit: float):
+    """A HiGHS object holding ``program`` (integrality dropped when ``relax``), one thread, quiet."""
     h = _hcore._Highs()
     for key, val in (("output_flag", False), ("threads", 1), ("time_limit", float(max(wall_limit, 0.01))),
                      ("random_seed", 0), ("mip_rel_gap", 0.0), ("mip_abs_gap", 0.0)):
@@ -96,23 +98,47 @@ def _highs(program: SparseProgram, relax: bool, wall_limit: float):
     return h
 
 
-def _run(h) -> None:
+def run_highs(h) -> None:
+    """``h.run()``, restarting HiGHS's global scheduler once if another thread count started it."""
     if h.run() == _hcore.HighsStatus.kError and h.getModelStatus() == _STATUS.kNotset:
         # a global scheduler started elsewhere in this process with another thread count: restart it once
         _hcore._Highs.resetGlobalScheduler(True)
         h.run()
 
 
+def lagrangian_bound(program: SparseProgram, row_dual: np.ndarray, col_lower: np.ndarray | None = None,
+                     col_upper: np.ndarray | None = None) -> float:
+    """A lower bound on the LP's minimum that holds for *any* row multipliers ``y`` (weak duality with the
+    column bounds kept): ``min c v >= sum_i y_i r_i + sum_j min_{v_j in [l_j, u_j]} (c - A^T y)_j v_j``, with
+    ``r_i`` the row bound that ``y_i``'s sign selects. Evaluated in float64 on the solver's duals, it does
+    not trust the solver's tolerances (the Neumaier-Shcherbina safe bound, up to float64 rounding). Column
+    bounds other than the program's (a branch-and-bound node's) are passed as ``col_lower``/``col_upper``."""
+    col_lower = program.col_lower if col_lower is None else col_lower
+    col_upper = program.col_upper if col_upper is None else col_upper
+    best = -np.inf
+    for y in (np.asarray(row_dual, np.float64), -np.asarray(row_dual, np.float64)):  # either sign convention
+        y = np.where((y > 0) & np.isinf(program.row_lower) | (y < 0) & np.isinf(program.row_upper), 0.0, y)
+        rows = np.where(y > 0, program.row_lower, program.row_upper)
+        const = float(np.sum(np.where(y != 0, y * np.where(np.isinf(rows), 0.0, rows), 0.0)))
+        red = program.cost - program.rows.T @ y
+        cols = np.where(red > 0, col_lower, col_upper)
+        if np.any(np.isinf(cols[red != 0])):
+            continue
+        best = max(best, const + float(np.sum(np.where(red != 0, red * np.where(np.isinf(cols), 0.0, cols), 0.0))))
+    return best
+
+
 def solve_lp(program: SparseProgram, wall_limit: float) -> SearchResult:
-    """The LP relaxation (integrality dropped): its optimal value and point, or status "open" on failure."""
+    """The LP relaxation (integrality dropped): a safe lower bound on its optimum (:func:`lagrangian_bound`)
+    and its optimal point, or status "open" on failure."""
     start = time.thread_time()
-    h = _highs(program, True, wall_limit)
-    _run(h)
+    h = highs_instance(program, True, wall_limit)
+    run_highs(h)
     cpu = time.thread_time() - start
     if h.getModelStatus() != _STATUS.kOptimal:
         return SearchResult("open", None, None, cpu, reason=h.modelStatusToString(h.getModelStatus()))
-    return SearchResult("open", np.asarray(h.getSolution().col_value), float(h.getInfo().objective_function_value),
-                        cpu)
+    sol = h.getSolution()
+    return SearchResult("open", np.asarray(sol.col_value), lagrangian_bound(program, np.asarray(sol.row_dual)), cpu)
 
 
 def threshold_search(program: SparseProgram, threshold: float, margin: float, accept: Callable[[np.ndarray], bool],
@@ -127,7 +153,7 @@ def threshold_search(program: SparseProgram, threshold: float, margin: float, ac
         if res.value < threshold and accept(res.point):
             return SearchResult("found", res.point, res.value, res.cpu_seconds)
         return SearchResult("open", res.point, res.value, res.cpu_seconds, reason="optimum within the margin")
-    h = _highs(program, False, wall_limit)
+    h = highs_instance(program, False, wall_limit)
     h.setOptionValue("objective_bound", float(threshold + margin))
     proof = threshold + margin
     state = {"found": None, "best": None, "value": None, "cpu_out": False, "proved": False}
@@ -151,7 +177,7 @@ def threshold_search(program: SparseProgram, threshold: float, margin: float, ac
     h.setCallback(callback, None)
     h.startCallback(_CB.kCallbackMipImprovingSolution)
     h.startCallback(_CB.kCallbackMipInterrupt)
-    _run(h)
+    run_highs(h)
     cpu = time.thread_time() - start
     status, info = h.getModelStatus(), h.getInfo()
     nodes = int(info.mip_node_count)

@@ -1,15 +1,18 @@
 """The per-unit MILP: can unit ``i`` of layer ``k`` take the sign ``s`` anywhere on the box?
 
-Only what the target can feel is encoded: its *cone*, the units of earlier layers joined to it by
-non-zero weights (a unit whose upper bound is <= 0 outputs 0 and is left out). With ``c = -s W_k[i]`` the
-objective ``min c @ h_{k-1}`` is below ``s b_k[i]`` exactly when some input gives ``s z_{k,i} > 0``.
+Only what the target can feel is encoded: its *cone*, the outputs of earlier layers (of the DAG, see
+:mod:`.chain`) joined to it by non-zero weights (a Relu whose upper bound is <= 0 outputs 0 and is left
+out). With ``c = -s w`` (``w`` the target's row over its sources) the objective ``min c @ h`` is below
+``s b_k[i]`` exactly when some input gives ``s z_{k,i} > 0``.
 
-Per encoded unit ``j`` with bounds ``l < u`` (Serra et al. 2021 big-M form):
+Per encoded Relu unit ``j`` with bounds ``l < u`` (Serra et al. 2021 big-M form):
 - stably active (``l >= 0``): ``h = W h_prev + b``;
-- unstable in the last encoded layer with ``c_j > 0``: the objective pushes ``h`` down, so
+- unstable, read by the target only, with ``c_j > 0``: the objective pushes ``h`` down, so
   ``h >= W h_prev + b``, ``h >= 0`` is exact (no binary): the minimum sits on ``h = relu(z)``;
 - every other unstable unit: ``z = W h_prev + b``, ``h >= z``, ``h <= z - l (1 - d)``, ``h <= u d``,
   ``h >= 0``, ``d`` binary.
+A max-pool output ``h = max_p z_p`` gets ``h >= z_p`` for the inputs that can be the max (the same
+push-down rule drops the rest), else also ``h <= z_p + (U - l_p)(1 - d_p)`` with ``sum_p d_p = 1``.
 Dropping the binaries gives the per-unit LP relaxation. Both are relaxations of the network on the box
 for the target's question, so "no point below the threshold" in either is a proof.
 """
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .chain import AffineChain
+from .chain import AffineChain, ChainLayer
 from .highs_model import SparseProgram
 
 
@@ -41,17 +44,50 @@ class UnitProgram:
     threshold: float  # a point with cost below it flips the target
     n_inputs: int  # the input x is v[:n_inputs]
     encoded_units: int
+    relus: np.ndarray  # (binaries, 3): the columns z, h, d of every unit with a binary, in column order of d
 
 
-def cone(chain: AffineChain, upper: list[np.ndarray], k: int, i: int) -> list[np.ndarray]:
-    """Per layer before ``k``: the units that can influence unit ``i`` of layer ``k``."""
-    need: list[np.ndarray] = [np.zeros(0, int)] * k
-    weights = chain.layers[k].weight[i][None, :]
-    for m in range(k - 1, -1, -1):
-        reach = np.any(weights != 0, axis=0) & (upper[m] > 0)
-        need[m] = np.flatnonzero(reach)
-        weights = chain.layers[m].weight[need[m]]
-    return need
+def cone(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndarray], k: int,
+         i: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per earlier layer: (outputs unit ``i`` of layer ``k`` can feel, those of them also read by another
+    encoded layer). A Relu output with ``u <= 0`` is 0 and is left out."""
+    need: dict[int, np.ndarray] = {}
+    shared: dict[int, np.ndarray] = {}
+
+    def reach(layer: ChainLayer, rows: np.ndarray, target: bool) -> None:
+        for src, w in layer.inputs:
+            if src < 0:
+                continue
+            used = np.any(w[rows] != 0, axis=0)
+            if chain.layers[src].kind == "relu":
+                used &= upper[src] > 0
+            need[src] = need.get(src, np.zeros(used.size, bool)) | used
+            if not target:
+                shared[src] = shared.get(src, np.zeros(used.size, bool)) | used
+
+    reach(chain.layers[k], np.array([i]), True)
+    for j in range(k - 1, -1, -1):
+        if j in need and need[j].any():
+            reach(chain.layers[j], _z_rows(chain.layers[j], np.flatnonzero(need[j]), lower[j], upper[j]), False)
+    return ({j: np.flatnonzero(m) for j, m in need.items()},
+            {j: np.flatnonzero(shared.get(j, np.zeros(m.size, bool)) & m) for j, m in need.items()})
+
+
+def _members(layer: ChainLayer, outputs: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> list[np.ndarray]:
+    """Per max-pool output: the inputs that can be the max (an input whose upper bound is below another's
+    lower bound never is)."""
+    out = []
+    for o in outputs:
+        window = np.unique(layer.pools[o])
+        out.append(window[upper[window] >= lower[window].max()])
+    return out
+
+
+def _z_rows(layer: ChainLayer, outputs: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    if layer.kind == "relu":
+        return outputs
+    members = _members(layer, outputs, lower, upper)
+    return np.unique(np.concatenate(members)) if members else np.zeros(0, int)
 
 
 class _Builder:
@@ -103,47 +139,108 @@ def _one(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.arange(idx.size), idx, np.ones(idx.size)
 
 
-def encode_unit(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndarray], lo: np.ndarray,
-                hi: np.ndarray, query: UnitQuery) -> UnitProgram:
-    """The per-unit MILP of ``query`` over the box ``[lo, hi]`` with pre-activation bounds ``lower``/``upper``."""
-    k, i, s = query.layer, query.unit, query.sign
-    need = cone(chain, upper, k, i)
-    b = _Builder()
-    prev = b.cols(lo, hi)
-    n0 = prev.size
-    target = chain.layers[k].weight[i]
-    encoded = 0
-    for m in range(k):
-        units = need[m]
-        w = chain.layers[m].weight[units]
-        w = w[:, need[m - 1]] if m > 0 else w
-        bias, lw, up = chain.layers[m].bias[units], lower[m][units], upper[m][units]
-        h = np.zeros(units.size, int)
-        act = lw >= 0
-        push_down = ~act & (-s * target[units] > 0) if m == k - 1 else np.zeros(units.size, bool)
-        full = ~act & ~push_down
-        if act.any():
-            h[act] = b.cols(lw[act], up[act])
-            rr, cc, vv = b.dense(w[act], prev)
-            b.rows([_one(h[act]), (rr, cc, vv)], bias[act], bias[act])  # h - W h_prev = b
-        if push_down.any():
-            h[push_down] = b.cols(np.zeros(push_down.sum()), up[push_down])
-            rr, cc, vv = b.dense(w[push_down], prev)
-            b.rows([_one(h[push_down]), (rr, cc, vv)], bias[push_down], np.full(push_down.sum(), np.inf))
-        if full.any():
-            n, lf, uf = int(full.sum()), lw[full], up[full]
+def _z_expression(b: _Builder, layer: ChainLayer, rows: np.ndarray, cols: dict[int, np.ndarray],
+                  need: dict[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The terms ``-W h_src`` of the rows ``rows`` of ``z`` (each source through its encoded columns)."""
+    terms = []
+    for src, w in layer.inputs:
+        part = w[rows] if src < 0 else w[rows][:, need.get(src, np.zeros(0, int))]
+        if part.size:
+            terms.append(b.dense(part, cols[src]))
+    return terms
+
+
+def _encode_relu(b: _Builder, layer: ChainLayer, rows: np.ndarray, terms, lw: np.ndarray, up: np.ndarray,
+                 push_down: np.ndarray, relus: list[np.ndarray]) -> np.ndarray:
+    """Columns of ``h`` for the Relu units ``rows`` (bounds ``lw``, ``up``); see the module docstring."""
+    bias = layer.bias[rows]
+    h = np.zeros(rows.size, int)
+    act = lw >= 0
+    full = ~act & ~push_down
+    for mask, kind in ((act, "active"), (push_down & ~act, "down"), (full, "full")):
+        if not mask.any():
+            continue
+        n = int(mask.sum())
+        remap = np.full(rows.size, -1)
+        remap[mask] = np.arange(n)
+        sel = [(remap[rr[mask[rr]]], cc[mask[rr]], vv[mask[rr]]) for rr, cc, vv in terms]
+        if kind == "active":  # h - W h_prev = b
+            h[mask] = b.cols(lw[mask], up[mask])
+            b.rows([_one(h[mask]), *sel], bias[mask], bias[mask])
+        elif kind == "down":  # h - W h_prev >= b, h >= 0
+            h[mask] = b.cols(np.zeros(n), up[mask])
+            b.rows([_one(h[mask]), *sel], bias[mask], np.full(n, np.inf))
+        else:
+            lf, uf = lw[mask], up[mask]
             z = b.cols(lf, uf)
             hf = b.cols(np.zeros(n), uf)
             d = b.cols(np.zeros(n), np.ones(n), integer=True)
-            h[full] = hf
-            rr, cc, vv = b.dense(w[full], prev)
-            b.rows([_one(z), (rr, cc, vv)], bias[full], bias[full])  # z - W h_prev = b
+            h[mask] = hf
+            relus.append(np.stack([z, hf, d], axis=1))
+            b.rows([_one(z), *sel], bias[mask], bias[mask])  # z - W h_prev = b
             ar, ones = np.arange(n), np.ones(n)
             b.rows([_one(hf), (ar, z, -ones)], np.zeros(n), np.full(n, np.inf))  # h >= z
             b.rows([_one(hf), (ar, z, -ones), (ar, d, -lf)], np.full(n, -np.inf), -lf)  # h <= z - l(1-d)
             b.rows([_one(hf), (ar, d, -uf)], np.full(n, -np.inf), np.zeros(n))  # h <= u d
-        prev = h
-        encoded += units.size
+    return h
+
+
+def _encode_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, terms, zrows: np.ndarray, lower: np.ndarray,
+                upper: np.ndarray, push_down: np.ndarray) -> np.ndarray:
+    """Columns of the max-pool outputs ``outputs``: ``h >= z_p`` for every member, and when the objective may
+    push ``h`` up, ``h <= z_p + (U - l_p)(1 - d_p)`` with one ``d_p`` set (Tjeng et al. 2019)."""
+    z = b.cols(lower[zrows], upper[zrows])
+    b.rows([_one(z), *terms], layer.bias[zrows], layer.bias[zrows])
+    col_of = dict(zip(zrows.tolist(), z.tolist(), strict=True))
+    h = np.zeros(outputs.size, int)
+    for t, members in enumerate(_members(layer, outputs, lower, upper)):
+        if members.size == 1:
+            h[t] = col_of[int(members[0])]
+            continue
+        zc = np.array([col_of[int(p)] for p in members])
+        cap, floor = upper[members].max(), lower[members].max()
+        h[t] = b.cols(np.array([floor]), np.array([cap]))[0]
+        n, ones = members.size, np.ones(members.size)
+        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones)], np.zeros(n),
+               np.full(n, np.inf))  # h >= z_p
+        if push_down[t]:
+            continue
+        d = b.cols(np.zeros(n), np.ones(n), integer=True)
+        big = cap - lower[members]
+        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones), (np.arange(n), d, big)],
+               np.full(n, -np.inf), big)  # h <= z_p + (U - l_p)(1 - d_p)
+        b.rows([(np.zeros(n, int), d, ones)], np.ones(1), np.ones(1))  # one d_p set
+    return h
+
+
+def encode_unit(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndarray], lo: np.ndarray,
+                hi: np.ndarray, query: UnitQuery) -> UnitProgram:
+    """The per-unit MILP of ``query`` over the box ``[lo, hi]`` with pre-activation bounds ``lower``/``upper``."""
+    k, i, s = query.layer, query.unit, query.sign
+    need, shared = cone(chain, lower, upper, k, i)
+    target = chain.layers[k]
+    direct = {src: w[i] for src, w in target.inputs}
+    b = _Builder()
+    cols: dict[int, np.ndarray] = {-1: b.cols(lo, hi)}
+    relus: list[np.ndarray] = []
+    encoded = 0
+    for j in sorted(need):
+        outputs, layer = need[j], chain.layers[j]
+        if outputs.size == 0:
+            cols[j] = np.zeros(0, int)
+            continue
+        c = -s * direct[j][outputs] if j in direct else np.zeros(outputs.size)
+        push_down = (c > 0) & ~np.isin(outputs, shared[j])
+        rows = _z_rows(layer, outputs, lower[j], upper[j])
+        terms = _z_expression(b, layer, rows, cols, need)
+        if layer.kind == "relu":
+            cols[j] = _encode_relu(b, layer, rows, terms, lower[j][rows], upper[j][rows], push_down, relus)
+        else:
+            cols[j] = _encode_max(b, layer, outputs, terms, rows, lower[j], upper[j], push_down)
+        encoded += outputs.size
     cost = np.zeros(b.n)
-    cost[prev] = -s * (target if k == 0 else target[need[k - 1]])
-    return UnitProgram(b.program(cost), float(s * chain.layers[k].bias[i]), n0, encoded)
+    for src, row in direct.items():
+        idx = np.arange(row.size) if src < 0 else need.get(src, np.zeros(0, int))
+        np.add.at(cost, cols[src], -s * row[idx])
+    return UnitProgram(b.program(cost), float(s * target.bias[i]), cols[-1].size, encoded,
+                       np.concatenate(relus) if relus else np.zeros((0, 3), int))

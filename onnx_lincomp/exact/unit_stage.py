@@ -2,15 +2,18 @@
 
 Layer by layer, shallow first. For the candidates of one layer:
 
-1. *bound tightening* (layers after the second): the per-unit LP of every unstable unit of the layer
-   before, maximising and minimising its pre-activation, gives bounds at least as tight as the relaxation;
-   they (and every unit already proven stable) become that layer's big-M constants;
+1. *bound tightening* (every earlier Relu layer that reads another layer; the first layer's bounds over a
+   box are exact): the per-unit LP of every unstable unit, maximising and minimising its pre-activation,
+   gives bounds at least as tight as the relaxation; they (and every unit already proven stable) become
+   that layer's big-M constants for all later layers;
 2. *LP stage*: the per-unit LP (:mod:`.unit_encoding` without binaries); an optimum at or above the
    threshold is a proof, an LP point that flips the unit is a witness;
-3. *MILP stage*: the per-unit MILP as a threshold search (:func:`.highs_model.threshold_search`): a checked
-   witness or a dual bound at the threshold ends it; a unit that runs out of its CPU time stays open and
-   the stage goes on with the next. The MILP stage runs in rounds of growing CPU limits per unit (2 s,
-   10 s, then ``unit_time_limit``) over all layers, so the easy units are decided first.
+3. *MILP stage*, in rounds of growing CPU limits per unit over all layers, so the easy units are decided
+   first: HiGHS's MILP as a threshold search (:func:`.highs_model.threshold_search`) for 2 s, then the
+   gap-branching LP branch and bound (:mod:`.unit_bab`) for 10 s and for ``unit_time_limit`` (HiGHS again
+   for a unit whose program has max-pool binaries, which the branch and bound does not branch on). A checked
+   witness or a bound at the threshold ends a unit; a unit that runs out of its CPU time stays open and
+   the stage goes on with the next.
 
 Units are independent: they are solved in fixed batches (``batch`` units, shallow first, then by index)
 on ``jobs`` processes; after each batch the new witnesses are applied to the candidates still pending, so
@@ -33,6 +36,7 @@ from .bounds import LayerBounds
 from .chain import AffineChain
 from .highs_model import SearchResult, solve_lp, threshold_search
 from .milp import MilpOutcome
+from .unit_bab import branch_and_bound
 from .unit_encoding import UnitQuery, encode_unit
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class UnitStageOptions:
     jobs: int = 1
     lp: bool = True
     tighten: bool = True
+    bab: bool = True  # the LP branch and bound after the first MILP round (else HiGHS's MILP in every round)
     margin: float = 1e-6  # a proof needs the bound this far past the threshold
     witness_margin: float = 1e-6  # a witness must flip its unit by this much
     batch: int = 8
@@ -59,7 +64,7 @@ class UnitRecord:
     layer: int
     unit: int
     sign: float
-    stage: str  # "lp" or "milp"
+    stage: str  # "lp", "milp" (HiGHS) or "bab" (LP branch and bound)
     status: str  # "no" (proven), "found" (witness), "open"
     cpu_seconds: float
     nodes: int
@@ -144,7 +149,11 @@ def _solve(task: tuple) -> tuple[UnitRecord, np.ndarray | None, float | None]:
             elif accept(res.point):
                 status = "found"
         res = SearchResult(status, None, res.value, res.cpu_seconds, 0, res.reason)
+    elif stage == "bab" and unit.program.binaries == len(unit.relus):
+        res = branch_and_bound(unit, margin, accept, cpu_limit, left)
+        best = None
     else:
+        stage = "milp"
         wall = min(left, max(4.0 * cpu_limit, cpu_limit + 10.0))  # backstop: callbacks pause in the root cut loop
         res = threshold_search(unit.program, unit.threshold, margin, accept, cpu_limit, wall)
         best = None
@@ -207,9 +216,12 @@ class _State:
             self.lower[query.layer][query.unit] = max(self.lower[query.layer][query.unit], 0.0)
 
 
-def round_limits(unit_time_limit: float) -> tuple[float, ...]:
-    """CPU seconds per unit in each round: easy units are decided in the first, short rounds."""
-    return tuple(sorted({min(t, unit_time_limit) for t in (2.0, 10.0, unit_time_limit)}))
+def rounds(unit_time_limit: float, bab: bool = True) -> tuple[tuple[str, float], ...]:
+    """(solver, CPU seconds per unit) of each round: HiGHS's MILP for 2 s (its heuristics find witnesses
+    fast), then the gap-branching LP branch and bound for 10 s and for ``unit_time_limit`` (or HiGHS again
+    when ``bab`` is off). Easy units are decided in the first, short rounds."""
+    limits = sorted({min(t, unit_time_limit) for t in (2.0, 10.0, unit_time_limit)})
+    return tuple(("milp" if i == 0 or not bab else "bab", t) for i, t in enumerate(limits))
 
 
 def _run_batches(state: _State, executor: Executor, queries: list[UnitQuery], stage: str,
@@ -291,15 +303,20 @@ def decide_units(chain: AffineChain, bounds: list[LayerBounds], lo: np.ndarray, 
                    {(q.layer, q.unit, q.sign): q for q in queries}, out)
     executor = _executor(options, _Work(chain, lo, hi))
     layers = sorted({q.layer for q in queries})
+    done: set[int] = set()  # layers whose bounds were tightened
     try:
-        for r, cpu_limit in enumerate(round_limits(options.unit_time_limit)):
+        for r, (solver, cpu_limit) in enumerate(rounds(options.unit_time_limit, options.bab)):
             for k in layers:
                 layer_queries = [q for q in queries if q.layer == k]
-                if r == 0 and options.tighten and k >= 2:
-                    out.tightened += _tighten(state, executor, k - 1, options, deadline)
+                if r == 0 and options.tighten:
+                    for j in range(k):
+                        if j not in done and chain.layers[j].kind == "relu" and any(
+                                src >= 0 for src, _ in chain.layers[j].inputs):
+                            out.tightened += _tighten(state, executor, j, options, deadline)
+                        done.add(j)
                 if r == 0 and options.lp:
                     _run_batches(state, executor, layer_queries, "lp", options, deadline, cpu_limit)
-                _run_batches(state, executor, layer_queries, "milp", options, deadline, cpu_limit)
+                _run_batches(state, executor, layer_queries, solver, options, deadline, cpu_limit)
     finally:
         executor.shutdown()
     out.unproven_inactive = {q.key for q in state.pending.values() if q.sign > 0}

@@ -1,0 +1,132 @@
+"""Exact mode past residual connections, Concat and MaxPool: the DAG matches onnxruntime, bounds hold,
+per-unit decisions agree with brute force, and the certificate covers every Relu."""
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from conftest import cnn_model, init, make_model, run, vinfo
+from onnx_lincomp.calibration import input_specs
+from onnx_lincomp.canonicalize import canonicalize
+from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
+from onnx_lincomp.exact.bounds import relaxed_bounds
+from onnx_lincomp.exact.chain import extract_chain
+from onnx_lincomp.exact.unit_stage import UnitStageOptions, decide_units
+from onnx_lincomp.model_io import model_from_proto
+
+SETTINGS = settings()
+
+
+def residual_model(rng: np.random.Generator, n_in: int = 2, width: int = 6, concat: bool = False) -> onnx.ModelProto:
+    """x -> fc0 -> Relu(h0) -> fc1 -> Relu(h1) -> fc2 -> Add(h0) [or Concat(h0, h1)] -> Relu(h2) -> fc3 -> y."""
+    def w(a, b):
+        return rng.normal(0, 1 / np.sqrt(b), (a, b)).astype(np.float32)
+
+    def b(a):
+        return rng.normal(0, 0.2, a).astype(np.float32)
+
+    inits = [init("w0", w(width, n_in)), init("b0", b(width)), init("w1", w(width, width)), init("b1", b(width)),
+             init("w2", w(width, width)), init("b2", b(width))]
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["z0"], name="fc0", transB=1),
+             helper.make_node("Relu", ["z0"], ["h0"], name="relu0"),
+             helper.make_node("Gemm", ["h0", "w1", "b1"], ["z1"], name="fc1", transB=1),
+             helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+             helper.make_node("Gemm", ["h1", "w2", "b2"], ["g2"], name="fc2", transB=1)]
+    if concat:
+        nodes += [helper.make_node("Concat", ["h0", "g2"], ["z2"], name="cat", axis=1)]
+        inits += [init("w3", w(3, 2 * width)), init("b3", b(3))]
+    else:
+        nodes += [helper.make_node("Add", ["g2", "h0"], ["z2"], name="res")]
+        inits += [init("w3", w(3, width)), init("b3", b(3))]
+    nodes += [helper.make_node("Relu", ["z2"], ["h2"], name="relu2"),
+              helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], name="fc3", transB=1)]
+    return make_model(nodes, [vinfo("x", ["N", n_in])], [vinfo("y", ["N", 3])], inits)
+
+
+def _chain(model, shape):
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    return loaded, extract_chain(loaded.graph, shape, 17)
+
+
+def _pre_activations(model: onnx.ModelProto, names: list[str], feeds: dict) -> list[np.ndarray]:
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    ref.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return [o.reshape(len(o), -1) for o in run(ref, feeds)[1:]]
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_residual_dag_matches_onnxruntime_and_bounds_hold(rng, concat):
+    model = residual_model(rng, n_in=4, width=7, concat=concat)
+    _, chain = _chain(model, (4,))
+    assert [layer.relu for layer in chain.layers] == ["relu0", "relu1", "relu2"] and not chain.uncovered
+    assert not chain.is_sequential and sorted(src for src, _ in chain.layers[2].inputs) == [0, 1]
+    x = rng.random((500, 4), dtype=np.float32)
+    for z, ref in zip(chain.forward(x), _pre_activations(model, ["z0", "z1", "z2"], {"x": x}), strict=True):
+        np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-5)
+    interval, tight = relaxed_bounds(chain, np.zeros(4), np.ones(4))
+    xs = np.concatenate([x, np.where(rng.random((64, 4)) < 0.5, 0.0, 1.0)])
+    for z, ib, tb in zip(chain.forward(xs), interval, tight, strict=True):
+        assert np.all(z >= tb.lower - 1e-9) and np.all(z <= tb.upper + 1e-9)
+        assert np.all(tb.lower >= ib.lower - 1e-9) and np.all(tb.upper <= ib.upper + 1e-9)
+    g = chain.gradient(2, 0, xs[0].astype(np.float64))  # the gradient through both paths
+    eps = 1e-6
+    num = [(chain.forward((xs[0] + eps * np.eye(4)[j])[None])[2][0, 0] - chain.forward(xs[:1])[2][0, 0]) / eps
+           for j in range(4)]
+    np.testing.assert_allclose(g, num, atol=1e-4)
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.booleans())
+def test_units_on_a_residual_dag_agree_with_brute_force(seed, concat):
+    rng = np.random.default_rng(seed)
+    _, chain = _chain(residual_model(rng, concat=concat), (2,))
+    lo, hi = np.zeros(2), np.ones(2)
+    _, tight = relaxed_bounds(chain, lo, hi)
+    undecided = {(k, int(i)) for k, b in enumerate(tight) for i in np.flatnonzero((b.lower < 0) & (b.upper > 0))}
+    out = decide_units(chain, tight, lo, hi, set(undecided), set(undecided), UnitStageOptions(time_limit=60))
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    zs = chain.forward(grid)
+    for k, i in out.proven_inactive:
+        assert zs[k][:, i].max() <= 1e-9
+    for k, i in out.proven_active:
+        assert zs[k][:, i].min() >= -1e-9
+    for (k, i), w in out.flipped_positive.items():
+        assert chain.forward(out.witnesses[w][None])[k][0, i] > 0
+    for (k, i), w in out.flipped_negative.items():
+        assert chain.forward(out.witnesses[w][None])[k][0, i] < 0
+    for z, b in zip(zs, out.bounds, strict=True):
+        assert np.all(z <= b.upper + 1e-9) and np.all(z >= b.lower - 1e-9)
+    for k, i in undecided:
+        if zs[k][:, i].max() < -1e-6:
+            assert (k, i) in out.proven_inactive
+        if zs[k][:, i].max() > 1e-4:
+            assert (k, i) in out.flipped_positive
+
+
+def test_maxpool_cnn_is_certified_past_the_pool(rng):
+    model = cnn_model(rng, dead=[0], linear=[1])
+    loaded, chain = _chain(model, (1, 6, 6))
+    assert [layer.kind for layer in chain.layers] == ["relu", "max", "relu"] and not chain.uncovered
+    x = rng.random((300, 1, 6, 6), dtype=np.float32)
+    zs = chain.forward(x.reshape(300, -1))
+    ref = _pre_activations(model, ["c1", "c2"], {"x": x})
+    np.testing.assert_allclose(zs[0], ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(zs[2], ref[1], rtol=1e-5, atol=1e-5)
+    lo, hi = np.zeros(36), np.ones(36)
+    _, tight = relaxed_bounds(chain, lo, hi)
+    for z, b in zip(zs, tight, strict=True):
+        assert np.all(z >= b.lower - 1e-9) and np.all(z <= b.upper + 1e-9)
+    cert = certify(loaded.graph, loaded.ctx, parse_domain(["0,1"], input_specs(loaded.graph)),
+                   options=CertifyOptions(time_limit=120))
+    assert [lc.relu for lc in cert.layers] == ["relu1", "relu2"] and cert.complete and not cert.not_certified
+    assert cert.layers[0].stably_inactive[0] and cert.layers[0].stably_active[1]
+    big = np.concatenate([x.reshape(300, -1), np.where(rng.random((2000, 36)) < 0.5, 0.0, 1.0),
+                          rng.random((8000, 36))])
+    zs = chain.forward(big)
+    for lc, z in zip(cert.layers, (zs[0], zs[2]), strict=True):
+        per_channel = z.reshape(len(z), lc.channels, -1)
+        assert np.all(per_channel[:, lc.stably_inactive] <= 0) and np.all(per_channel[:, lc.stably_active] >= 0)
