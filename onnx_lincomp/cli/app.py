@@ -175,3 +175,14 @@ common_calib = [
     click.option("--example", type=click.Choice(["digits-mlp", "digits-cnn"]),
                  help="Use a bundled example model and data."),
 ]
+
+
+def write_csv(rows, path, fieldnames=None) -> None:
+    """Rows (dicts, or objects with ``as_dict()``) as CSV; columns from ``fieldnames`` or the first row."""
+    import csv
+
+    rows = [r if isinstance(r, dict) else r.as_dict() for r in rows]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fieldnames or (rows[0] if rows else ())))
+        w.writeheader()
+        w.writerows(rows)

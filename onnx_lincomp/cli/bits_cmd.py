@@ -1,13 +1,12 @@
 """``bits``: share one layer at a time at each bit width, score it, and optionally choose per-layer bits."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import click
 
 from ..errors import OptionError
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options, write_csv
 
 EXAMPLE = ("Examples:\n\n  onnx-lincomp bits --example digits-mlp --bits 8,4,3,2 --csv bits.csv --plot bits.png\n\n"
            "  onnx-lincomp bits --example digits-mlp --max-accuracy-drop 2 -o shared.onnx --json report.json\n\n"
@@ -45,7 +44,7 @@ def bits(model, calib, batch_size, max_samples, input_shape, threads, example, l
          overwrite):
     """Share each layer's weights alone at each bit width and score it on held-out data; with
     --max-accuracy-drop, choose per-layer bits, build, verify and save the model with a replayable recipe."""
-    from ..bits import BitsOptions, bits_analysis, parse_bits
+    from ..bits import COLUMNS, BitsOptions, bits_analysis, parse_bits
     from ..model_io import save_model_proto
     from ..outputs import OutputPlan
     from ..passes.share_weights import ShareWeightsOptions
@@ -74,7 +73,7 @@ def bits(model, calib, batch_size, max_samples, input_shape, threads, example, l
                 save_model_proto(result.choice.model, path)
         if csv_out:
             with outputs.writing("--csv") as path:
-                write_csv(result.scan.rows, path)
+                write_csv(result.scan.rows, path, COLUMNS)
         if plot:
             with outputs.writing("--plot") as path:
                 plot_bits(result.scan, str(path))
@@ -86,15 +85,6 @@ def bits(model, calib, batch_size, max_samples, input_shape, threads, example, l
     print_scan(result.scan)
     if result.choice is not None:
         print_choice(result.choice, output)
-
-
-def write_csv(rows, path: Path) -> None:
-    from ..bits import COLUMNS
-
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
-        w.writeheader()
-        w.writerows(r.as_dict() for r in rows)
 
 
 def _figure(scan) -> tuple[str, str, float]:

@@ -6,7 +6,7 @@ import click
 from ..errors import OptionError
 from ..outputs import OutputPlan, Outputs
 from ..recipe import CalibrationSettings, ExactSettings, Recipe, load_recipe, pass_flags, recipe_from_flags
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options, write_csv
 from .render import print_certificate, print_optimize, print_plans, print_search
 
 STATS_ONLY = ("--dead-rate", "--linear-rate", "--max-accuracy-drop", "--labels", "--stats", "--save-stats",
@@ -262,7 +262,6 @@ def _search(ctx, model, calib, output, options, objective, max_output_error, par
     from ..autotune.search import SearchOptions
     from ..model_io import save_model_proto
     from .plots import plot_pareto, pyplot
-    from .sweep_cmd import write_csv
 
     if conflicting:
         raise OptionError("--objective searches with statistics: drop --explain, --exact and --stats")

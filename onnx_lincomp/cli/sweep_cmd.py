@@ -1,13 +1,10 @@
 """``sweep``: the 20 linear-rate thresholds from one calibration pass."""
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import click
 
 from ..errors import OptionError
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options, write_csv
 from .render import print_sweep
 
 
@@ -59,10 +56,3 @@ def sweep(model, calib, batch_size, max_samples, input_shape, threads, example, 
         click.echo(stdout_json)
         return
     print_sweep(rows)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
