@@ -221,7 +221,7 @@ def print_targets(t: dict) -> None:
     print(f"\nTarget: >= {SPEEDUP_TARGET}x faster at 50 % of the MACs removed (with reconstruction)")
     for e in t["speedup_at_50pct_macs"]:
         print(f"  {e['model']:<30} MACs {e['macs_ratio']:.3f}x  b1 {_f(e['speedup_b1'], '.2f')}x  "
-              f"b32 {_f(e['speedup_b32'], '.2f')}x  "
+              f"b32 {_f(e['speedup_b32'], '.2f') + 'x' if e['speedup_b32'] else 'n/a (fixed batch)'}  "
               f"{'met' if e['met'] else 'MISSED'}")
     print("Target: reconstruction clearly better than plain removal at 50 / 75 % of the MACs removed")
     for e in t["reconstruct_vs_plain"]:

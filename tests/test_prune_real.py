@@ -66,12 +66,24 @@ def _check_pruned(original: onnx.ModelProto, result: Result, feeds: dict) -> lis
     return after
 
 
-def _assert_streams_pruned_together(groups, widths: dict[str, int], *, all_pruned: bool = True) -> None:
+def _assert_streams_pruned_together(groups, widths: dict[str, int]) -> None:
     for width, producers in groups:
         kept = {widths[p] for p in producers}
         assert len(kept) == 1, f"residual stream {producers} kept different widths {kept}"
-        if all_pruned:
-            assert kept.pop() < width, f"residual stream {producers} (width {width}) was not pruned"
+        assert kept.pop() < width, f"residual stream {producers} (width {width}) was not pruned"
+
+
+def _concat_widths(model: onnx.ModelProto) -> list[tuple[list[int], int]]:
+    """(input channels, output channels) of every channel-axis Concat, from shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    out = []
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        if node.op_type == "Concat" and axis == 1 and all(len(shapes.get(t, [])) == 4 for t in node.input):
+            out.append(([shapes[t][1] for t in node.input], shapes[node.output[0]][1]))
+    return out
 
 
 # ---- UltraFace (../shared) -----------------------------------------------------------------------------------
@@ -106,6 +118,11 @@ def test_ultraface_residual_and_concat_streams_pruned_together(ultraface):
     _assert_streams_pruned_together(groups, widths)
     skipped = result.report.passes[0].result.skipped
     assert "site changed since it was planned" not in skipped, skipped
+    # the RFB branches meet in a channel Concat: each branch is pruned, the Concat and its reader follow
+    before, after = _concat_widths(canonical), _concat_widths(result.model)
+    assert len(before) == len(after) > 0
+    assert all(sum(ins) == out for ins, out in after)
+    assert any(a[1] < b[1] for a, b in zip(after, before, strict=True)), (before, after)
 
 
 # ---- a ResNet-style graph built here --------------------------------------------------------------------------

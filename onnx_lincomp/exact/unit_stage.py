@@ -182,6 +182,7 @@ class _State:
     start: float = field(default_factory=time.perf_counter)
     cpu_start: float = field(default_factory=time.process_time)
     worker_cpu: float = 0.0  # solver CPU seconds spent in other processes (jobs > 1)
+    lp_bound: dict[tuple[int, int, float], float] = field(default_factory=dict)  # LP bound on max s z per query
 
     def clock(self) -> tuple[float, float]:
         """(wall, CPU) seconds since the stage started, CPU counting every process."""
@@ -190,7 +191,6 @@ class _State:
     def event(self, query: UnitQuery, verdict: str) -> None:
         wall, cpu = self.clock()
         self.out.events.append((round(wall, 3), round(cpu, 3), query.layer, query.unit, query.sign, verdict))
-    lp_bound: dict[tuple[int, int, float], float] = field(default_factory=dict)
 
     def apply_witness(self, x: np.ndarray, origin: tuple[int, int, float] | None = None) -> None:
         """Every pending candidate that ``x`` flips is disproven by it."""

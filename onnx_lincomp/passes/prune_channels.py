@@ -251,10 +251,11 @@ class PruneChannels(Pass):
         rows: dict[str, np.ndarray] = {}  # layer -> indices of its original output rows still present
         removed = rewritten = refits = 0
         for match in plan.matches:
-            group = next((g for g in find_channel_groups(graph).groups if g.producers and group_key(g) == match.site),
-                         None)
+            # found again by any of its producers: a rewrite's toposort may reorder them
+            group = next((g for g in find_channel_groups(graph).groups
+                          if any(p.nodes[0].name == match.site for p in g.producers)), None)
             mask = match.data["remove"]
-            if group is None or group.width != mask.size or tuple(group.relus) != tuple(match.data["relus"]):
+            if group is None or group.width != mask.size or set(group.relus) != set(match.data["relus"]):
                 tally.add("site changed since it was planned", match.site)
                 continue
             widths = {r: len(group.member_channels(r)) for r in group.relus}
