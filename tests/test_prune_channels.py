@@ -218,3 +218,27 @@ def test_cli_prune_channels_on_the_example(tmp_path):
     assert res.exit_code == 2 and "[0, 1)" in res.output and not os.path.exists(bad)
     res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", bad, "--sparsity", "0.5"])
     assert res.exit_code == 2 and "not in --passes" in res.output and not os.path.exists(bad)
+
+
+def test_consumer_of_two_pruned_groups_through_concat(rng):
+    """A Conv reading a channel Concat of two pruned groups loses columns twice, with or without the refit."""
+    import onnx.helper as h
+
+    from conftest import init, make_model, vinfo
+
+    nodes = [h.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             h.make_node("Conv", ["x", "wb", "bb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             h.make_node("Concat", ["ra", "rb"], ["c"], name="cat", axis=1),
+             h.make_node("Conv", ["c", "wc", "bc"], ["y"], name="conv_c")]
+    inits = [init("wa", rng.normal(0, 0.5, (8, 2, 3, 3)).astype(np.float32)), init("ba", np.zeros(8, np.float32)),
+             init("wb", rng.normal(0, 0.5, (8, 2, 3, 3)).astype(np.float32)), init("bb", np.zeros(8, np.float32)),
+             init("wc", rng.normal(0, 0.5, (4, 16, 1, 1)).astype(np.float32)), init("bc", np.zeros(4, np.float32))]
+    model = make_model(nodes, [vinfo("x", ["N", 2, 5, 5])], [vinfo("y", ["N", 4, 5, 5])], inits)
+    x = rng.random((60, 2, 5, 5), dtype=np.float32)
+    for reconstruct in (True, False):
+        out, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "reconstruct": reconstruct}),))
+        assert records[0].result.count("groups_pruned") == 2
+        assert run(out, {"x": x})[0].shape == (60, 4, 5, 5)
+        assert (4, 8, 1, 1) in {tuple(i.dims) for i in out.graph.initializer}

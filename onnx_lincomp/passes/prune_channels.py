@@ -179,7 +179,7 @@ class PruneChannels(Pass):
         groups = [g for g in found.groups if g.consumers and g.producers]
         overrides = self._overrides(groups, found)
         moments: dict[str, Moments] = {}
-        if o.importance in ("activation", "reconstruction") or not o.reconstruct:
+        if o.importance in ("activation", "reconstruction"):
             links = [c.layer for g in groups for c in g.consumers if refittable(c)]
             moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed) if ctx.data else {}
         candidates = [_Candidate(g, removal_order(g, o.importance, moments), overrides.get(group_key(g)))
@@ -196,8 +196,9 @@ class PruneChannels(Pass):
                 continue
             n = int(mask.sum())
             matches.append(Match(site, "prune", n, 0, f"{n} of {cand.group.width} channels ({o.importance})",
-                                 {"remove": mask, "relus": cand.group.relus, "moments": moments}))
-        shared = {"data": ctx.data, "reference": to_model_proto(graph, ctx.data.ctx, infer_shapes=False)
+                                 {"remove": mask, "relus": cand.group.relus}))
+        shared = {"data": ctx.data,
+                  "reference": to_model_proto(graph, ctx.data.ctx, infer_shapes=False)
                   if ctx.data is not None and o.reconstruct and matches else None}
         matches = [Match(m.site, m.action, m.units, m.params_saved, m.detail, dict(m.data, shared=shared))
                    for m in matches]
@@ -282,7 +283,8 @@ class PruneChannels(Pass):
             skipped[why] = skipped.get(why, 0) + n
         return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches), rewritten=rewritten,
                           approximate=rewritten > 0, skipped=skipped,
-                          counts={"units_removed": removed, "groups_pruned": rewritten, "layers_refit": refits},
+                          counts={"units_removed": removed, "groups_pruned": rewritten,
+                                  ("layers_refit" if self.options.reconstruct else "biases_shifted"): refits},
                           kept=kept)
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
@@ -293,10 +295,12 @@ class PruneChannels(Pass):
         links = [c for c in group.consumers if refittable(c)]
         if len({id(c.layer.nodes[0]) for c in links}) != len(links):
             return {}  # a layer reading the group twice: plain removal
-        moments: dict[str, Moments] = match.data["moments"]
-        if o.reconstruct and shared["data"] is not None:
-            moments = collect_layer_moments(graph, shared["data"], [c.layer for c in links], shared["reference"],
-                                            seed=o.seed)
+        if shared["data"] is None:
+            return {}  # weights only: plain removal
+        # on the current graph (an earlier group may have removed columns of the same consumer, a Concat reader);
+        # the target, when refitting, is the unpruned graph's output
+        moments = collect_layer_moments(graph, shared["data"], [c.layer for c in links],
+                                        shared["reference"] if o.reconstruct else None, seed=o.seed)
         out = {}
         for link in links:
             key = link.layer.nodes[0].name
