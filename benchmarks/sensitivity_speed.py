@@ -42,6 +42,16 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def row_differences(first: list[dict], rows: list[dict]) -> list[dict]:
+    """Rows that differ from the first run's: where, and each differing field's two values."""
+    out = []
+    for a, b in zip(first, rows, strict=True):
+        fields = {k: [a[k], b[k]] for k in a if a[k] != b[k]}
+        if fields:
+            out.append({"layer": a["layer"], "level": a["level"], **fields})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -56,10 +66,11 @@ def main() -> None:
         start = time.perf_counter()
         scan = sensitivity(source, ScanOptions(jobs=jobs)).scan
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        same = rows is None or [r.as_dict() for r in scan.rows] == rows
+        diffs = row_differences(rows, [r.as_dict() for r in scan.rows]) if rows is not None else []
         rows = rows or [r.as_dict() for r in scan.rows]
         runs.append({"jobs": jobs, "seconds": seconds, "scan_seconds": scan.seconds, "candidates": len(scan.rows),
-                     "layers": len(scan.layers), "levels": len(scan.levels), "same_rows_as_first": same,
+                     "layers": len(scan.layers), "levels": len(scan.levels), "same_rows_as_first": not diffs,
+                     "rows_differing": len(diffs), "differences": diffs[:10],
                      "cpu_seconds": cpu, "load_before": load, "load_after": os.getloadavg()[0]})
     cpu = cpu_seconds()
     plain = plain_seconds(source, scan.layers, 0.5, args.plain) if args.plain else None
@@ -70,6 +81,10 @@ def main() -> None:
     for r in runs:
         print(f"{r['jobs']:>4} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} {r['seconds'] / r['candidates']:>16.2f} "
               f"{str(r['same_rows_as_first']):>9} {r['load_before']:>4.1f}-{r['load_after']:<4.1f}")
+    for r in runs:
+        if r["differences"]:
+            print(f"jobs {r['jobs']}: {r['rows_differing']} rows differ from the first run, e.g. "
+                  f"{r['differences'][0]}")
     if plain is not None:
         print(f"plain pass per candidate: {plain:.2f} s wall, {plain_cpu:.2f} s CPU each (includes preparing once) "
               f"-> about {plain_cpu * runs[0]['candidates']:.0f} CPU s for the whole scan")
