@@ -127,7 +127,9 @@ def _evidence(prep: Prepared, options: OptimizeOptions, stats: StatsSet | None, 
     if options.recipe.exact is not None:
         from .exact.compress import certify_for
 
-        outcome = certify_for(prep.loaded, prep.source, options.recipe.exact, options.input_shapes, certificate)
+        exact = options.recipe.exact
+        outcome = certify_for(prep.loaded, prep.source, exact, options.input_shapes, certificate,
+                              unit_time_limit=exact.unit_time_limit, method=exact.milp_method)
         return outcome.certificate.unit_evidence(), None, outcome
     if stats is None:
         if relu_nodes(prep.loaded.graph):  # nothing rests on statistics in a model without Relu

@@ -80,8 +80,14 @@ class ExactSettings:
     milp_time_limit: float = 240.0
     milp: bool = True
     check_points: int = 10000
+    unit_time_limit: float | None = None  # CPU seconds per unit MILP (None: 60, at most milp_time_limit)
+    milp_method: str = "units"  # per-unit programs, or the older network-wide one
 
     def __post_init__(self):
+        if self.milp_method not in ("units", "network"):
+            raise OptionError(f"--milp-method must be 'units' or 'network', got {self.milp_method!r}")
+        if self.unit_time_limit is not None and self.unit_time_limit <= 0:
+            raise OptionError(f"--unit-time-limit must be positive, got {self.unit_time_limit}")
         if not self.input_range:
             raise OptionError("exact mode needs --input-range (LO,HI, NAME=LO,HI, bounds.npz or from-calib)")
         if self.milp_time_limit <= 0 or self.check_points < 1:

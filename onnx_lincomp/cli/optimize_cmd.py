@@ -11,7 +11,7 @@ from .render import print_certificate, print_optimize, print_plans, print_search
 
 STATS_ONLY = ("--dead-rate", "--linear-rate", "--max-accuracy-drop", "--labels", "--stats", "--save-stats",
               "--verify-split", "--gate-on")
-EXACT_ONLY = ("--input-range", "--milp-time-limit", "--no-milp", "--check-points")
+EXACT_ONLY = ("--input-range", "--milp-time-limit", "--no-milp", "--check-points", "--unit-time-limit", "--milp-method")
 
 
 def _pass_flag_options():
@@ -36,6 +36,10 @@ exact_options = [
                  help="Stop after the bound stages (sound, possibly incomplete)."),
     click.option("--check-points", type=click.IntRange(1),
                  help="Random points of the box to compare outputs on before saving (default 10000)."),
+    click.option("--unit-time-limit", type=click.FloatRange(min=0, min_open=True),
+                 help="CPU seconds per unit MILP (default 60, at most --milp-time-limit); a unit over it stays open."),
+    click.option("--milp-method", type=click.Choice(["units", "network"]),
+                 help="Per-unit programs (default) or the older network-wide MILP."),
 ]
 
 
@@ -104,7 +108,8 @@ def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points) -> ExactSettings | None:
+def _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points, unit_time_limit=None,
+                    milp_method=None) -> ExactSettings | None:
     if not exact:
         stray = _given(ctx, EXACT_ONLY)
         if stray:
@@ -113,7 +118,8 @@ def _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_poi
     stray = _given(ctx, STATS_ONLY)
     if stray:
         raise OptionError(f"{stray[0]} applies to statistics only; --exact proves its sets over --input-range")
-    return ExactSettings(tuple(input_range), milp_time_limit or 240.0, not no_milp, check_points or 10000)
+    return ExactSettings(tuple(input_range), milp_time_limit or 240.0, not no_milp, check_points or 10000,
+                         unit_time_limit, milp_method or "units")
 
 
 def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe:
@@ -177,8 +183,8 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
              verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, max_output_change, min_samples,
              allow_larger, check_each_pass, explain,
              json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
-             check_points, objective, min_agreement, max_output_error, pareto_out, plot_out, time_budget, jobs, backend,
-             address, **pass_values):
+             check_points, unit_time_limit, milp_method, objective, min_agreement, max_output_error, pareto_out,
+             plot_out, time_budget, jobs, backend, address, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
@@ -189,7 +195,8 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     model, calib = resolve(model, calib, example)
     if example and labels is None and not exact:
         labels = "y"
-    exact_settings = _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points)
+    exact_settings = _exact_settings(ctx, exact, input_range, milp_time_limit, no_milp, check_points, unit_time_limit,
+                                     milp_method)
     if not calib and exact_settings is None and not stats_file:
         raise OptionError("give --calib DATA")
     calibration = CalibrationSettings(verify_split, max_samples, shapes(input_shape))
