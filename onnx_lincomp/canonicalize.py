@@ -593,11 +593,11 @@ QUANTIZED_OPS = frozenset({
 })
 
 
-def quantized_ops(graph: gs.Graph) -> dict[str, int]:
-    """Op type -> count of the nodes that show ``graph`` is quantized already."""
+def quantized_ops(graph: gs.Graph, ops: frozenset[str] = QUANTIZED_OPS) -> dict[str, int]:
+    """Op type -> count of the nodes among ``ops`` (by default those that show ``graph`` is quantized already)."""
     found: dict[str, int] = {}
     for n in graph.nodes:
-        if n.op in QUANTIZED_OPS:
+        if n.op in ops:
             found[n.op] = found.get(n.op, 0) + 1
     return found
 

@@ -12,10 +12,6 @@ from ..evaluate.evaluator import Verification
 BudgetKind = Literal["accuracy_drop", "agreement", "output_error"]
 
 
-def agreement_of(v: Verification) -> float | None:
-    return v.agreement
-
-
 @dataclass(frozen=True)
 class Budget:
     kind: BudgetKind
@@ -33,7 +29,7 @@ class Budget:
         if self.kind == "accuracy_drop":
             return v.paired is not None and v.paired.upper_points <= self.value
         if self.kind == "agreement":
-            a = agreement_of(v)
+            a = v.agreement
             return a is not None and a >= self.value
         return v.max_abs <= self.value
 
@@ -44,7 +40,7 @@ class Budget:
         if self.kind == "accuracy_drop":
             return float(v.paired.upper_points) if v.paired is not None else float("inf")
         if self.kind == "agreement":
-            a = agreement_of(v)
+            a = v.agreement
             return 1.0 - a if a is not None else float("inf")
         return float(v.max_abs)
 

@@ -27,7 +27,7 @@ from ..errors import VerificationGateError
 from ..gates import compare_two, latency_feeds
 from ..prepared import Prepared
 from ..recipe import CalibrationSettings, Recipe
-from .budget import Budget, agreement_of
+from .budget import Budget
 from .executors import Backend, make_executor
 from .judge import JudgeSpec, Outcome
 from .space import Knob, Objective, Setting, default_knobs, describe, neighbours, setting_recipe
@@ -68,7 +68,7 @@ class Scored:
                 "latency_ratio": self.latency_ratio, "latency_change": self.latency_change,
                 "accuracy": v.accuracy_after if v else None,
                 "drop_high": v.paired.upper_points if v and v.paired else None,
-                "agreement": agreement_of(v) if v else None, "max_abs": v.max_abs if v else None,
+                "agreement": v.agreement if v else None, "max_abs": v.max_abs if v else None,
                 "within_budget": self.within, "error": o.error, "seconds": round(o.seconds, 3),
                 "chosen": chosen, "recipe": o.recipe}
 
@@ -213,6 +213,6 @@ def require_result(result: SearchResult, budget: Budget) -> Scored:
         v = best.outcome.verification
         detail = (f"; the closest candidate ({best.label}) reached accuracy drop bound "
                   f"{v.paired.upper_points:.2f} points" if v.paired is not None else
-                  f"; the closest candidate ({best.label}) reached agreement {agreement_of(v)} and max abs error "
+                  f"; the closest candidate ({best.label}) reached agreement {v.agreement} and max abs error "
                   f"{v.max_abs:.3g}")
     raise VerificationGateError(f"no candidate meets the budget ({budget.describe()}){detail}; nothing written")

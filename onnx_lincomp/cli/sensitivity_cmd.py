@@ -1,13 +1,10 @@
 """``sensitivity``: prune one layer at a time at each level, score it, and optionally allocate per-layer levels."""
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import click
 
 from ..errors import OptionError
-from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options
+from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options, write_csv
 
 EXAMPLE = ("Examples:\n\n  onnx-lincomp sensitivity --example digits-cnn --levels 0.2,0.5,0.8 --csv s.csv "
            "--plot s.png\n\n"
@@ -73,7 +70,7 @@ def sensitivity(model, calib, batch_size, max_samples, input_shape, threads, exa
     from ..model_io import save_model_proto
     from ..outputs import OutputPlan
     from ..recipe import CalibrationSettings
-    from ..sensitivity import ScanInput, ScanOptions, parse_levels
+    from ..sensitivity import COLUMNS, ScanInput, ScanOptions, parse_levels
     from ..sensitivity import sensitivity as run_sensitivity
     from .plots import plot_sensitivity, pyplot
 
@@ -99,7 +96,7 @@ def sensitivity(model, calib, batch_size, max_samples, input_shape, threads, exa
                 save_model_proto(result.allocation.model, path)
         if csv_out:
             with outputs.writing("--csv") as path:
-                write_csv(result.scan.rows, path)
+                write_csv(result.scan.rows, path, COLUMNS)
         if plot:
             with outputs.writing("--plot") as path:
                 plot_sensitivity(result.scan, str(path))
@@ -113,15 +110,6 @@ def sensitivity(model, calib, batch_size, max_samples, input_shape, threads, exa
     print_scan(result.scan)
     if result.allocation is not None:
         print_allocation(result.allocation, output)
-
-
-def write_csv(rows, path: Path) -> None:
-    from ..sensitivity import COLUMNS
-
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
-        w.writeheader()
-        w.writerows(r.as_dict() for r in rows)
 
 
 def _cell(value, field: str) -> str:

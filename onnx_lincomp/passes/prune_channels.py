@@ -118,12 +118,11 @@ class _Costs:
     """Exact MACs and parameters of the linear layers for a choice of removal masks."""
 
     def __init__(self, graph: gs.Graph, candidates: list[_Candidate]):
-        self.layers: dict[str, tuple[float, float, int, int]] = {}  # node -> (macs, params, rows, in_features)
+        self.layers: dict[str, tuple[float, float]] = {}  # head node -> (MACs, parameters)
         for node in graph.nodes:
             layer = match_linear_layer(graph, node)
             if isinstance(layer, LinearLayer) and node is layer.nodes[0]:
-                self.layers[node.name] = (_layer_macs(layer), float(layer.param_count), layer.out_features,
-                                          layer.in_features)
+                self.layers[node.name] = (_layer_macs(layer), float(layer.param_count))
         self.candidates = candidates
 
     def total(self, masks: list[np.ndarray] | None) -> tuple[float, float]:
@@ -142,8 +141,8 @@ class _Costs:
                 if layer is not None:
                     frac = 1.0 - t.map(idx).size / max(layer.out_features, 1)
                     rows[layer.nodes[0].name] *= frac
-        macs = sum(m * rows[k] * cols[k] for k, (m, _, _, _) in self.layers.items())
-        params = sum(p * rows[k] * cols[k] for k, (_, p, _, _) in self.layers.items())
+        macs = sum(m * rows[k] * cols[k] for k, (m, _) in self.layers.items())
+        params = sum(p * rows[k] * cols[k] for k, (_, p) in self.layers.items())
         return macs, params
 
 

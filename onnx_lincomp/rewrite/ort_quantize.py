@@ -47,6 +47,7 @@ import onnx_graphsurgeon as gs
 
 from ..calibration.activations import CalibrationData
 from ..canonicalize import QUANTIZED_OPS as CANONICAL_QUANTIZED_OPS
+from ..canonicalize import quantized_ops as canonical_quantized_ops
 from ..errors import LincompError, UnsupportedModelError
 from ..graph_edit import NameSource
 from ..linear_layer import LinearLayer, match_linear_layer
@@ -63,16 +64,16 @@ PERCENTILE = 99.999
 PERCENTILE_BINS = 2048
 
 # Ops that only a quantized model holds (DequantizeLinear counts here: after our own quantizers it is one).
-QUANTIZED_OPS = CANONICAL_QUANTIZED_OPS | {"DequantizeLinear"}
+QUANTIZED_OPS = CANONICAL_QUANTIZED_OPS | frozenset({"DequantizeLinear"})
 
 
 class QuantizationError(UnsupportedModelError):
     """onnxruntime's quantizer refused or failed on the model (exit 3: the model is the problem, not the flags)."""
 
 
-def quantized_ops(graph: gs.Graph) -> Counter:
-    """Op type -> count of the nodes that only a quantized model holds."""
-    return Counter(n.op for n in graph.nodes if n.op in QUANTIZED_OPS)
+def quantized_ops(graph: gs.Graph) -> dict[str, int]:
+    """Op type -> count of the nodes that only a quantized model holds (DequantizeLinear included)."""
+    return canonical_quantized_ops(graph, QUANTIZED_OPS)
 
 
 def quantized_layers(model: onnx.ModelProto) -> int:
