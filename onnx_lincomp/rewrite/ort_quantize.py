@@ -191,12 +191,14 @@ def pre_process(model: onnx.ModelProto, ws: Workspace, name: str = "pre.onnx") -
     out = ws.file(name)
     src = ws.file("float.onnx")
     onnx.save_model(model, str(src))
+    # onnxruntime's symbolic shape inference saves 'sym_shape_infer_temp.onnx' into the working directory when it
+    # gives up: run it inside the workspace so nothing lands in the user's folder
     try:
-        with ort_errors("onnxruntime pre-processing"):
+        with ort_errors("onnxruntime pre-processing"), contextlib.chdir(ws.path):
             quant_pre_process(str(src), str(out))
     except QuantizationError as exc:
         logger.warning("%s; pre-processing again without symbolic shape inference and optimisation", exc)
-        with ort_errors("onnxruntime pre-processing (without optimisation)"):
+        with ort_errors("onnxruntime pre-processing (without optimisation)"), contextlib.chdir(ws.path):
             quant_pre_process(str(src), str(out), skip_optimization=True, skip_symbolic_shape=True)
     if not out.is_file():
         raise QuantizationError("onnxruntime pre-processing wrote no model")
