@@ -1,6 +1,7 @@
 """Speed and memory of analyze / optimize on big graphs, against one plain onnxruntime pass.
 
-    python benchmarks/big_graphs.py [--samples 32] [--batch-size 16] [--profile] [--only resnet50]
+    python benchmarks/big_graphs.py [--samples 32 --samples 256] [--rounds 3] [--batch-size 16] [--profile]
+                                    [--only resnet50]
 
 Models: the onnx package's light ResNet-50 and VGG-19 (weights built by ConstantOfShape, folded on load)
 and ../shared/models/real/ch_PP-OCRv4_det_infer.onnx at x=1,3,320,320 (absent models are skipped).
@@ -15,7 +16,10 @@ Python start-up and imports count for each; peak RSS is the child's own ``ru_max
 * ``analyze``: ``onnx-lincomp analyze MODEL --calib random:N``;
 * ``optimize``: ``onnx-lincomp optimize MODEL --calib random:N --no-latency --allow-larger -o OUT``.
 
-Ratios: analyze / plain_calib (target <= 1.3) and optimize / plain_all (target <= 2). ``--profile`` runs
+Ratios: analyze / plain_calib (target <= 1.3) and optimize / plain_all (target <= 2), per round (the four
+runs of a round follow each other, so a round's ratio sees one machine load); with several ``--rounds`` the
+median ratio and its range are printed. Each ``--samples`` count is a row of its own: the fixed costs
+(imports, loading and folding, shape inference, session builds) weigh most at small counts. ``--profile`` runs
 optimize once more under cProfile on the first model and lists the top cumulative functions. Writes
 benchmarks/results/big_graphs.json.
 """
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,7 +92,20 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "onnx_lincomp", *args]
 
 
-def measure(name: str, path: Path, shapes: tuple[str, ...], samples: int, batch: int, tmp: Path) -> dict:
+def measure(name: str, path: Path, shapes: tuple[str, ...], samples: int, batch: int, tmp: Path,
+            rounds: int = 1) -> dict:
+    """Median over ``rounds`` rounds (each round: plain_calib, plain_all, analyze, optimize in turn)."""
+    runs = [measure_round(name, path, shapes, samples, batch, tmp) for _ in range(rounds)]
+    row = dict(runs[len(runs) // 2])
+    for key in ("ratio_analyze", "ratio_optimize"):
+        values = sorted(r[key] for r in runs)
+        row[key] = round(float(statistics.median(values)), 2)
+        row[key + "_range"] = [values[0], values[-1]]
+    row["rounds"] = rounds
+    return row
+
+
+def measure_round(name: str, path: Path, shapes: tuple[str, ...], samples: int, batch: int, tmp: Path) -> dict:
     shape_flags = [f for s in shapes for f in ("--input-shape", s)]
     common = ["--calib", f"random:{samples}", "--batch-size", str(batch), *shape_flags]
     row = {"model": name, "path": str(path), "samples": samples, "batch_size": batch}
@@ -123,21 +141,26 @@ def profile(path: Path, shapes: tuple[str, ...], samples: int, batch: int, tmp: 
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<12} {'plain32 s':>9} {'plain64 s':>9} {'analyze s':>9} {'x':>5} {'optimize s':>10} {'x':>5}  "
-          f"{'peak RSS MiB (plain64/analyze/optimize)':>40}")
+    print(f"{'model':<12} {'N':>5} {'plain N s':>9} {'plain 2N s':>10} {'analyze s':>9} {'x (range)':>17} "
+          f"{'optimize s':>10} {'x (range)':>17}  {'peak RSS MiB (plain 2N/analyze/optimize)':>40}")
     for r in rows:
         rss = "/".join(f"{r[k]['peak_rss_mib']:.0f}" for k in ("plain_all", "analyze", "optimize"))
         flag = "".join(f" {k} rc={r[k]['rc']}" for k in ("analyze", "optimize") if r[k]["rc"])
-        print(f"{r['model']:<12} {r['plain_calib']['seconds']:>9.1f} {r['plain_all']['seconds']:>9.1f} "
-              f"{r['analyze']['seconds']:>9.1f} {r['ratio_analyze']:>5.2f} {r['optimize']['seconds']:>10.1f} "
-              f"{r['ratio_optimize']:>5.2f}  {rss:>40}{flag}")
+        spread = {k: f"{r[k]:.2f} ({r[k + '_range'][0]:.2f}-{r[k + '_range'][1]:.2f})"
+                  for k in ("ratio_analyze", "ratio_optimize")}
+        print(f"{r['model']:<12} {r['samples']:>5} {r['plain_calib']['seconds']:>9.1f} "
+              f"{r['plain_all']['seconds']:>10.1f} "
+              f"{r['analyze']['seconds']:>9.1f} {spread['ratio_analyze']:>17} {r['optimize']['seconds']:>10.1f} "
+              f"{spread['ratio_optimize']:>17}  {rss:>40}{flag}")
     print(f"targets: analyze <= {TARGETS['analyze']}x plain pass over the calibration samples, "
           f"optimize <= {TARGETS['optimize']}x plain pass over calibration + held-out samples")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=32, help="random calibration samples (held-out: as many)")
+    ap.add_argument("--samples", type=int, action="append",
+                    help="random calibration samples (held-out: as many); repeat for several rows (default 32)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds per row; the median ratio is reported")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--only", action="append", choices=sorted(MODELS), help="measure only these models")
     ap.add_argument("--profile", action="store_true", help="also profile optimize on the first model")
@@ -149,12 +172,14 @@ def main() -> None:
         present = [(n, p, s) for n, p, s in chosen if p.is_file()]
         for name, path, _ in set(chosen) - set(present):
             print(f"{name}: {path} is absent, skipped", file=sys.stderr)
+        counts = args.samples or [32]
         for name, path, shapes in present:
-            rows.append(measure(name, path, shapes, args.samples, args.batch_size, Path(tmp)))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "path"}), file=sys.stderr)
+            for n in counts:
+                rows.append(measure(name, path, shapes, n, args.batch_size, Path(tmp), args.rounds))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "path"}), file=sys.stderr)
         if args.profile and present:
             name, path, shapes = present[0]
-            top = {"model": name, **profile(path, shapes, args.samples, args.batch_size, Path(tmp))}
+            top = {"model": name, **profile(path, shapes, counts[0], args.batch_size, Path(tmp))}
     print_table(rows)
     for kind in ("cumulative", "own") if top else ():
         print(f"optimize profile ({top['model']}), top by {kind} time:")

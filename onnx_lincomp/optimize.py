@@ -142,7 +142,7 @@ def _evidence(prep: Prepared, options: OptimizeOptions, stats: StatsSet | None, 
 
 
 def _prepare(model, calib, options: OptimizeOptions) -> Prepared:
-    prep = prepare(model, calib, options.recipe, options.labels)
+    prep = prepare(model, calib, options.recipe, options.labels, options.batch_size)
     if options.max_accuracy_drop is not None:
         require_budget_support(prep, options.max_accuracy_drop, options.gate_on)
     return prep
@@ -217,7 +217,7 @@ def _spot_check(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions
     if prep.source is None:
         return None
     v = Evaluator(prep.original, prep.loaded.graph, prep.source, 0, min(samples, max(prep.n_calib, 1)),
-                  threads=options.threads).score(model)
+                  batch_size=prep.batch_size, threads=options.threads).score(model)
     if not v.within(1e-4):
         raise NumericalMismatchError(f"canonicalisation changed the outputs (relative {v.rel_max:.3g} on "
                                      f"{v.samples} samples); nothing written")
@@ -349,7 +349,7 @@ def compress_exact(loaded: LoadedModel, domain_spec: tuple[str, ...], *, calib: 
 def sweep(model: str | Path, calib: str | Path, options: OptimizeOptions, thresholds=SWEEP_THRESHOLDS,
           progress: Progress | None = None) -> list[dict]:
     """Compress at every linear-rate threshold from one calibration pass; size, MACs, latency, accuracy each."""
-    prep = prepare(model, calib, options.recipe, options.labels)
+    prep = prepare(model, calib, options.recipe, options.labels, options.batch_size)
     evidence = UnitEvidence.from_stats(calibrate(prep, options.batch_size, options.threads, progress))
     rows = []
     for c in _threshold_candidates(prep, evidence, options, thresholds, latency=options.latency):

@@ -2,8 +2,10 @@
 part (statistics) and a held-out part (verification), and the evaluators that judge candidates on them.
 
 Verification: the held-out (and ``all``) splits run with onnxruntime's graph optimisations, as the model
-is deployed; the calibration part is checked float-exactly (optimisations off) on its first 64 samples, a
-bug check, since the rewrites are exact there by construction.
+is deployed. The held-out reference is captured by the calibration pass itself (the canonical model's
+outputs, in the same session as the statistics), so the original model is not run a second time; the
+calibration part is checked float-exactly (optimisations off) against the *original* model on its first
+16 samples: a bug check (canonicalisation and the rewrites are exact there by construction).
 
 The split: the first ``1 - verify_split`` of the samples calibrate, the rest are held out. Random data
 is verified on fresh random samples. ``gate_on="all"`` judges the accuracy budget on every sample
@@ -20,18 +22,19 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibration import CollectOptions, StatsSet, collect_relu_stats, input_specs, open_calibration
+from .calibration import CollectOptions, StatsSet, input_specs, open_calibration
 from .calibration.activations import CalibrationData
-from .calibration.collector import Progress
+from .calibration.collector import Capture, Progress, collect_with_capture
 from .calibration.data_source import CalibrationSource
 from .canonicalize import CanonicalizeReport, canonicalize
 from .errors import InvalidModelError, OptionError
+from .evaluate.evaluator import BATCH_SIZE as EVAL_BATCH_SIZE
 from .evaluate.evaluator import Evaluator
 from .model_io import LoadedModel, load_model, model_from_proto, to_model_proto
 from .recipe import Recipe
 
 GateOn = Literal["heldout", "all"]
-CALIBRATION_CHECK_SAMPLES = 64  # the rewrite is exact on the calibration part by construction: a bug check
+CALIBRATION_CHECK_SAMPLES = 16  # the rewrite is exact on the calibration part by construction: a bug check
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Prepared:
     n_calib: int
     source_name: str = ""
     labels: str | None = None
+    batch_size: int = EVAL_BATCH_SIZE  # samples per verification run (the user's --batch-size in optimize)
     _evaluators: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -73,22 +77,34 @@ class Prepared:
         labels = None if s.is_random else self.labels
         if split in ("calibration", "calibration-check"):  # graph optimisations off: float-exact comparisons
             stop = self.n_calib if split == "calibration" else min(self.n_calib, CALIBRATION_CHECK_SAMPLES)
-            return Evaluator(self.original, g, s, 0, stop, labels, threads=threads)
+            return Evaluator(self.original, g, s, 0, stop, labels, self.batch_size, threads)
         # the splits that gate run with onnxruntime's graph optimisations, as deployed (and about twice as fast)
+        if split == "all" and not s.is_random:
+            return Evaluator(self.original, g, s, 0, None, labels, self.batch_size, threads, optimize=True)
+        held = self.heldout_split()
+        if held is None:
+            return None
+        return Evaluator(self.original, g, held.source, held.start, held.stop, held.labels, held.batch_size,
+                         threads, optimize=True)
+
+    def heldout_split(self) -> Capture | None:
+        """The held-out samples (fresh random samples for random data) in the evaluator's batches."""
+        s = self.source
+        if s is None:
+            return None
         if s.is_random:
             fresh = CalibrationSource(s.specs, random_samples=2 * len(s), shape_overrides=s.shape_overrides,
                                       seed=s.seed, description=s.description)
-            return Evaluator(self.original, g, fresh, len(s), 2 * len(s), threads=threads, optimize=True)
-        if split == "all":
-            return Evaluator(self.original, g, s, 0, None, labels, threads=threads, optimize=True)
+            return Capture(fresh, len(s), 2 * len(s), self.batch_size)
         if self.n_calib >= len(s):
             return None
-        return Evaluator(self.original, g, s, self.n_calib, None, labels, threads=threads, optimize=True)
+        return Capture(s, self.n_calib, None, self.batch_size, self.labels)
 
 
 def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recipe: Recipe,
-            labels: str | None = None) -> Prepared:
-    """Load and canonicalise ``model`` and open ``calib`` split as the recipe's calibration settings say."""
+            labels: str | None = None, batch_size: int = EVAL_BATCH_SIZE) -> Prepared:
+    """Load and canonicalise ``model`` and open ``calib`` split as the recipe's calibration settings say;
+    ``batch_size``: samples per verification run."""
     if isinstance(model, onnx.ModelProto):
         loaded, name = model_from_proto(model), "<in-memory model>"
     else:
@@ -98,13 +114,13 @@ def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recip
     canon = canonicalize(loaded.graph, ctx=loaded.ctx)
     cal = recipe.calibration
     if calib is None:
-        return Prepared(original, loaded, canon, None, 0, name, labels)
+        return Prepared(original, loaded, canon, None, 0, name, labels, batch_size)
     source = open_calibration(calib, input_specs(loaded.graph), labels=labels, max_samples=cal.max_samples,
                               shape_overrides=dict(cal.input_shapes))
     n = len(source)
     split = 0.0 if recipe.exact is not None else cal.verify_split
     n_calib = n if source.is_random or split == 0 else max(1, int(round(n * (1 - split))))
-    return Prepared(original, loaded, canon, source, n_calib, name, labels)
+    return Prepared(original, loaded, canon, source, n_calib, name, labels, batch_size)
 
 
 def check_finite_weights(graph: gs.Graph, name: str) -> None:
@@ -114,13 +130,23 @@ def check_finite_weights(graph: gs.Graph, name: str) -> None:
             raise InvalidModelError(f"{name}: weight '{t.name}' holds NaN or Inf values")
 
 
-def calibrate(prep: Prepared, batch_size: int = 16, threads: int = 0, progress: Progress | None = None) -> StatsSet:
-    """Statistics of the calibration part (never the held-out part)."""
+def calibrate(prep: Prepared, batch_size: int = 16, threads: int = 0, progress: Progress | None = None,
+              capture: bool = True) -> StatsSet:
+    """Statistics of the calibration part (never the held-out part). With ``capture`` the same session
+    also runs the held-out part and keeps the model's outputs there as the held-out evaluator's reference
+    (one pass of the model over all samples instead of two)."""
     if prep.source is None:
         raise OptionError("give --calib DATA (or --stats FILE)")
-    return collect_relu_stats(prep.loaded.graph, prep.loaded.ctx, prep.source,
-                              CollectOptions(batch_size=batch_size, threads=threads), progress=progress,
-                              stop=prep.n_calib)
+    same_outputs = [o.name for o in prep.original.graph.output] == [t.name for t in prep.loaded.graph.outputs]
+    held = prep.heldout_split() if capture and same_outputs and "heldout" not in prep._evaluators else None
+    stats, runs = collect_with_capture(prep.loaded.graph, prep.loaded.ctx, prep.source,
+                                       CollectOptions(batch_size=batch_size, threads=threads), progress=progress,
+                                       stop=prep.n_calib, capture=held)
+    if held is not None and runs:
+        prep._evaluators["heldout"] = Evaluator(prep.original, prep.loaded.graph, held.source, held.start,
+                                                held.stop, held.labels, held.batch_size, threads, optimize=True,
+                                                reference=runs)
+    return stats
 
 
 def calibration_data(prep: Prepared, batch_size: int = 32, threads: int = 0) -> CalibrationData | None:

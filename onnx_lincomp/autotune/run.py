@@ -28,7 +28,7 @@ def optimize_within_budget(model: str, calib: str, options: OptimizeOptions, sea
     if search.budget.kind == "accuracy_drop" and options.labels is None:
         raise OptionError("--max-accuracy-drop needs --labels KEY (else budget with --min-agreement or "
                           "--max-output-error)")
-    prep = prepare(model, calib, options.recipe, options.labels)
+    prep = prepare(model, calib, options.recipe, options.labels, options.batch_size)
     if search.budget.kind == "accuracy_drop":
         require_budget_support(prep, search.budget.value, "heldout")
     require_samples(prep.n_calib, options.min_samples, "the statistics would")

@@ -28,12 +28,13 @@ from onnx import TensorProto, helper
 from ..errors import CalibrationDataError, OptionError
 from ..model_io import ModelContext, to_model_proto
 from ..runtime.feeds import feeds_samples, fixed_batch, iterate_feeds, model_feeds
-from ..runtime.session import SessionOptions, SessionScope, ort_message
+from ..runtime.session import SessionOptions, SessionScope, ort_message, run_session
 from .data_source import CalibrationSource
 from .relu_stats import ReluStats, StatsSet
 
 # fixed_batch, iterate_feeds, model_feeds moved to runtime.feeds; re-exported here for older imports
-__all__ = ["CollectOptions", "Progress", "collect_relu_stats", "fixed_batch", "iterate_feeds", "model_feeds"]
+__all__ = ["Capture", "CollectOptions", "Progress", "collect_relu_stats", "collect_with_capture", "fixed_batch",
+           "iterate_feeds", "model_feeds"]
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 _BIG = float(2.0**127)
@@ -53,6 +54,22 @@ class CollectOptions:
             raise OptionError(f"batch_size must be positive, got {self.batch_size}")
         if self.mode not in ("auto", "pre"):
             raise OptionError(f"mode must be 'auto' or 'pre', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Samples ``[start, stop)`` of ``source`` that the statistics session also runs, keeping the model's
+    outputs: the reference that verification compares candidates with, so the model need not run again.
+    Captured batches are ``batch_size`` samples (the evaluator scores candidates in the same batches)."""
+
+    source: CalibrationSource
+    start: int
+    stop: int | None
+    batch_size: int
+    labels: str | None = None
+
+
+Run = tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]  # (outputs, labels of the batch, samples)
 
 
 @dataclass(frozen=True)
@@ -198,19 +215,28 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
                        options: CollectOptions = CollectOptions(), progress: Progress | None = None,
                        stop: int | None = None) -> StatsSet:
     """Run ``source`` through the model once and return statistics of every top-level Relu."""
+    return collect_with_capture(graph, ctx, source, options, progress, stop)[0]
+
+
+def collect_with_capture(graph: gs.Graph, ctx: ModelContext, source: CalibrationSource,
+                         options: CollectOptions = CollectOptions(), progress: Progress | None = None,
+                         stop: int | None = None, capture: Capture | None = None) -> tuple[StatsSet, list[Run]]:
+    """Statistics of samples ``[0, stop)`` and, in the same session, the model's outputs on ``capture``."""
     model = to_model_proto(graph, ctx, infer_shapes=True)
     sites = plan_sites(graph, model, options.mode)
     not_analysed = tuple(subgraph_relus(graph))
-    if not sites:
-        return StatsSet((), source.description, source.is_random, not_analysed)
+    if not sites:  # nothing to observe; verification runs the original itself
+        return StatsSet((), source.description, source.is_random, not_analysed), []
     aug = augment(model, sites, ctx.default_opset)
     names = [n for s in sites for n in s.outputs]
     totals: dict[str, ReluStats] = {}
     done = 0
+    total = len(source) if stop is None else min(stop, len(source))
+    if capture is not None:
+        total += _count(capture)
     with SessionScope(prefix="lincomp-calib-") as scope:
         sess = scope.open(aug, SessionOptions(threads=options.threads))
         del aug, model  # onnxruntime holds its own copy of the weights
-        total = len(source) if stop is None else min(stop, len(source))
         for feeds, _ in iterate_feeds(graph, source, options.batch_size, 0, stop):
             try:
                 values = dict(zip(names, sess.run(names, feeds), strict=True))
@@ -223,8 +249,27 @@ def collect_relu_stats(graph: gs.Graph, ctx: ModelContext, source: CalibrationSo
             done += feeds_samples(feeds)
             if progress is not None:
                 progress(done, total)
-    if not totals:
-        raise CalibrationDataError(f"{source.description}: no calibration batch could be run")
-    return StatsSet(tuple(totals[s.relu] for s in sites), source.description, source.is_random, not_analysed)
+        if not totals:
+            raise CalibrationDataError(f"{source.description}: no calibration batch could be run")
+        runs = [] if capture is None else list(_captured(sess, graph, capture, done, total, progress))
+    stats = StatsSet(tuple(totals[s.relu] for s in sites), source.description, source.is_random, not_analysed)
+    return stats, runs
 
 
+def _count(capture: Capture) -> int:
+    end = len(capture.source) if capture.stop is None else min(capture.stop, len(capture.source))
+    return max(end - capture.start, 0)
+
+
+def _captured(sess, graph: gs.Graph, capture: Capture, done: int, total: int, progress: Progress | None):
+    """(outputs, labels, samples) of every captured batch: the graph's own outputs only."""
+    outputs = [t.name for t in graph.outputs]
+    seen = done
+    for feeds, batch in iterate_feeds(graph, capture.source, capture.batch_size, capture.start, capture.stop):
+        values = run_session(sess, outputs, feeds, capture.source.description or "verification")
+        labels = {capture.labels: batch[capture.labels]} if capture.labels in batch else {}
+        n = feeds_samples(feeds)
+        seen += n
+        if progress is not None:
+            progress(seen, total)
+        yield dict(zip(outputs, values, strict=True)), labels, n

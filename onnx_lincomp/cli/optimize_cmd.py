@@ -241,7 +241,7 @@ def _run_and_stage(outputs: Outputs, model: str, calib: str | None, options, sta
     if "--save-stats" in outputs:
         if stats is None:
             stats = calibrate(prepare(model, calib, options.recipe, options.labels), options.batch_size,
-                              options.threads, progress("calibrating"))
+                              options.threads, progress("calibrating"), capture=False)
         with outputs.writing("--save-stats") as path:
             stats.save(path)
     result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))

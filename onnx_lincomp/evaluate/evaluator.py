@@ -35,6 +35,7 @@ from .paired import PairedDrop
 
 logger = logging.getLogger(__name__)
 Outputs = dict[str, np.ndarray]
+BATCH_SIZE = 64  # samples per run when scoring (a captured reference is captured in the same batches)
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,11 @@ class Evaluator:
     """The original's outputs on one split, cached; :meth:`score` and :meth:`latency` judge candidates."""
 
     def __init__(self, original: onnx.ModelProto, inputs: gs.Graph | Sequence[InputLike], source: CalibrationSource,
-                 start: int = 0, stop: int | None = None, labels: str | None = None, batch_size: int = 64,
-                 threads: int = 0, confidence: float = 0.95, optimize: bool = False):
+                 start: int = 0, stop: int | None = None, labels: str | None = None, batch_size: int = BATCH_SIZE,
+                 threads: int = 0, confidence: float = 0.95, optimize: bool = False,
+                 reference: Sequence[tuple[Outputs, dict, int]] | None = None):
+        """``reference``: the original's (outputs, batch labels, samples) per batch of ``batch_size`` over the
+        split, captured elsewhere (the calibration pass): then the original is not run again."""
         self.original = original
         self.inputs = inputs
         self.source = source
@@ -186,16 +190,16 @@ class Evaluator:
         self.confidence = confidence
         self.names = [o.name for o in original.graph.output]
         self.session_options = SessionOptions(threads=threads, optimize=optimize)
-        self._ref = self._run_original()
+        self._ref = self._run_original(reference)
 
     def _batches(self, model: onnx.ModelProto | str | Path, scope: SessionScope):
         session = scope.open(model, self.session_options)
         return run_split(session, self.names, self.inputs, self.source, self.batch_size, self.start, self.stop)
 
-    def _run_original(self) -> _Reference:
+    def _run_original(self, reference: Sequence[tuple[Outputs, dict, int]] | None) -> _Reference:
         outputs, truth, samples, cls = [], [], 0, None
         with SessionScope(prefix="lincomp-eval-") as scope:
-            for values, batch, n in self._batches(self.original, scope):
+            for values, batch, n in (reference if reference is not None else self._batches(self.original, scope)):
                 cls = cls or classifier_output(self.names, values)
                 outputs.append(values)
                 if self.labels is not None and cls is not None and self.labels in batch:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import scipy.linalg
 
 from ..errors import OptionError
 from ..graph_edit import NameSource, reroute_consumers
@@ -91,6 +90,8 @@ def dependent_units(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     # one pivoted QR of rows^T gives the rank and a well-conditioned basis at once (a greedy matrix_rank
     # loop cost one SVD per row and dominated sweeps of wide MLPs); fewer rows than features are
     # almost always independent, which the QR shows at the cost of one factorisation
+    import scipy.linalg  # imported on first use: scipy costs a third of a second at start-up
+
     _, r, piv = scipy.linalg.qr(rows.T, mode="economic", pivoting=True)
     diag = np.abs(np.diag(r))
     tol = diag.max(initial=0.0) * max(rows.shape) * np.finfo(np.float64).eps

@@ -54,7 +54,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy import linalg
 
 from ..calibration.activations import CalibrationData
 from ..calibration.moments import Moments, collect_layer_moments
@@ -119,6 +118,8 @@ def magnitude_prune(weight: np.ndarray, count: int) -> np.ndarray:
 def inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray | None:
     """Upper ``U`` with ``U^T U = (H + lam I)^-1``, ``lam = damp * mean(diag H)`` (raised tenfold while ``H`` is
     not positive definite); None when no dampening makes it so (no usable Hessian)."""
+    from scipy import linalg  # imported on first use (start-up time of every command)
+
     h = np.asarray(hessian, dtype=np.float64)
     scale = float(np.mean(np.diag(h))) if h.size else 0.0
     if not np.isfinite(scale) or scale <= 0.0:
@@ -169,6 +170,8 @@ def refit_rows(original: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, da
     """Each row's surviving weights re-solved for the least output error against the original row:
     ``min (w - w0) H (w - w0)^T`` with the pruned entries held at 0, i.e.
     ``w_S = w0_S + H_SS^-1 H_{S,~S} w0_{~S}`` per row (``H`` dampened as for SparseGPT)."""
+    from scipy import linalg
+
     h = np.asarray(hessian, dtype=np.float64)
     h = h + damp * max(float(np.mean(np.diag(h))), 1e-12) * np.eye(h.shape[0])
     out = np.array(pruned, dtype=np.float64, copy=True)
