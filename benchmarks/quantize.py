@@ -2,6 +2,8 @@
 and the peak memory of calibration at 256 and 4,096 samples.
 
     python benchmarks/quantize.py [--only NAME[,NAME...]] [--threads 2] [--skip-memory]
+    python benchmarks/quantize.py --bias-correction-ab [--only NAME[,NAME...]]
+    python benchmarks/quantize.py --exclude-sensitive BUDGET [--only NAME[,NAME...]]
 
 Rows (every quantized model passes the full ONNX checker and runs in onnxruntime):
 * INT8 QDQ (``quantize-int8``, MinMax, per-channel int8 weights, uint8 activations) on the bundled digits CNN,
@@ -23,6 +25,14 @@ end) at 256 and 1,024: the peak resident size during calibration (VmHWM, reset t
 just before) minus the resident size at that moment.
 
 Prints a table and writes benchmarks/results/quantize.json.
+
+``--bias-correction-ab``: instead, each labelled case's quantizers with ``bias_correction`` off and on (no latency):
+held-out accuracy, the mean output shift on the calibration split (``|mean(y_q - y)|`` averaged over outputs: what
+the correction targets) and the held-out RMS output error; writes benchmarks/results/quantize_bias_correction.json.
+
+``--exclude-sensitive BUDGET``: instead, ``quantize-int8`` on each labelled INT8 case with ``exclude_sensitive
+auto`` and ``max_drop BUDGET``: the layers kept float, the predicted and measured calibration drops, and the
+held-out accuracy against plain INT8; writes benchmarks/results/quantize_exclude_sensitive.json.
 """
 from __future__ import annotations
 
@@ -256,6 +266,61 @@ def memory(workdir: Path) -> list[dict]:
     return rows
 
 
+def _calib_shift(float_model, q_model, source, inputs, n_calib: int, threads: int) -> float:
+    ya, _ = outputs(float_model, source, inputs, 0, n_calib, threads, None)
+    yb, _ = outputs(q_model, source, inputs, 0, n_calib, threads, None)
+    return float(np.abs((yb - ya).reshape(len(ya), -1).mean(axis=0)).mean())
+
+
+def bias_correction_ab(case: Case, threads: int, workdir: Path) -> list[dict]:
+    """Every quantizer of a labelled case with bias correction off, then on."""
+    loaded, _, source, n_calib, labels = open_case(case, workdir)
+    if labels is None:
+        return []
+    inputs = loaded.graph.inputs
+    float_model = to_model_proto(loaded.graph, loaded.ctx)
+    rows = []
+    for label, pass_name, options in case.passes:
+        if pass_name == "quantize-dynamic":
+            continue
+        for on in (False, True):
+            q_model, result, seconds = quantize(loaded, source, n_calib, pass_name,
+                                                dict(options, bias_correction=on), threads)
+            row = {"model": case.name, "quantizer": label, "bias_correction": on, "pass_seconds": seconds,
+                   "calib_mean_shift": _calib_shift(float_model, q_model, source, inputs, n_calib, threads),
+                   "notes": [n for n in result.notes if "bias correction" in n]}
+            row.update(score(float_model, q_model, source, inputs, n_calib, threads, labels))
+            rows.append(row)
+            print(f"  {case.name:14s} {label:16s} correction {'on ' if on else 'off'}  acc {row['acc_before']:.2f} -> "
+                  f"{row['acc_after']:.2f} ({row['acc_change']:+.2f})  calib mean shift "
+                  f"{row['calib_mean_shift']:.4g}  held-out rel rms {row['rel_rms_error']:.4g}", flush=True)
+    return rows
+
+
+def exclusion(case: Case, budget: float, threads: int, workdir: Path) -> list[dict]:
+    """quantize-int8 plain and with exclude_sensitive auto within ``budget`` points."""
+    loaded, _, source, n_calib, labels = open_case(case, workdir)
+    if labels is None or not any(p == "quantize-int8" for _, p, _ in case.passes):
+        return []
+    inputs = loaded.graph.inputs
+    float_model = to_model_proto(loaded.graph, loaded.ctx)
+    rows = []
+    for options in ({}, {"exclude_sensitive": "auto", "max_drop": budget}):
+        q_model, result, seconds = quantize(loaded, source, n_calib, "quantize-int8", options, threads)
+        row = {"model": case.name, "options": options, "pass_seconds": seconds,
+               "layers_quantized": result.count("layers_quantized"),
+               "layers_excluded_sensitive": result.count("layers_excluded_sensitive"),
+               "notes": [n for n in result.notes if "sensitiv" in n or "kept float" in n]}
+        row.update(score(float_model, q_model, source, inputs, n_calib, threads, labels))
+        rows.append(row)
+        print(f"  {case.name:14s} {json.dumps(options):45s} held-out acc {row['acc_before']:.2f} -> "
+              f"{row['acc_after']:.2f} ({row['acc_change']:+.2f}), {row['layers_excluded_sensitive']} kept float, "
+              f"{seconds:.1f} s", flush=True)
+        for note in row["notes"]:
+            print(f"      {note}")
+    return rows
+
+
 def _ratio(lat: dict | None) -> str:
     return f"{lat['ratio']:.2f} ({lat['verdict']})" if lat else "n/a"
 
@@ -279,8 +344,14 @@ def main() -> None:
     ap.add_argument("--only", default="", help="Comma-separated case names (default: all).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--bias-correction-ab", action="store_true", help="Bias correction off/on on the labelled cases.")
+    ap.add_argument("--exclude-sensitive", type=float, metavar="BUDGET",
+                    help="quantize-int8 with exclude_sensitive auto within BUDGET points, against plain INT8.")
     args = ap.parse_args()
     only = {n.strip() for n in args.only.split(",") if n.strip()}
+    if args.bias_correction_ab or args.exclude_sensitive is not None:
+        side_study(args, only)
+        return
     rows, mem = [], []
     with tempfile.TemporaryDirectory(prefix="lincomp-qbench-") as tmp:
         for case in CASES:
@@ -294,6 +365,25 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "quantize.json"
     out.write_text(json.dumps({"threads": args.threads, "rows": rows, "memory": mem}, indent=1, default=str))
+    print(f"\nwrote {out}")
+
+
+def side_study(args, only: set[str]) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lincomp-qbench-") as tmp:
+        for case in CASES:
+            if only and case.name not in only:
+                continue
+            if args.bias_correction_ab:
+                rows.extend(bias_correction_ab(case, args.threads, Path(tmp)))
+            else:
+                rows.extend(exclusion(case, args.exclude_sensitive, args.threads, Path(tmp)))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("quantize_bias_correction.json" if args.bias_correction_ab else "quantize_exclude_sensitive.json")
+    previous = json.loads(out.read_text())["rows"] if out.is_file() else []
+    done = {r["model"] for r in rows}
+    merged = [r for r in previous if r["model"] not in done] + rows
+    out.write_text(json.dumps({"threads": args.threads, "rows": merged}, indent=1, default=str))
     print(f"\nwrote {out}")
 
 

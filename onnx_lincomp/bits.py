@@ -1,9 +1,19 @@
-"""Per-layer bit sensitivity of weight sharing, and per-layer bits chosen within an accuracy budget.
+"""Per-layer bit sensitivity of weight sharing (or integer rounding), and per-layer bits chosen within an
+accuracy budget.
 
 **Scan.** Every linear layer that weight sharing can shrink is shared alone (the others stay float) at
 each bit width, with the ``share-weights`` pass and its data-aware rounding, and scored on the held-out
 split by the prepared evaluator (the original runs once). The layers' input moments are collected once
 for the whole scan: each candidate is exactly what the pass gives with ``layers={layer: b, others: 0}``.
+
+``method="int"`` scans a uniform integer grid instead: each layer's weight alone rounded to symmetric
+per-output-channel integers, ``W_q = s_c clamp(round(W / s_c), -Q, Q)`` with ``Q = 2^(b-1) - 1`` and
+``s_c = max|W_c| / Q`` (fake-quantized: the rounded values are written back as float weights, the graph stays
+float), scored the same way; storage counts ``b`` bits per weight plus one float scale per channel. It is a
+scan only (no pass replays it, so there is no budgeted choice).
+
+The loop that builds one candidate per (layer, width) and scores it, :func:`scan_layers`, takes any
+:class:`LayerQuantizer`; ``quantize-int8``'s automatic exclusion scans its one-layer INT8 models with it.
 
 **Choice** (``max_accuracy_drop``). Each layer's options are float or one of the scanned widths, with
 its stored bytes and its damage (the held-out accuracy drop when shared alone, clipped at 0 and made
@@ -22,16 +32,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
+import numpy as np
 import onnx
 
 from .errors import OptionError, VerificationGateError
-from .evaluate.evaluator import Verification
+from .evaluate.evaluator import Evaluator, Verification
 from .gates import require_budget_support
-from .linear_layer import LinearLayer
+from .graph_edit import NameSource
+from .linear_layer import LinearLayer, match_linear_layer, write_linear_layer
 from .model_io import to_model_proto
 from .optimize import OptimizeOptions, compress, optimize
+from .passes.base import node_named
 from .passes.share_weights import (
     ShareWeights,
     ShareWeightsOptions,
@@ -47,6 +60,7 @@ from .recipe import CalibrationSettings, PassSpec, Recipe
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 DEFAULT_BITS = (8, 6, 4, 3, 2)
+METHODS = ("kmeans", "int")
 COLUMNS = ("layer", "kind", "weights", "bits", "float_bytes", "shared_bytes", "accuracy", "drop_points",
            "drop_low", "drop_high", "agreement", "max_abs", "rel_max")
 
@@ -65,7 +79,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class BitsOptions:
     bits: tuple[int, ...] = DEFAULT_BITS
-    method: Literal["kmeans"] = "kmeans"
+    method: Literal["kmeans", "int"] = "kmeans"
     share: ShareWeightsOptions = field(default_factory=ShareWeightsOptions)  # rounding, refit, bias correction
     max_accuracy_drop: float | None = None
     threads: int = 0
@@ -75,8 +89,13 @@ class BitsOptions:
     def __post_init__(self):
         if not self.bits or any(not 1 <= b <= 8 for b in self.bits):
             raise OptionError(f"bits: every width must be from 1 to 8, got {self.bits}")
-        if self.method != "kmeans":
-            raise OptionError(f"--method: only 'kmeans' (share-weights) is implemented, got '{self.method}'")
+        if self.method not in METHODS:
+            raise OptionError(f"--method: unknown method '{self.method}' (choose {' or '.join(METHODS)})")
+        if self.method == "int" and min(self.bits) < 2:
+            raise OptionError(f"--method int: a symmetric integer grid needs at least 2 bits, got {min(self.bits)}")
+        if self.method == "int" and self.max_accuracy_drop is not None:
+            raise OptionError("--method int is a scan only: --max-accuracy-drop chooses share-weights bits "
+                              "(use --method kmeans)")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise OptionError("--max-accuracy-drop must be at least 0")
 
@@ -118,6 +137,7 @@ class BitsScan:
     rows: tuple[BitsRow, ...]
     skipped: Mapping[str, str]  # layer -> why it is not scanned
     seconds: float
+    method: str = "kmeans"
 
     def curve(self, layer: str) -> list[BitsRow]:
         return sorted((r for r in self.rows if r.layer == layer), key=lambda r: -r.bits)
@@ -125,7 +145,7 @@ class BitsScan:
     def as_dict(self) -> dict:
         return {"model": self.model, "heldout_samples": self.samples, "accuracy": self.accuracy,
                 "layers": [info.__dict__ for info in self.layers], "rows": [r.as_dict() for r in self.rows],
-                "skipped": dict(self.skipped), "seconds": self.seconds}
+                "skipped": dict(self.skipped), "seconds": self.seconds, "method": self.method}
 
 
 @dataclass(frozen=True)
@@ -155,6 +175,19 @@ class BitsResult:
         return out
 
 
+class LayerQuantizer(Protocol):
+    """What :func:`scan_layers` needs from a way of quantizing layers: the candidate layers, why a layer cannot
+    take a width, its stored bytes at a width, and a model with the given layers quantized (the rest float)."""
+
+    layers: list[LinearLayer]
+
+    def problem(self, layer: LinearLayer, bits: int) -> str | None: ...
+
+    def stored_bytes(self, layer: LinearLayer, bits: int) -> int: ...
+
+    def build(self, bits: Mapping[str, int]) -> onnx.ModelProto: ...
+
+
 class _Sharer:
     """Builds shared candidates of one prepared model, the layers' moments collected once."""
 
@@ -172,6 +205,9 @@ class _Sharer:
 
     def problem(self, layer: LinearLayer, bits: int) -> str | None:
         return layer_problem(layer, bits, self.opset)
+
+    def stored_bytes(self, layer: LinearLayer, bits: int) -> int:
+        return shared_bytes(layer, bits, self.opset)
 
     def options_for(self, bits: Mapping[str, int]) -> ShareWeightsOptions:
         """Every layer named (0: float), so the recipe says what happens to each."""
@@ -196,43 +232,92 @@ class _Sharer:
         return to_model_proto(graph, self.prep.loaded.ctx)
 
 
-def _row(layer: LinearLayer, bits: int, opset: int, v: Verification) -> BitsRow:
+def int_rounded(weight: np.ndarray, bits: int) -> np.ndarray:
+    """``weight`` (output channels on axis 0) rounded to a symmetric ``bits``-bit integer grid per channel,
+    ``s_c clamp(round(W_c / s_c), -Q, Q)`` with ``Q = 2^(bits-1) - 1`` and ``s_c = max|W_c| / Q``; a channel of
+    zeros stays zero."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"symmetric integer rounding needs 2..8 bits, got {bits}")
+    q = float(2 ** (bits - 1) - 1)
+    w = np.asarray(weight, dtype=np.float64)
+    peak = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).reshape((-1,) + (1,) * (w.ndim - 1))
+    scale = np.where(peak > 0, peak / q, 1.0)
+    return np.clip(np.round(w / scale), -q, q) * scale
+
+
+class _IntRounder:
+    """Builds integer-rounded candidates (fake-quantized weights in the float graph) of one prepared model."""
+
+    def __init__(self, prep: Prepared):
+        self.prep = prep
+        self.graph = prep.loaded.graph
+        self.layers = shareable_layers(self.graph)[0]
+
+    def problem(self, layer: LinearLayer, bits: int) -> str | None:
+        values = np.asarray(layer.nodes[0].inputs[1].values)
+        if values.dtype not in (np.float32, np.float64, np.float16):
+            return f"weight of type {values.dtype} is not float32/float16/float64"
+        return None if bits >= 2 else "a symmetric integer grid needs at least 2 bits"
+
+    def stored_bytes(self, layer: LinearLayer, bits: int) -> int:
+        itemsize = np.asarray(layer.nodes[0].inputs[1].values).itemsize
+        return -(-int(layer.weight.size) * bits // 8) + layer.out_features * itemsize
+
+    def build(self, bits: Mapping[str, int]) -> onnx.ModelProto:
+        graph = self.graph.copy()
+        names = NameSource(graph)
+        for name, b in bits.items():
+            layer = match_linear_layer(graph, node_named(graph, name)) if b else None
+            if isinstance(layer, LinearLayer):
+                write_linear_layer(graph, names, layer, int_rounded(layer.weight, b), layer.bias, layer.has_bias)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return to_model_proto(graph, self.prep.loaded.ctx)
+
+
+def _row(layer: LinearLayer, bits: int, stored: int, v: Verification) -> BitsRow:
     p = v.paired
     agree = next((o.top1_agreement for o in v.outputs if o.top1_agreement is not None), None)
     return BitsRow(layer.name, layer.kind, int(layer.weight.size), bits,
-                   int(layer.nodes[0].inputs[1].values.nbytes), shared_bytes(layer, bits, opset),
+                   int(layer.nodes[0].inputs[1].values.nbytes), stored,
                    v.accuracy_after, p.drop_points if p else None, p.lower_points if p else None,
                    p.upper_points if p else None, agree, v.max_abs, v.rel_max)
 
 
-def scan_bits(prep: Prepared, sharer: _Sharer, progress: Progress | None = None) -> BitsScan:
-    """Each scannable layer alone at each width, scored on the held-out split."""
+def scan_layers(evaluator: Evaluator, quantizer: LayerQuantizer, widths: tuple[int, ...], model: str,
+                progress: Progress | None = None, method: str = "kmeans") -> BitsScan:
+    """Each layer of ``quantizer`` alone at each width (the rest float), scored by ``evaluator``."""
     start = time.perf_counter()
-    evaluator = prep.evaluator("heldout", sharer.options.threads)
-    if evaluator is None:
-        raise OptionError("bits needs held-out samples to score candidates on (--verify-split > 0)")
     layers, skipped = [], {}
-    for layer in sharer.layers:
-        problem = sharer.problem(layer, min(sharer.options.bits))
+    for layer in quantizer.layers:
+        problem = quantizer.problem(layer, min(widths))
         if problem:
             skipped[layer.name] = problem
         else:
             layers.append(layer)
     if not layers:
-        raise OptionError("no layer can be shared: " + ("; ".join(f"{k}: {v}" for k, v in skipped.items())
-                                                         or "the model has no Gemm/MatMul/Conv weights"))
-    tasks = [(layer, b) for layer in layers for b in sharer.options.bits if not sharer.problem(layer, b)]
-    rows, base = [], None
+        raise OptionError("no layer can be quantized: " + ("; ".join(f"{k}: {v}" for k, v in skipped.items())
+                                                           or "the model has no Gemm/MatMul/Conv weights"))
+    tasks = [(layer, b) for layer in layers for b in widths if not quantizer.problem(layer, b)]
+    rows, base = [], evaluator.accuracy
     for i, (layer, b) in enumerate(tasks):
-        v = evaluator.score(sharer.build({layer.name: b}))
+        v = evaluator.score(quantizer.build({layer.name: b}))
         base = v.accuracy_before
-        rows.append(_row(layer, b, sharer.opset, v))
+        rows.append(_row(layer, b, quantizer.stored_bytes(layer, b), v))
         if progress is not None:
             progress(i + 1, len(tasks))
     info = tuple(LayerInfo(layer.name, layer.kind, int(layer.weight.size),
                            int(layer.nodes[0].inputs[1].values.nbytes)) for layer in layers)
-    return BitsScan(prep.source_name, prep.heldout_count, base, info, tuple(rows), skipped,
-                    time.perf_counter() - start)
+    return BitsScan(model, evaluator.samples, base, info, tuple(rows), skipped, time.perf_counter() - start,
+                    method)
+
+
+def scan_bits(prep: Prepared, quantizer: LayerQuantizer, options: BitsOptions,
+              progress: Progress | None = None) -> BitsScan:
+    """Each scannable layer alone at each width, scored on the held-out split."""
+    evaluator = prep.evaluator("heldout", options.threads)
+    if evaluator is None:
+        raise OptionError("bits needs held-out samples to score candidates on (--verify-split > 0)")
+    return scan_layers(evaluator, quantizer, options.bits, prep.source_name, progress, options.method)
 
 
 class _Options:
@@ -310,8 +395,10 @@ def bits_analysis(model: str | Path, calib: str, calibration: CalibrationSetting
         raise OptionError("give --calib DATA")
     if options.max_accuracy_drop is not None:
         require_budget_support(prep, options.max_accuracy_drop, "heldout")
+    if options.method == "int":
+        return BitsResult(scan_bits(prep, _IntRounder(prep), options, progress))
     sharer = _Sharer(prep, options, calibration)
-    scan = scan_bits(prep, sharer, progress)
+    scan = scan_bits(prep, sharer, options, progress)
     if options.max_accuracy_drop is None:
         return BitsResult(scan)
     bits, rounds = choose_bits(prep, sharer, scan, options.max_accuracy_drop)
@@ -328,5 +415,6 @@ def _final(model, calib, labels: str | None, options: BitsOptions, sharer: _Shar
                       tuple(rounds))
 
 
-__all__ = ["BitsOptions", "BitsRow", "BitsScan", "BitsChoice", "BitsResult", "LayerInfo", "COLUMNS", "DEFAULT_BITS",
+__all__ = ["LayerQuantizer", "METHODS", "int_rounded", "scan_layers",
+           "BitsOptions", "BitsRow", "BitsScan", "BitsChoice", "BitsResult", "LayerInfo", "COLUMNS", "DEFAULT_BITS",
            "parse_bits", "scan_bits", "allocate", "choose_bits", "bits_analysis"]

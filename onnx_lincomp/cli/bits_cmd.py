@@ -1,4 +1,5 @@
-"""``bits``: share one layer at a time at each bit width, score it, and optionally choose per-layer bits."""
+"""``bits``: quantize one layer at a time at each bit width (k-means sharing or integer rounding), score it, and
+optionally choose per-layer bits."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from ..errors import OptionError
 from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes, stage_json, with_options, write_csv
 
 EXAMPLE = ("Examples:\n\n  onnx-lincomp bits --example digits-mlp --bits 8,4,3,2 --csv bits.csv --plot bits.png\n\n"
+           "  onnx-lincomp bits --example digits-mlp --method int --bits 8,4,2 --csv int.csv\n\n"
            "  onnx-lincomp bits --example digits-mlp --max-accuracy-drop 2 -o shared.onnx --json report.json\n\n"
            "  onnx-lincomp optimize --example digits-mlp --recipe report.json -o again.onnx\n\n")
 
@@ -21,8 +23,9 @@ EXAMPLE = ("Examples:\n\n  onnx-lincomp bits --example digits-mlp --bits 8,4,3,2
               help="Fraction of the data held out to score candidates on.")
 @click.option("--bits", "bits_text", default="8,6,4,3,2", show_default=True,
               help="Comma-separated index widths (1..8) to scan.")
-@click.option("--method", type=click.Choice(["kmeans"]), default="kmeans", show_default=True,
-              help="kmeans: share-weights codebooks (a uniform integer grid, 'int', is not implemented).")
+@click.option("--method", type=click.Choice(["kmeans", "int"]), default="kmeans", show_default=True,
+              help="kmeans: share-weights codebooks; int: symmetric per-channel integer rounding (fake-quantized "
+                   "weights, float graph; a scan only, without --max-accuracy-drop).")
 @click.option("--rounding", type=click.Choice(["auto", "nearest", "gptq"]), default="auto", show_default=True,
               help="share-weights index choice (auto: gptq with calibration data).")
 @click.option("--refit-codebook/--no-refit-codebook", default=True, show_default=True,
@@ -42,7 +45,8 @@ EXAMPLE = ("Examples:\n\n  onnx-lincomp bits --example digits-mlp --bits 8,4,3,2
 def bits(model, calib, batch_size, max_samples, input_shape, threads, example, labels, verify_split, bits_text, method,
          rounding, refit_codebook, bias_correction, csv_out, json_out, plot, max_accuracy_drop, output, no_latency,
          overwrite):
-    """Share each layer's weights alone at each bit width and score it on held-out data; with
+    """Share (or, with --method int, round) each layer's weights alone at each bit width and score it on held-out
+    data; with
     --max-accuracy-drop, choose per-layer bits, build, verify and save the model with a replayable recipe."""
     from ..bits import COLUMNS, BitsOptions, bits_analysis, parse_bits
     from ..model_io import save_model_proto
@@ -108,15 +112,23 @@ def plot_bits(scan, path: str) -> None:
                 label=info.name)
     if scan.accuracy is not None:
         ax.axhline(100 * scan.accuracy, color="k", lw=0.8, ls="--", label="float")
-    ax.set_xlabel("bits per weight (one layer shared, the rest float)")
+    ax.set_xlabel(f"bits per weight (one layer {_verb(scan)}, the rest float)")
     ax.set_ylabel(heading)
     ax.invert_xaxis()
     if len(scan.layers) <= 30:
         ax.legend(fontsize=6, loc="best")
-    ax.set_title(f"{Path(scan.model).name}: weight-sharing sensitivity")
+    ax.set_title(f"{Path(scan.model).name}: {_what(scan)} sensitivity")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _verb(scan) -> str:
+    return "rounded to integers" if scan.method == "int" else "shared"
+
+
+def _what(scan) -> str:
+    return "integer-rounding" if scan.method == "int" else "weight-sharing"
 
 
 def print_scan(scan) -> None:
@@ -124,8 +136,8 @@ def print_scan(scan) -> None:
     widths = sorted({r.bits for r in scan.rows}, reverse=True)
     name_w = max([len(i.name) for i in scan.layers] + [5])
     base = f" (float: {100 * scan.accuracy:.2f})" if scan.accuracy is not None else ""
-    click.echo(f"bit sensitivity of {len(scan.layers)} layers: {heading} on {scan.samples} held-out samples{base}, "
-               f"{scan.seconds:.1f} s")
+    click.echo(f"{_what(scan)} bit sensitivity of {len(scan.layers)} layers: {heading} on {scan.samples} held-out "
+               f"samples{base}, {scan.seconds:.1f} s")
     click.echo(f"{'layer':<{name_w}} {'weights':>9} " + " ".join(f"{f'{b} bits':>8}" for b in widths))
     for info in scan.layers:
         rows = {r.bits: r for r in scan.rows if r.layer == info.name}

@@ -20,6 +20,12 @@ Algorithms (``algorithm``):
   onnxruntime's vendored Intel Neural Compressor GPTQ core; the Hessians are streamed from our calibration
   data (onnxruntime's own GPTQ entry point needs PyTorch and keeps every input in memory).
 
+**Bias correction** (``bias_correction``, on by default; needs calibration data, so rtn and hqq run without it
+when none is given): each layer's expected output shift from the rounding, ``(W - W_q) E[x]`` with ``E[x]`` its
+input mean on the calibration data (streamed with the layer moments; gptq reuses the moments of its Hessians),
+is folded into the bias: the constant of the layer's bias ``Add``, else ``MatMulNBits``' own ``bias`` input
+(:mod:`..rewrite.quant_bias_correction`; ``W_q`` is read by running the node on the identity).
+
 Gemm layers are first rewritten as ``MatMul`` (+ ``Add``), exactly. As for every onnxruntime-backed
 quantizer, the result is timed against FP32 and the pass declines when it is measurably slower (unless
 ``keep_slower``): 4-bit weights are a storage win first.
@@ -34,7 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..calibration.activations import CalibrationData
-from ..calibration.moments import collect_layer_moments
+from ..calibration.moments import Moments, collect_layer_moments
 from ..errors import OptionError
 from ..linear_layer import LinearLayer, match_linear_layer
 from ..rewrite.ort_quantize import (
@@ -46,6 +52,7 @@ from ..rewrite.ort_quantize import (
     ort_errors,
     prune_unused_domains,
 )
+from ..rewrite.quant_bias_correction import LayerMeans, correct_nbits_biases
 from .base import option
 from .quantize_dynamic import constant_weight_problem
 from .quantize_int8 import OrtQuantizeOptions, OrtQuantizePass, Quantized
@@ -62,6 +69,9 @@ class Quantize4BitOptions(OrtQuantizeOptions):
                              flag="--block-size")
     symmetric: bool = option(False, "Symmetric blocks (no zero point; rtn and gptq).")
     accuracy_level: int = option(0, "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute.")
+    bias_correction: bool = option(True, "Fold each layer's expected output shift from the weight rounding, "
+                                         "(W - W_q) E[x] on the calibration data, into its bias (needs data).",
+                                   flag="--bias-correction")
 
     def __post_init__(self):
         super().__post_init__()
@@ -104,10 +114,26 @@ class Quantize4Bit(OrtQuantizePass):
         notes = [f"{o.algorithm}, block {o.block_size}, {'symmetric' if o.symmetric else 'asymmetric'}"]
         if rewrite.rewritten:
             notes.append(f"{rewrite.rewritten} Gemm rewritten as MatMul+Add (exact) for the MatMulNBits quantizer")
+        layers = self._layers(work, exclude)
+        moments = (collect_layer_moments(work, data, layers) if data is not None and layers
+                   and (o.algorithm == "gptq" or o.bias_correction) else {})
         if o.algorithm == "gptq":
             assert data is not None  # plan refused to run gptq without data
-            model, gptq_notes = self._gptq(work, data, exclude)
-            return Quantized(float_model, model, tuple(notes + gptq_notes))
+            model, gptq_notes = self._gptq(work, data, moments)
+            notes += gptq_notes
+        else:
+            model = self._ort(work, ctx, exclude)
+        if o.bias_correction and moments:
+            means = LayerMeans({x.name: x.weight for x in layers}, {k: m.mean for k, m in moments.items()},
+                               {x.name: x.nodes[0].outputs[0].name for x in layers}, {})
+            notes.append(correct_nbits_biases(model, *means.by_output()).note("4-bit weights"))
+        elif o.bias_correction:
+            notes.append("no bias correction (needs calibration data)")
+        return Quantized(float_model, model, tuple(notes))
+
+    def _ort(self, work: gs.Graph, ctx, exclude: Sequence[str]) -> onnx.ModelProto:
+        """onnxruntime's MatMulNBits quantizer (rtn or hqq)."""
+        o = self.options
         MatMulNBitsQuantizer = nbits_quantizer_module().MatMulNBitsQuantizer  # noqa: N806
 
         with ort_errors(f"onnxruntime MatMulNBits quantizer ({o.algorithm})"):
@@ -117,18 +143,23 @@ class Quantize4Bit(OrtQuantizePass):
             quantizer.process()
         result = quantizer.model.model
         prune_unused_domains(result)
-        return Quantized(float_model, result, tuple(notes))
+        return result
 
-    def _gptq(self, work: gs.Graph, data: CalibrationData, exclude: Sequence[str]) -> tuple[onnx.ModelProto, list]:
-        """GPTQ with each layer's input Hessian streamed from the calibration data (second moments only: memory
-        does not grow with the number of samples)."""
-        o = self.options
+    @staticmethod
+    def _layers(work: gs.Graph, exclude: Sequence[str]) -> list[LinearLayer]:
+        """The MatMul layers to quantize, in the linear-layer view."""
         layers = []
         for node in work.nodes:
             layer = match_linear_layer(work, node) if node.op == "MatMul" and node.name not in exclude else None
             if isinstance(layer, LinearLayer):
                 layers.append(layer)
-        moments = collect_layer_moments(work, data, layers)
+        return layers
+
+    def _gptq(self, work: gs.Graph, data: CalibrationData, moments: dict[str, Moments]) -> tuple[onnx.ModelProto,
+                                                                                                  list]:
+        """GPTQ with each layer's input Hessian streamed from the calibration data (second moments only: memory
+        does not grow with the number of samples)."""
+        o = self.options
         hessians = {k: m.gram[:-1, :-1] / max(m.rows, 1) for k, m in moments.items()}
         model = export_float(work, data.ctx)
         with ort_errors("GPTQ (onnxruntime's numpy core)"):

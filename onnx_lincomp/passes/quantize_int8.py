@@ -23,6 +23,17 @@ slower at batch 1). So the pass times the quantized graph against the float one 
 ``latency_batch``) and, when INT8 is measurably slower, declines: the graph stays float and the reason is in
 the result, unless ``keep_slower`` is set. Nodes named in ``exclude`` stay float.
 
+**Bias correction** (``bias_correction``, on by default; QDQ only): after onnxruntime rounds the weights, each
+layer's expected output shift from the weight rounding, ``(W - W_q) E[x]`` with ``E[x]`` the layer's input
+mean on the calibration data, is folded into its (int32) bias (:mod:`..rewrite.quant_bias_correction`). The
+shift the activation quantization adds is not corrected.
+
+**Automatic exclusion** (``exclude_sensitive``; needs labels in the calibration data): each layer is quantized
+alone and scored on the calibration split; the most sensitive are kept float, a fixed number of them, or
+(``auto``) as many as it takes for the predicted and then the measured drop on the calibration split to fit
+``max_drop`` points (:mod:`..rewrite.int8_build`). The layers kept float and their one-layer drops are in the
+result's notes.
+
 This module also holds the base shared by the three onnxruntime-backed quantizers (``quantize-int8``,
 ``quantize-dynamic``, ``quantize-weights-4bit``): options, the plan (skip an already quantized model, check
 ``exclude``), and the apply step (quantize in a temporary folder, time, keep or decline, replace the graph).
@@ -40,6 +51,8 @@ import onnx_graphsurgeon as gs
 from ..calibration.activations import CalibrationData
 from ..calibration.data_source import input_specs, open_calibration
 from ..errors import CalibrationDataError, OptionError
+from ..evaluate.evaluator import Evaluator
+from ..rewrite.int8_build import Int8Builder, Int8Settings, exclude_sensitive
 from ..rewrite.ort_quantize import (
     FeedReader,
     LatencyCheck,
@@ -49,8 +62,6 @@ from ..rewrite.ort_quantize import (
     export_float,
     latency_check,
     map_excluded,
-    ort_errors,
-    ort_method,
     pre_process,
     quantized_layers,
     replace_graph,
@@ -93,6 +104,7 @@ class Quantized:
     float_model: onnx.ModelProto
     model: onnx.ModelProto
     notes: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()  # layers the pass itself chose to keep float (sensitivity)
 
 
 class OrtQuantizePass(Pass):
@@ -166,7 +178,8 @@ class OrtQuantizePass(Pass):
         replace_graph(graph, done.model)
         return PassResult(self.name, changed=True, matched=len(plan.matches), rewritten=layers, approximate=True,
                           skipped=skipped, notes=tuple(notes),
-                          counts={"layers_quantized": layers, "layers_excluded": len(exclude),
+                          counts={"layers_quantized": layers, "layers_excluded": len(exclude) + len(done.excluded),
+                                  "layers_excluded_sensitive": len(done.excluded),
                                   "calibration_samples": data.samples if data is not None and self.needs_data else 0})
 
     def _latency(self, done: Quantized, data: CalibrationData | None, graph: gs.Graph) -> LatencyCheck | None:
@@ -195,12 +208,9 @@ def check_exclude(pass_name: str, graph: gs.Graph, names: Sequence[str]) -> None
 
 
 def layers_to_exclude(graph: gs.Graph, options: OrtQuantizeOptions) -> tuple[str, ...]:
-    """The nodes kept in float: the user's ``exclude`` list.
-
-    Hook for automatic exclusion: a per-layer sensitivity ranking (the ``bits`` scan: accuracy drop with one
-    layer quantized at a time) and an accuracy budget would add the most sensitive layers here, most
-    sensitive first, until the budget holds; the plan then reports them as "kept in float by exclude" and
-    the recipe records them in ``exclude``."""
+    """The nodes kept in float before quantizing: the user's ``exclude`` list. The layers ``quantize-int8``'s
+    ``exclude_sensitive`` keeps float are chosen in apply (they need INT8 builds to be scored) and reported in
+    the result's notes and ``layers_excluded_sensitive``."""
     return tuple(options.exclude)
 
 
@@ -214,6 +224,14 @@ class QuantizeInt8Options(OrtQuantizeOptions):
     quant_format: str = option("qdq", "qdq (QuantizeLinear/DequantizeLinear pairs; fast on CPU) or qoperator "
                                       "(QLinearConv, ...; measured several times slower here).",
                                flag="--quant-format")
+    bias_correction: bool = option(True, "Fold each layer's expected output shift from the weight rounding, "
+                                         "(W - W_q) E[x] on the calibration data, into its bias (QDQ).",
+                                   flag="--bias-correction")
+    exclude_sensitive: int | str = option(0, "Keep float the layers most sensitive to INT8 (each scored alone on "
+                                             "the calibration split; needs labels): a count, or 'auto' for as "
+                                             "many as max_drop needs (0: off).", flag="--exclude-sensitive")
+    max_drop: float | None = option(None, "Accuracy budget in points on the calibration split for "
+                                          "exclude_sensitive 'auto'.", flag="--exclude-budget")
 
     def __post_init__(self):
         super().__post_init__()
@@ -226,6 +244,13 @@ class QuantizeInt8Options(OrtQuantizeOptions):
             raise OptionError(f"quantize-int8: unknown quant_format '{self.quant_format}' (choose qdq or qoperator)")
         object.__setattr__(self, "calib_method", method)
         object.__setattr__(self, "quant_format", fmt)
+        count = self.exclude_sensitive
+        if isinstance(count, bool) or not (count == "auto" or (isinstance(count, int) and count >= 0)):
+            raise OptionError(f"quantize-int8: exclude_sensitive must be a count >= 0 or 'auto', got {count!r}")
+        if count == "auto" and self.max_drop is None:
+            raise OptionError("quantize-int8: exclude_sensitive 'auto' needs the budget max_drop (--exclude-budget P)")
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or self.max_drop < 0):
+            raise OptionError(f"quantize-int8: max_drop must be >= 0 points, got {self.max_drop!r}")
 
 
 class QuantizeInt8(OrtQuantizePass):
@@ -243,7 +268,6 @@ class QuantizeInt8(OrtQuantizePass):
 
     def quantize(self, graph: gs.Graph, data: CalibrationData | None, exclude: Sequence[str],
                  ws: Workspace) -> Quantized:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         assert data is not None  # plan refused to run without data
@@ -255,20 +279,29 @@ class QuantizeInt8(OrtQuantizePass):
             notes.append("QOperator format: measured several times slower than QDQ on x86 (QDQ is the default)")
         float_model = export_float(graph, data.ctx, 11 if o.per_tensor else 13)
         pre = pre_process(float_model, ws)
-        pre_model = onnx.load(str(pre))
-        names, lost = map_excluded(exclude, pre_model)
+        op_types = tuple(sorted(set(QLinearOpsRegistry) | set(QDQRegistry)))
+        cache = calibrate_ranges(pre, FeedReader(data, graph.inputs), o.calib_method, ws, op_types)
+        builder = Int8Builder(pre, cache, Int8Settings(not o.per_tensor, o.quant_format == "qoperator",
+                                                       o.calib_method, op_types), ws)
+        names, lost = map_excluded(exclude, builder.pre_model)
         if lost:
             notes.append(f"excluded node(s) {', '.join(lost)} merged away by onnxruntime's pre-processing")
-        op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-        cache = calibrate_ranges(pre, FeedReader(data, graph.inputs), o.calib_method, ws, op_types)
-        out = ws.file("int8.onnx")
-        fmt = QuantFormat.QDQ if o.quant_format == "qdq" else QuantFormat.QOperator
-        with ort_errors("onnxruntime quantize_static"):
-            quantize_static(str(pre), str(out), None, quant_format=fmt, op_types_to_quantize=op_types,
-                            per_channel=not o.per_tensor, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=names,
-                            calibrate_method=ort_method(o.calib_method), calibration_cache_path=str(cache))
-        return Quantized(float_model, onnx.load(str(out)), tuple(notes))
+        if o.bias_correction and o.quant_format == "qdq":
+            means = builder.collect_means(data)
+            notes.extend(f"bias correction: {n} layer(s) skipped: {why}" for why, n in means.skipped.items())
+        elif o.bias_correction:
+            notes.append("no bias correction: the QOperator format folds its biases into integer kernels")
+        if o.exclude_sensitive:
+            evaluator = Evaluator(float_model, graph.inputs, data.source, 0, data.samples, data.source.labels,
+                                  threads=data.threads, optimize=True)
+            chosen = exclude_sensitive(builder, evaluator, names, o.exclude_sensitive, o.max_drop)
+            notes.extend(chosen.notes())
+            model, correction, auto = chosen.model, chosen.correction, chosen.excluded
+        else:
+            (model, correction), auto = builder.build(names), ()
+        if correction is not None:
+            notes.append(correction.note("weights"))
+        return Quantized(float_model, model, tuple(notes), auto)
 
 
 __all__ = ["OrtQuantizeOptions", "OrtQuantizePass", "QuantizeInt8", "QuantizeInt8Options", "Quantized",

@@ -1,0 +1,173 @@
+"""Static INT8 models built repeatedly from one pre-processing and one calibration, and the automatic exclusion
+of the layers most sensitive to INT8.
+
+:class:`Int8Builder` holds what every build shares: onnxruntime's pre-processed float model, the activation
+ranges (a calibration cache, so ``quantize_static`` does not calibrate again) and, with bias correction, each
+layer's float weight and input mean. :meth:`Int8Builder.build` quantizes the model with some nodes kept float
+(or only some nodes quantized) and folds the bias correction in.
+
+**Sensitivity and exclusion.** Each weighted layer is quantized alone (its input, weight and output; the rest
+float) and scored against the float model on the calibration split, with labels: the accuracy drop ``d_i`` in
+points (the one-layer-at-a-time scan of :func:`~onnx_lincomp.bits.scan_layers`). Drops are taken as additive:
+the predicted drop of quantizing a set ``S`` is ``sum_{i in S} max(d_i, 0)``. With a budget ``B`` the layers
+are kept float in decreasing order of ``d_i`` (ties: larger output error first) until the predicted drop is at
+most ``B``; the combined model is then built and scored on the same split, and while its measured drop exceeds
+``B`` the next most sensitive layer is kept float too. With a count ``N`` the ``N`` most sensitive layers are
+kept float, whatever the drop. The held-out split is never read: the pipeline's gate judges the result there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..calibration.activations import CalibrationData
+from ..errors import OptionError
+from ..linear_layer import LinearLayer, match_linear_layer
+from ..model_io import graph_from_proto
+from .ort_quantize import Workspace, export_context, ort_errors, ort_method
+from .quant_bias_correction import Correction, LayerMeans, correct_qdq_biases, layer_means
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """The quantize_static arguments every build shares."""
+
+    per_channel: bool
+    qoperator: bool
+    calib_method: str
+    op_types: tuple[str, ...]
+
+
+class Int8Builder:
+    """Builds INT8 models of one pre-processed float model from one set of activation ranges."""
+
+    def __init__(self, pre: Path, cache: Path, settings: Int8Settings, ws: Workspace):
+        self.pre, self.cache, self.settings, self.ws = pre, cache, settings, ws
+        self.pre_model = onnx.load(str(pre))
+        self.graph = graph_from_proto(self.pre_model)
+        self.means: LayerMeans | None = None
+        self._count = 0
+
+    def collect_means(self, data: CalibrationData) -> LayerMeans:
+        """Each layer's float weight and input mean on the calibration part (once; every build reuses them)."""
+        if self.means is None:
+            view = dataclasses.replace(data, ctx=export_context(data.ctx, self.graph))
+            self.means = layer_means(self.graph, view)
+        return self.means
+
+    def layers(self, exclude: Sequence[str]) -> list[LinearLayer]:
+        """The weighted layers of the pre-processed model that a build quantizes (not in ``exclude``)."""
+        out = []
+        for node in self.graph.nodes:
+            if node.op in self.settings.op_types and node.name not in exclude:
+                layer = match_linear_layer(self.graph, node)
+                if isinstance(layer, LinearLayer) and layer.nodes[0] is node:
+                    out.append(layer)
+        return out
+
+    def build(self, exclude: Sequence[str], only: Sequence[str] | None = None) -> tuple[onnx.ModelProto,
+                                                                                         Correction | None]:
+        """The model with ``exclude`` kept float (``only``: just these nodes quantized), bias-corrected when
+        :meth:`collect_means` ran."""
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        s = self.settings
+        self._count += 1
+        out = self.ws.file(f"int8-{self._count}.onnx")
+        fmt = QuantFormat.QOperator if s.qoperator else QuantFormat.QDQ
+        with ort_errors("onnxruntime quantize_static"):
+            quantize_static(str(self.pre), str(out), None, quant_format=fmt, op_types_to_quantize=list(s.op_types),
+                            per_channel=s.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
+                            calibrate_method=ort_method(s.calib_method), calibration_cache_path=str(self.cache))
+        model = onnx.load(str(out))
+        out.unlink()
+        if self.means is None or s.qoperator:
+            return model, None
+        return model, correct_qdq_biases(model, self.means.weights, self.means.means)
+
+
+class OneLayerInt8:
+    """:class:`~onnx_lincomp.bits.LayerQuantizer` of single INT8 layers (for the sensitivity scan)."""
+
+    def __init__(self, builder: Int8Builder, exclude: Sequence[str]):
+        self.builder = builder
+        self.layers = builder.layers(exclude)
+
+    def problem(self, layer: LinearLayer, bits: int) -> str | None:
+        return None if bits == 8 else "INT8 only"
+
+    def stored_bytes(self, layer: LinearLayer, bits: int) -> int:
+        return int(layer.weight.size) + 4 * (layer.out_features if self.builder.settings.per_channel else 1)
+
+    def build(self, bits: Mapping[str, int]) -> onnx.ModelProto:
+        return self.builder.build((), only=[name for name, b in bits.items() if b])[0]
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """The layers the sensitivity scan kept float, the evidence, and the model built without them."""
+
+    excluded: tuple[str, ...]
+    drops: Mapping[str, float]  # layer -> accuracy drop (points) with that layer alone in INT8
+    predicted: float  # summed drops of the layers still quantized
+    measured: float | None  # drop of the combined model on the calibration split (points)
+    budget: float | None
+    samples: int
+    model: onnx.ModelProto = dataclasses.field(repr=False)
+    correction: Correction | None = None
+
+    def notes(self) -> tuple[str, ...]:
+        ranked = ", ".join(f"{n} {d:+.2f}" for n, d in sorted(self.drops.items(), key=lambda kv: -kv[1]))
+        why = (f"kept float as the most sensitive: {', '.join(self.excluded)}" if self.excluded
+               else "no layer kept float")
+        goal = f" within the budget {self.budget:g}" if self.budget is not None else ""
+        measured = f", measured {self.measured:.2f}" if self.measured is not None else ""
+        return (f"INT8 sensitivity on {self.samples} calibration samples (accuracy drop in points with one layer "
+                f"alone in INT8): {ranked}",
+                f"{why}; predicted drop {self.predicted:.2f}{measured} points{goal} (calibration split)")
+
+
+def exclude_sensitive(builder: Int8Builder, evaluator, exclude: Sequence[str], count: int | str,
+                      budget: float | None) -> Exclusion:
+    """Scan the layers one at a time and keep float the most sensitive ``count`` ("auto": as many as ``budget``
+    needs, checked on the combined model), as the module docstring says."""
+    from ..bits import scan_layers  # bits imports the pass registry, which imports this module
+
+    if evaluator.accuracy is None:
+        raise OptionError("quantize-int8: exclude_sensitive needs labels in the calibration data (--labels KEY) and "
+                          "a classifier output")
+    scan = scan_layers(evaluator, OneLayerInt8(builder, exclude), (8,), "quantize-int8", method="int8")
+    drops = {r.layer: float(r.drop_points or 0.0) for r in scan.rows}
+    order = [r.layer for r in sorted(scan.rows, key=lambda r: (-(r.drop_points or 0.0), -r.rel_max))]
+    if count != "auto":
+        chosen = order[:int(count)]
+        model, corr = builder.build(list(exclude) + chosen)
+        return Exclusion(tuple(chosen), drops, _predicted(drops, chosen), None, budget, scan.samples, model, corr)
+    assert budget is not None  # the options require it with "auto"
+    chosen = []
+    while _predicted(drops, chosen) > budget and len(chosen) < len(order):
+        chosen.append(order[len(chosen)])
+    while True:
+        model, corr = builder.build(list(exclude) + chosen)
+        v = evaluator.score(model)
+        measured = v.paired.drop_points if v.paired is not None else None
+        logger.info("quantize-int8: %d layer(s) kept float, measured drop %s", len(chosen), measured)
+        if measured is None or measured <= budget or len(chosen) == len(order):
+            return Exclusion(tuple(chosen), drops, _predicted(drops, chosen), measured, budget, scan.samples,
+                             model, corr)
+        chosen.append(order[len(chosen)])
+
+
+def _predicted(drops: Mapping[str, float], excluded: Sequence[str]) -> float:
+    return float(sum(max(d, 0.0) for n, d in drops.items() if n not in excluded))
+
+
+__all__ = ["Exclusion", "Int8Builder", "Int8Settings", "OneLayerInt8", "exclude_sensitive"]
