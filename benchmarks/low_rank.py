@@ -9,9 +9,14 @@ calibration on the first 2,000 images, held out the other 8,000) and ``real/onnx
 (MNIST test set, same split). For every keep ratio of the parameters, method and data-awareness one
 ``optimize`` run with the ``low-rank`` pass only: parameters and MACs after / before, onnxruntime latency
 ratio at batch 1 and 32 (interleaved rounds, pinned threads; mnist-8 takes batch 1 only), held-out
-accuracy, and the per-layer choices (k, rank). Prints a markdown table and writes
-benchmarks/results/low_rank.json (rewritten after every run, so a partial run keeps its rows). First it
-times the decompositions and the ALDS allocation of a synthetic 50-layer model.
+accuracy, and the per-layer choices (k, rank). Per factorised layer it also reports the error on the
+held-out samples (at most 2,000), which the pass never sees: the relative operator-norm error of the layer
+alone on held-out activations (the layer's original input fed to its factorised form; the same measure as
+the pass's "data error" on the calibration part) and the relative RMS change of the layer's output in the
+factorised model (errors of earlier layers included). Prints markdown tables and writes
+benchmarks/results/low_rank.json (rewritten after every run, so a partial run keeps its rows; rows of
+other models, methods and keeps already there are kept). First it times the decompositions and the ALDS
+allocation of a synthetic 50-layer model.
 """
 from __future__ import annotations
 
@@ -22,18 +27,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import SHARED  # noqa: E402
+from onnx_lincomp.calibration.activations import with_outputs  # noqa: E402
 from onnx_lincomp.examples import example_paths  # noqa: E402
+from onnx_lincomp.linear_layer import LinearLayer, match_linear_layer  # noqa: E402
+from onnx_lincomp.model_io import to_model_proto  # noqa: E402
 from onnx_lincomp.optimize import OptimizeOptions, optimize  # noqa: E402
+from onnx_lincomp.prepared import Prepared, prepare  # noqa: E402
 from onnx_lincomp.recipe import CalibrationSettings, PassSpec, Recipe  # noqa: E402
+from onnx_lincomp.runtime.feeds import iterate_feeds  # noqa: E402
+from onnx_lincomp.runtime.session import SessionOptions, SessionScope  # noqa: E402
 from real_models import RealModel, calibration_file  # noqa: E402
 
 KEEPS = (0.8, 0.6, 0.4)
 METHODS = ("alds", "uniform", "energy")
 OUT = HERE / "results" / "low_rank.json"
+LAYER_SAMPLES = 2000  # held-out samples the per-layer errors read
 
 
 def models(tmp: Path) -> list[tuple[str, str, str, CalibrationSettings]]:
@@ -50,6 +66,87 @@ def models(tmp: Path) -> list[tuple[str, str, str, CalibrationSettings]]:
     return out
 
 
+class _Moments:
+    """Streamed mean and second moment of the rows of a ``rows x features`` matrix."""
+
+    def __init__(self):
+        self.n, self.total, self.gram = 0, 0.0, 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = rows.astype(np.float64)
+        self.n += len(rows)
+        self.total = self.total + rows.sum(axis=0)
+        self.gram = self.gram + rows.T @ rows
+
+    def covariance(self) -> np.ndarray:
+        mean = self.total / max(self.n, 1)
+        return self.gram / max(self.n, 1) - np.outer(mean, mean)
+
+
+def _rows(value: np.ndarray, conv: bool) -> np.ndarray:
+    """A layer output as rows of features (Conv: channels, one row per sample and position)."""
+    return (np.moveaxis(value, 1, -1) if conv else value).reshape(-1, value.shape[1 if conv else -1])
+
+
+def _top(a: np.ndarray) -> float:
+    return max(float(np.linalg.eigvalsh((a + a.T) / 2)[-1]), 0.0)
+
+
+def _layer_alone(model: onnx.ModelProto, x: str, y: str) -> onnx.ModelProto:
+    """The part of ``model`` from tensor ``x`` to tensor ``y`` (a factorised layer) as a model."""
+    g = gs.import_onnx(model)
+    tensors = g.tensors()
+    for name in (x, y):
+        if tensors[name].dtype is None:
+            tensors[name].dtype = np.float32
+    g.inputs, g.outputs = [tensors[x]], [tensors[y]]
+    g.cleanup()
+    return gs.export_onnx(g)
+
+
+def heldout_layer_errors(prep: Prepared, factorised: onnx.ModelProto, sites: list[str]) -> dict[str, dict]:
+    """Per factorised layer (node name in ``sites``), on up to :data:`LAYER_SAMPLES` held-out samples:
+    ``isolated``, the relative operator-norm error ``sqrt(top eig cov(Y^ - Y) / top eig cov(Y))`` of the layer
+    alone (its factorised form fed the original model's input to the layer; the pass's "data error" is the
+    same measure on the calibration part), and ``cumulative``, the relative RMS change ``||Y' - Y||_F / ||Y -
+    mean Y||_F`` of the layer's output tensor in the factorised model (earlier layers' errors included)."""
+    graph = prep.loaded.graph
+    layers: dict[str, LinearLayer] = {}
+    for name in sites:
+        node = next(n for n in graph.nodes if n.name == name)
+        layers[name] = match_linear_layer(graph, node)
+    ins = list(dict.fromkeys(v.input.name for v in layers.values()))
+    outs = list(dict.fromkeys(v.output.name for v in layers.values()))
+    original = with_outputs(to_model_proto(graph, prep.loaded.ctx, infer_shapes=False), ins + outs)
+    changed = with_outputs(onnx.ModelProto.FromString(factorised.SerializeToString()), outs)
+    stats = {name: (_Moments(), _Moments(), [0.0]) for name in layers}  # Y, Y^ - Y (alone), [sum (Y' - Y)^2]
+    samples = 0
+    options = SessionOptions(threads=1, optimize=False)
+    with SessionScope(prefix="lowrank-bench-") as scope:
+        before, after = scope.open(original, options), scope.open(changed, options)
+        alone = {name: scope.open(_layer_alone(factorised, v.input.name, v.output.name), options)
+                 for name, v in layers.items()}
+        stop = min(len(prep.source), prep.n_calib + LAYER_SAMPLES)
+        for feeds, _ in iterate_feeds(graph, prep.source, 250, prep.n_calib, stop):
+            ref = dict(zip(ins + outs, before.run(ins + outs, feeds), strict=True))
+            got = dict(zip(outs, after.run(outs, feeds), strict=True))
+            samples += len(ref[outs[0]])
+            for name, v in layers.items():
+                conv = v.kind == "conv"
+                y = _rows(ref[v.output.name], conv)
+                iso = _rows(alone[name].run(None, {v.input.name: ref[v.input.name]})[0], conv)
+                ys, ds, acc = stats[name]
+                ys.add(y)
+                ds.add(iso - y)
+                acc[0] += float(((_rows(got[v.output.name], conv) - y).astype(np.float64) ** 2).sum())
+    out = {}
+    for name, (ys, ds, acc) in stats.items():
+        spread = float(np.trace(ys.covariance())) * ys.n
+        out[name] = {"isolated": float(np.sqrt(_top(ds.covariance()) / max(_top(ys.covariance()), 1e-300))),
+                     "cumulative": float(np.sqrt(acc[0] / max(spread, 1e-300))), "samples": samples}
+    return out
+
+
 def one_run(model: str, calib: str, settings: CalibrationSettings, keep: float, method: str, aware: bool,
             latency: bool, check_latency: bool = False) -> dict:
     options = {"keep_params": keep, "method": method, "data_aware": aware, "check_latency": check_latency}
@@ -61,6 +158,9 @@ def one_run(model: str, calib: str, settings: CalibrationSettings, keep: float, 
     rep = result.report
     held = rep.on_heldout
     record = rep.passes[0]
+    sites = [n.split(": ")[0] for n in record.result.notes if not n.startswith("allocation: ")]
+    prep = prepare(model, calib, recipe, labels="y")
+    layer_errors = heldout_layer_errors(prep, result.model, sites) if sites and prep.heldout_count else {}
     b1, b32 = rep.after.change_b1, rep.after.change_batch
     return {"keep": keep, "method": method, "data_aware": aware,
             "params_ratio": rep.after.params / rep.before.params,
@@ -70,7 +170,7 @@ def one_run(model: str, calib: str, settings: CalibrationSettings, keep: float, 
             "accuracy_before": held.accuracy_before, "accuracy_after": held.accuracy_after,
             "agreement": held.agreement, "heldout_samples": held.samples, "seconds": seconds,
             "pass_seconds": record.seconds, "layers": list(record.result.notes),
-            "skipped": dict(record.result.skipped)}
+            "layer_errors": layer_errors, "skipped": dict(record.result.skipped)}
 
 
 def _pct(v: float | None) -> str:
@@ -81,16 +181,45 @@ def _ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _chosen(r: dict) -> str:
+    """Which candidate allocation the pass kept (alds with calibration data), or '-'."""
+    note = next((n for n in r["layers"] if n.startswith("allocation: ")), None)
+    return note.removeprefix("allocation: ").split(" chosen")[0] if note else "-"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | keep | method | data-aware | params | MACs | latency b1 | latency b32 | accuracy | "
-             "choices (k/rank) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "agreement | choices (k/rank) | allocation kept |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         picks = ", ".join(n.split(": ")[1].split(":")[0].replace(" rank ", "/").replace("k=", "")
-                          for n in r["layers"]) or "none"
+                          for n in r["layers"] if not n.startswith("allocation: ")) or "none"
         lines.append(f"| {r['model']} | {r['keep']} | {r['method']} | {'yes' if r['data_aware'] else 'no'} | "
                      f"{r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | {_ratio(r['latency_b1'])} | "
                      f"{_ratio(r['latency_b32'])} | {_pct(r['accuracy_before'])} -> {_pct(r['accuracy_after'])} | "
-                     f"{picks} |")
+                     f"{_pct(r['agreement'])} | {picks} | {_chosen(r)} |")
+    return "\n".join(lines)
+
+
+def _note_value(note: str, key: str) -> str:
+    return note.split(key + " ")[1].split(" ")[0].rstrip(",;") if key + " " in note else "-"
+
+
+def layer_table(rows: list[dict]) -> str:
+    """Per factorised layer: its weight-space error, the data error the pass measured on the calibration part,
+    and the errors on held-out activations (see :func:`heldout_layer_errors`)."""
+    lines = ["| model | keep | method | data-aware | layer | k/rank | op-norm error (weights) | data error "
+             "(calibration) | data error (held-out, layer alone) | output change (held-out, cumulative) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for note in r["layers"]:
+            if note.startswith("allocation: "):
+                continue
+            name, rest = note.split(": ", 1)
+            held = r.get("layer_errors", {}).get(name, {})
+            lines.append(f"| {r['model']} | {r['keep']} | {r['method']} | {'yes' if r['data_aware'] else 'no'} | "
+                         f"{name} | {rest.split(':')[0].replace(' rank ', '/').replace('k=', '')} | "
+                         f"{_note_value(note, 'op-norm error')} | {_note_value(note, 'data error')} | "
+                         f"{held.get('isolated', float('nan')):.3g} | {held.get('cumulative', float('nan')):.3g} |")
     return "\n".join(lines)
 
 
@@ -155,6 +284,10 @@ def main() -> None:
         return
     keeps = [float(k) for k in args.keeps.split(",")]
     rows: list[dict] = []
+    kept = json.loads(out.read_text()).get("rows", []) if out.exists() else []
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["keep"], r["method"], r["data_aware"]
     with tempfile.TemporaryDirectory() as tmp:
         for label, model, calib, settings in models(Path(tmp)):
             if args.only not in label:
@@ -166,10 +299,14 @@ def main() -> None:
                                                          not args.no_latency, args.latency_check)}
                         rows.append(row)
                         print(table([row]).splitlines()[-1], f"({row['seconds']:.0f}s)", flush=True)
-                        out.write_text(json.dumps({"rows": rows, "verdicts": verdicts(rows),
+                        fresh = {key(r) for r in rows}
+                        every = [r for r in kept if key(r) not in fresh] + rows
+                        out.write_text(json.dumps({"rows": every, "verdicts": verdicts(every),
                                                    "allocation_50_layers": timing}, indent=1))
     print()
     print(table(rows))
+    print()
+    print(layer_table(rows))
     print()
     print("\n".join(verdicts(rows)))
 

@@ -387,3 +387,124 @@ def test_single_layer_timing_models_are_valid(rng):
     assert _ops(factorised) == ["Conv", "Conv"]
     x = rng.normal(size=(2, 24, 10, 10)).astype(np.float32)
     assert run(dense, {"x": x})[0].shape == run(factorised, {"x": x})[0].shape == (2, 16, 10, 10)
+
+
+def _factorise_in_form(model, k, form, rank=None):
+    """Write the single layer of ``model`` with ``k`` groups in ``form`` (full rank unless ``rank``)."""
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    layer = next(lay for n in loaded.graph.nodes if isinstance(lay := match_linear_layer(loaded.graph, n), LinearLayer))
+    sp = Spectrum(layer.weight.reshape(layer.out_features, -1), int(layer.weight.shape[1]))
+    enc, dec = sp.factors(k, rank or sp.rank_max(k))
+    write_factorised(loaded.graph, NameSource(loaded.graph), layer, enc, dec, layer.bias, k, form)
+    loaded.graph.cleanup().toposort()
+    out = to_model_proto(loaded.graph, loaded.ctx)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+@pytest.mark.parametrize("form", ["split", "batched"])
+@pytest.mark.parametrize("trans_b,alpha,beta,bias", [(1, 1.0, 1.0, True), (0, 0.5, 2.0, True), (1, 1.0, 1.0, False)])
+@pytest.mark.parametrize("k", [2, 5])
+def test_grouped_gemm_forms_equal_the_original_at_full_rank(rng, form, trans_b, alpha, beta, bias, k):
+    n, f = 20, 7
+    w = rng.normal(size=(f, n) if trans_b else (n, f)).astype(np.float32)
+    inputs = ["x", "w"] + (["b"] if bias else [])
+    inits = [init("w", w)] + ([init("b", rng.normal(size=f).astype(np.float32))] if bias else [])
+    node = helper.make_node("Gemm", inputs, ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
+    model = make_model([node], [vinfo("x", ["N", n])], [vinfo("y", ["N", f])], inits)
+    out = _factorise_in_form(model, k, form)
+    ops = _ops(out)
+    assert ("Split" in ops) == (form == "split") and ops.count("Transpose") == (2 if form == "batched" else 0)
+    assert ops.count("MatMul") == (k + 1 if form == "split" else 2)
+    for batch in (1, 6):
+        _same(model, out, {"x": rng.normal(size=(batch, n)).astype(np.float32)}, tol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["split", "batched"])
+@pytest.mark.parametrize("lead", [[5], [3, 4]])
+def test_grouped_matmul_forms_equal_the_original_at_full_rank(rng, form, lead):
+    n, f, k = 12, 9, 3
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b"], ["y"], name="add")]
+    inits = [init("w", rng.normal(size=(n, f)).astype(np.float32)), init("b", rng.normal(size=f).astype(np.float32))]
+    model = make_model(nodes, [vinfo("x", ["N", *lead, n])], [vinfo("y", ["N", *lead, f])], inits)
+    out = _factorise_in_form(model, k, form)
+    _same(model, out, {"x": rng.normal(size=(2, *lead, n)).astype(np.float32)}, tol=1e-5)
+
+
+def test_grouped_forms_agree_at_reduced_rank(rng):
+    model = mlp_model(rng, [24, 10])
+    split, batched = (_factorise_in_form(model, 4, form, rank=2) for form in ("split", "batched"))
+    _same(split, batched, {"x": rng.normal(size=(5, 24)).astype(np.float32)}, tol=1e-5)
+
+
+def test_the_pass_writes_the_form_asked_or_measured(rng, monkeypatch):
+    import onnx_lincomp.passes.low_rank as low_rank
+    import onnx_lincomp.runtime.latency as latency
+
+    model = mlp_model(rng, [64, 96, 64, 10])
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    outs = {}
+    for form in ("split", "batched"):
+        outs[form], rec = _low_rank(model, keep_params=0.5, max_groups=8, grouped_form=form, choose_on_data=False)
+        grouped = [n for n in rec.result.notes if " k=1 " not in n]
+        assert grouped and all(f"grouped form: {low_rank._FORM_NAMES[form]} (as asked)" in n for n in grouped)
+        assert ("Split" in _ops(outs[form])) == (form == "split")
+    _same(outs["split"], outs["batched"], {"x": x}, tol=1e-5)
+    calls = []
+    real = latency.compare_models_latency
+    monkeypatch.setattr(latency, "compare_models_latency", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out, rec = _low_rank(model, keep_params=0.5, max_groups=8)
+    grouped = [n for n in rec.result.notes if " k=1 " not in n]
+    assert grouped and all("grouped form:" in n and "measured: batched MatMul takes" in n for n in grouped)
+    shapes = {n.split(": ")[1].split(":")[0] for n in grouped}
+    assert len(calls) == 2 * len(shapes)  # batch 1 and 32, once per layer shape
+    _same(outs["split"], out, {"x": x}, tol=1e-5)
+
+
+def test_grouped_form_of_a_matmul_of_unknown_rank_is_split(rng):
+    from onnx_lincomp.passes.low_rank import _grouped_form, _Timings
+
+    w = rng.normal(size=(12, 6)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vinfo("x", None)],
+                       [vinfo("y", None)], [init("w", w)])
+    loaded = model_from_proto(model)
+    layer = match_linear_layer(loaded.graph, loaded.graph.nodes[0])
+    form, why = _grouped_form(layer, 3, 2, _Timings("measure"))
+    assert form == "split" and "rank is unknown" in why
+
+
+def test_alds_candidates_hold_the_min_max_allocation(rng):
+    tables = []
+    for f, n in ((16, 48), (24, 32), (10, 24)):
+        sp = Spectrum(rng.normal(size=(f, n)), n)
+        tables.append({k: choices(sp.errors(k, "exact"), k, f, n, 1.0, 1) for k in divisors(n, 8)})
+    allocator = Allocator(tables, 0.5 * sum(f * n for f, n in ((16, 48), (24, 32), (10, 24))))
+    found = allocator.alds_candidates((2, 3, 4), 4)
+    assert 1 in found and len({(a.ks, a.index) for a in found.values()}) == len(found)
+    best = allocator.alds((2, 3, 4), 4)
+    assert best.objective == min(a.objective for a in found.values())
+    assert allocator.result(list(zip(best.ks, best.index, strict=True))) == best
+
+
+def _relative_output_error(model, out, x):
+    a, b = run(model, {"x": x})[0].astype(np.float64), run(out, {"x": x})[0].astype(np.float64)
+    return float(((b - a) ** 2).sum() / ((a - a.mean(axis=0)) ** 2).sum())
+
+
+@pytest.mark.parametrize("aware", [False, True])
+@pytest.mark.parametrize("keep", [0.6, 0.4])
+def test_alds_on_data_is_no_worse_than_uniform_on_the_calibration_outputs(rng, aware, keep):
+    model = mlp_model(rng, [32, 48, 40, 10])
+    x = _correlated(rng, 300, 32, rank=10)
+    errors, notes = {}, {}
+    for method in ("alds", "uniform"):
+        out, rec = _low_rank(model, x, method=method, keep_params=keep, data_aware=aware)
+        errors[method], notes[method] = _relative_output_error(model, out, x), rec.result.notes
+    assert errors["alds"] <= errors["uniform"] * (1 + 1e-4) + 1e-9
+    head = notes["alds"][0]
+    assert head.startswith("allocation: ") and "chosen by relative output error on 300 calibration samples" in head
+    measured = float(head.split("(")[1].split(";")[0])  # the pass's own figure for the kept allocation
+    assert measured == pytest.approx(errors["alds"], rel=1e-2, abs=1e-6)
+    assert not any(n.startswith("allocation: ") for n in notes["uniform"])

@@ -353,15 +353,30 @@ class Allocator:
 
     def alds(self, targets: Sequence[int], rounds: int) -> Allocation | None:
         """The best alternating allocation from every layer at ``k = 1`` and at the feasible ``k`` nearest
-        each target."""
-        best = None
-        starts = {tuple(1 for _ in self.tables)}
-        starts |= {tuple(_snap(t, table) for table in self.tables) for t in targets}
-        for start in sorted(starts):
+        each target (lowest maximum error, then sum of errors)."""
+        return min(self.alds_candidates(targets, rounds).values(), key=lambda a: a.objective, default=None)
+
+    def alds_candidates(self, targets: Sequence[int], rounds: int) -> dict[int, Allocation]:
+        """The alternating allocation reached from each start (key: the start's target ``k``, 1 for every
+        layer at ``k = 1``), without duplicates; a start that reaches an allocation already found is left
+        out. A caller that can measure the allocations (on calibration data) chooses among these."""
+        starts = {1: tuple(1 for _ in self.tables)}
+        for t in targets:
+            start = tuple(_snap(t, table) for table in self.tables)
+            if start not in starts.values():
+                starts.setdefault(t, start)
+        out: dict[int, Allocation] = {}
+        seen: set[tuple] = set()
+        for target, start in starts.items():
             alloc = self.alternate(start, rounds)
-            if alloc is not None and (best is None or alloc.objective < best.objective):
-                best = alloc
-        return best
+            if alloc is not None and (alloc.ks, alloc.index) not in seen:
+                seen.add((alloc.ks, alloc.index))
+                out[target] = alloc
+        return out
+
+    def result(self, picks: Sequence[tuple[int, int]]) -> Allocation:
+        """The :class:`Allocation` of given ``(k, choice index)`` per layer (its errors and size)."""
+        return self._result([k for k, _ in picks], [i for _, i in picks])
 
 
 def _snap(target: int, table: dict[int, Choices]) -> int:

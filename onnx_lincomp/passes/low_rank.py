@@ -8,8 +8,11 @@ groups ``[W_1 ... W_k]`` and each group is replaced by a rank-``j`` projection `
 * Conv (group 1): ``Conv(x, E, group=k, out=k j, the original kernel / strides / pads / dilations, no
   bias)`` then ``Conv_1x1(., D, b)`` where ``E`` stacks the encoders ``U_i^T W_i`` unfolded to
   ``j x c/k x kh x kw`` and ``D = [U_1 ... U_k]`` sums the groups;
-* Gemm / MatMul: ``MatMul(x, E^T)`` (``k = 1``) or ``Split`` along the features, one ``MatMul`` per group
-  and ``Concat`` (``k > 1``), then ``MatMul(., D^T)`` and ``Add(b)``.
+* Gemm / MatMul: ``MatMul(x, E^T)`` (``k = 1``), then ``MatMul(., D^T)`` and ``Add(b)``. With ``k > 1`` the
+  encoder is either ``Split`` along the features, one ``MatMul`` per group and ``Concat``, or one batched
+  ``MatMul``: ``Reshape`` to ``[..., k, n/k]``, ``Transpose`` the groups to the front, ``MatMul`` with the
+  ``[k, n/k, j]`` stack of ``E_i^T``, ``Transpose`` and ``Reshape`` back to ``[..., k j]``; both are timed
+  once per layer shape in onnxruntime and the faster is written (``grouped_form``; the note says which).
 
 The result computes ``W^ x + b'`` with ``W^ = [U_1 U_1^T W_1 ... U_k U_k^T W_k]``: exact at full rank,
 and in weight space at rank ``j`` with ``k = 1`` its relative operator-norm error is
@@ -23,7 +26,12 @@ data) under a parameter (``keep_params``) or MAC (``keep_macs``) budget for the 
 per layer; for ``k = 1`` the error is ``sigma_{j+1} / sigma_1`` of ``W S``, for ``k > 1`` either the exact
 error of the grouped factorisation (``error = "exact"``, default) or ALDS's lower bound
 ``max_i sigma_{j+1}(W_i S_i) / ||W S||`` (``error = "bound"``). With data, a grouped layer's decoder is
-refit by least squares on all groups' codes (:meth:`..analysis.low_rank_alloc.Spectrum.factors`);
+refit by least squares on all groups' codes (:meth:`..analysis.low_rank_alloc.Spectrum.factors`).
+With calibration data (``choose_on_data``) the per-layer errors above do not say how much each layer's
+error reaches the model's outputs, so the allocations reached from ALDS's starts and the uniform
+allocation at the same budget are each written into a copy of the graph and run on the calibration
+samples, and the one with the lowest relative output error ``sum ||y^ - y||^2 / sum ||y - mean y||^2``
+is kept (the first note names it and the others' errors);
 ``uniform`` keeps one fraction of every layer's rank; ``energy`` keeps a fraction of every layer's
 squared singular values (or, with a budget, minimises the largest energy lost). A layer whose factorised
 form is not smaller stays dense, and a layer whose output reaches a graph output through no other linear
@@ -42,6 +50,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis.low_rank_alloc import Allocation, Allocator, Choices, Spectrum, choices, divisors, uniform_ranks
 from ..analysis.model_report import graph_figures
+from ..calibration.activations import CalibrationData
 from ..calibration.moments import Moments, collect_layer_moments
 from ..errors import OptionError
 from ..graph_edit import NameSource, is_graph_output
@@ -50,6 +59,7 @@ from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipT
 
 Method = Literal["alds", "uniform", "energy"]
 ErrorKind = Literal["exact", "bound"]
+GroupedForm = Literal["measure", "split", "batched"]
 DEFAULT_KEEP = 0.5
 MAX_WHITEN_COLS = 8192  # layers with wider rows are factorised in weight space (their covariance is too big)
 START_K = (2, 3, 4, 5, 8)  # ALDS starts from every layer at k = 1 and at the feasible k nearest each of these
@@ -82,6 +92,14 @@ class LowRankOptions(PassOptions):
     ridge: float = option(1e-3, "Whitening regularisation: added to the input covariance, relative to its mean "
                                 "diagonal.")
     seed: int = option(0, "Seed of the receptive fields sampled from Conv inputs.")
+    choose_on_data: bool = option(True, "alds with a budget and calibration data: measure the output error of "
+                                        "the allocation reached from every ALDS start, and of the uniform "
+                                        "allocation at the same budget, on the calibration data and keep the "
+                                        "lowest.", flag="--rank-choose-on-data")
+    grouped_form: GroupedForm = option("measure", "Form of a Gemm / MatMul with k > 1: split (Split, one MatMul "
+                                                  "per group, Concat), batched (Reshape, Transpose, one batched "
+                                                  "MatMul) or measure (time both in onnxruntime once per shape and "
+                                                  "emit the faster).", flag="--rank-grouped-form")
     check_latency: bool = option(False, "Time each factorised layer against the dense one in onnxruntime (batch 1 "
                                         "and 32, once per shape) and keep a layer dense (or at k = 1) where the "
                                         "factorised form runs slower; the budget is then re-allocated.",
@@ -96,6 +114,8 @@ class LowRankOptions(PassOptions):
             raise OptionError("low-rank: give keep_params or keep_macs, not both")
         if self.error not in ("exact", "bound"):
             raise OptionError(f"low-rank: error must be exact or bound, got {self.error!r}")
+        if self.grouped_form not in ("measure", "split", "batched"):
+            raise OptionError(f"low-rank: grouped_form must be measure, split or batched, got {self.grouped_form!r}")
         if self.method not in ("alds", "uniform", "energy"):
             raise OptionError(f"low-rank: method must be alds, uniform or energy, got {self.method!r}")
         budget = self.keep_params is not None or self.keep_macs is not None
@@ -195,10 +215,14 @@ class LowRank(Pass):
             self._whiten(graph, ctx, sites)
         total = self._total(graph) if o.keep is not None and sites else 0.0
         tables, relaxed = self._tables(total, sites)
-        picks = self._allocate(total, sites, tables)
+        judge = None
+        if o.choose_on_data and o.method == "alds" and o.keep is not None and ctx.data is not None and sites:
+            judge = _OutputErrorJudge(graph, ctx.data, sites, self._factorised)
+        picks = self._allocate(total, sites, tables, judge)
         slow: set[str] = set()
+        timings = _Timings(o.grouped_form)
         if o.check_latency:
-            picks = self._faster_only(total, sites, tables, picks, slow)
+            picks = self._faster_only(total, sites, tables, picks, slow, judge, timings)
         matches = []
         for site, table, (k, idx) in zip(sites, tables, picks, strict=True):
             rank = int(table[k].ranks[idx])
@@ -210,7 +234,9 @@ class LowRank(Pass):
                     tally.add("the factorised form ran slower in onnxruntime (latency check)" if site.name in slow
                               else "left dense by the allocation (the budget keeps it whole)", site.name)
                 continue
-            matches.append(self._match(site, k, rank, site.name in relaxed and k * rank < site.layer.out_features))
+            form, why = _grouped_form(site.layer, k, rank, timings)
+            matches.append(self._match(site, k, rank, site.name in relaxed and k * rank < site.layer.out_features,
+                                       form, why, judge.summary if judge is not None else ""))
         return tally.plan(self.name, matches, approximate=bool(matches))
 
     def _tables(self, total: float, sites: list[_Site]) -> tuple[list[dict[int, Choices]], set[str]]:
@@ -235,11 +261,11 @@ class LowRank(Pass):
         return tables, {sites[i].name for i in guarded if sites[i].min_width < widths[i]}
 
     def _faster_only(self, total: float, sites: list[_Site], tables: list[dict[int, Choices]],
-                     picks: list[tuple[int, int]], slow: set[str]) -> list[tuple[int, int]]:
+                     picks: list[tuple[int, int]], slow: set[str], judge: _OutputErrorJudge | None,
+                     timings: _Timings) -> list[tuple[int, int]]:
         """Re-allocate while some factorised layer runs slower than the dense one: such a layer is limited
         to k = 1, then kept dense (``tables`` and ``slow`` are updated), one layer at a time; a restriction
         that makes the budget unreachable is undone (the layer stays factorised; its match says so)."""
-        timings: dict[tuple, bool] = {}
         needed: set[int] = set()
         for _ in range(4 * len(sites)):
             worse = [i for i, (k, idx) in enumerate(picks) if i not in needed and tables[i][k].ranks[idx]
@@ -253,7 +279,7 @@ class LowRank(Pass):
             else:
                 tables[i] = {1: Choices(1, last.ranks[-1:], last.errors[-1:], last.sizes[-1:])}
             try:
-                picks = self._allocate(total, sites, tables)
+                picks = self._allocate(total, sites, tables, judge)
                 if len(tables[i][1].ranks) == 1:
                     slow.add(sites[i].name)
             except OptionError:
@@ -312,8 +338,11 @@ class LowRank(Pass):
         return {k: choices(sp.errors(k, measure), k, sp.out, sp.cols, weight, math.ceil(site.min_width / k))
                 for k in ks}
 
-    def _allocate(self, total: float, sites: list[_Site], tables: list[dict[int, Choices]]) -> list[tuple[int, int]]:
-        """(k, choice index) per site; ``total`` is the model's parameters or MACs (what the budget counts)."""
+    def _allocate(self, total: float, sites: list[_Site], tables: list[dict[int, Choices]],
+                  judge: _OutputErrorJudge | None = None) -> list[tuple[int, int]]:
+        """(k, choice index) per site; ``total`` is the model's parameters or MACs (what the budget counts).
+        With a ``judge`` (alds, calibration data), the allocations reached from ALDS's starts and the uniform
+        allocation at the same budget are measured on the calibration data and the lowest output error wins."""
         o = self.options
         if not sites:
             return []
@@ -326,11 +355,14 @@ class LowRank(Pass):
             return self._uniform(sites, tables, allocator)
         if o.method == "energy" and o.energy is not None:
             return [(1, i) for i in allocator.at_threshold([1] * len(sites), 1.0 - o.energy)]
-        alloc: Allocation | None
-        if o.method == "alds":
-            alloc = allocator.alds([t for t in START_K if t <= o.max_groups], o.rounds)
-        else:
-            alloc = allocator.global_step([1] * len(sites))
+        targets = [t for t in START_K if t <= o.max_groups]
+        if o.method == "alds" and judge is not None:
+            found = allocator.alds_candidates(targets, o.rounds)
+            candidates = {f"ALDS from k={t}": list(zip(a.ks, a.index, strict=True)) for t, a in found.items()}
+            candidates["uniform"] = self._uniform(sites, tables, allocator)
+            return judge.choose(tables, candidates)
+        alloc: Allocation | None = (allocator.alds(targets, o.rounds) if o.method == "alds"
+                                    else allocator.global_step([1] * len(sites)))
         if alloc is None:  # the minimum fits, so a feasible start exists; kept as a guard
             self._infeasible(total, sites, allocator, keep)
         return list(zip(alloc.ks, alloc.index, strict=True))
@@ -377,21 +409,30 @@ class LowRank(Pass):
             lo, hi = (mid, hi) if size(at(mid)) <= allocator.budget else (lo, mid)
         return at(lo)
 
-    def _match(self, site: _Site, k: int, rank: int, relaxed: bool = False) -> Match:
+    def _factorised(self, site: _Site, k: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(encoder, decoder, bias, the folded weight they compute) of ``site`` at ``(k, rank)``; the bias
+        takes the mean error ``(W - W^) mu`` when data-aware."""
         sp = site.spectrum
         enc, dec = sp.factors(k, rank)
-        approx = sp.approximation(k, rank)
+        approx = np.hstack([dec[:, i * rank:(i + 1) * rank] @ enc[i * rank:(i + 1) * rank] for i in range(k)])
+        bias = site.layer.bias + ((sp.weight - approx) @ sp.mean if sp.mean is not None else 0.0)
+        return enc, dec, bias, approx
+
+    def _match(self, site: _Site, k: int, rank: int, relaxed: bool = False, form: str = "split", why: str = "",
+               allocation: str = "") -> Match:
+        sp = site.spectrum
+        enc, dec, bias, approx = self._factorised(site, k, rank)
         weight_err, data_err = sp.true_errors(approx)
         bound = float(sp.errors(k, self.options.error)[rank])
-        bias = site.layer.bias + ((sp.weight - approx) @ sp.mean if sp.mean is not None else 0.0)
         before, after = site.dense_params(), int(enc.size + dec.size)
         detail = (f"k={k} rank {rank}: {before:,} -> {after:,} weights; op-norm error {weight_err:.3g} "
                   f"(predicted {bound:.3g})" + (f", data error {data_err:.3g}" if data_err is not None else "")
                   + (f"; output layer cut below its {sp.out} outputs to meet the budget" if relaxed else "")
-                  + ("; runs slower than the dense layer in onnxruntime, kept to meet the budget" if site.slow else ""))
+                  + ("; runs slower than the dense layer in onnxruntime, kept to meet the budget" if site.slow else "")
+                  + (f"; {why}" if why else ""))
         data = {"k": k, "rank": rank, "encoder": enc, "decoder": dec, "bias": bias, "weight": site.layer.weight,
                 "weight_error": weight_err, "data_error": data_err, "bound": bound, "params_before": before,
-                "params_after": after}
+                "params_after": after, "form": form, "allocation": allocation}
         return Match(site.name, "factorise", rank, before - after, detail, data)
 
     # ---- apply ------------------------------------------------------------------------------------------
@@ -407,11 +448,14 @@ class LowRank(Pass):
                     or not np.array_equal(layer.weight, d["weight"]):
                 tally.add("site changed since it was planned", match.site)
                 continue
-            write_factorised(graph, names, layer, d["encoder"], d["decoder"], d["bias"], d["k"])
+            write_factorised(graph, names, layer, d["encoder"], d["decoder"], d["bias"], d["k"], d["form"])
             rewritten += 1
             before += d["params_before"]
             after += d["params_after"]
             notes.append(f"{match.site}: {match.detail}")
+        chosen = next((m.data["allocation"] for m in plan.matches if m.data.get("allocation")), "")
+        if chosen and notes:
+            notes.insert(0, f"allocation: {chosen}")
         skipped = dict(plan.skipped)
         for why, n in tally.counts.items():
             skipped[why] = skipped.get(why, 0) + n
@@ -422,34 +466,94 @@ class LowRank(Pass):
 
 
 LATENCY_BATCHES = (1, 32)
+FORM_ROUNDS, FORM_ROUND_MS = 5, 1.0  # a grouped-form timing: 5 interleaved rounds of ~1 ms per form and batch
 
 
-def _slower(site: _Site, k: int, rank: int, timings: dict[tuple, bool]) -> bool:
-    """Whether onnxruntime runs ``site`` factorised at ``(k, rank)`` measurably slower than dense, at any of
-    :data:`LATENCY_BATCHES` (interleaved rounds; cached per layer shape)."""
+class _Timings:
+    """The onnxruntime timings of one plan, cached per layer shape: whether a factorised layer runs slower than
+    the dense one, and which form of a grouped Gemm / MatMul runs faster."""
+
+    def __init__(self, form: GroupedForm):
+        self.form = form
+        self.slower: dict[tuple, bool] = {}
+        self.forms: dict[tuple, tuple[str, str]] = {}
+
+
+def _shape_key(layer: LinearLayer, k: int, rank: int) -> tuple:
+    shape = tuple(str(d) for d in layer.input.shape) if layer.input.shape is not None else None
+    return layer.kind, layer.weight.shape, shape, str(sorted(layer.conv_attrs.items())), k, rank
+
+
+def _timing_feeds(layer: LinearLayer, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    dims = [batch] + [d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in layer.input.shape[1:]]
+    return {"x": rng.standard_normal(dims).astype(np.float32)}
+
+
+def _slower(site: _Site, k: int, rank: int, timings: _Timings) -> bool:
+    """Whether onnxruntime runs ``site`` factorised at ``(k, rank)`` (in the form it would be written)
+    measurably slower than dense, at any of :data:`LATENCY_BATCHES` (interleaved rounds; cached per shape)."""
     layer = site.layer
     shape = layer.input.shape
     if shape is None or not len(shape):
         return False
-    key = (layer.kind, layer.weight.shape, tuple(str(d) for d in shape), str(sorted(layer.conv_attrs.items())), k, rank)
-    if key not in timings:
+    key = _shape_key(layer, k, rank)
+    if key not in timings.slower:
         from ..runtime.latency import CompareOptions, compare_models_latency
 
-        dense, factorised = _single_layer_models(layer, k, rank)
+        form, _ = _grouped_form(layer, k, rank, timings)
+        dense, factorised = _single_layer_models(layer, k, rank, form)
         rng = np.random.default_rng(0)
         verdicts = []
         for batch in LATENCY_BATCHES:
-            dims = [batch] + [d if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape[1:]]
-            feeds = {"x": rng.standard_normal(dims).astype(np.float32)}
-            comparison = compare_models_latency([dense, factorised], feeds,
+            comparison = compare_models_latency([dense, factorised], _timing_feeds(layer, batch, rng),
                                                 CompareOptions(rounds=9, round_ms=5.0, batch_size=batch))
             verdicts.append(comparison.ratios[1].change)
-        timings[key] = "slower" in verdicts
-    return timings[key]
+        timings.slower[key] = "slower" in verdicts
+    return timings.slower[key]
 
 
-def _single_layer_models(layer: LinearLayer, k: int, rank: int):
-    """(the layer alone, the layer factorised at ``(k, rank)`` with placeholder weights) as ModelProtos."""
+def _grouped_form(layer: LinearLayer, k: int, rank: int, timings: _Timings) -> tuple[str, str]:
+    """(form, what the note says) for writing ``layer`` at ``(k, rank)``: Convs and ``k = 1`` have one form;
+    a grouped Gemm / MatMul takes the option's form, or with ``measure`` the faster of the Split form and
+    the batched form, timed once per shape in onnxruntime at batch 1 and 32 (interleaved rounds, one pinned
+    thread; the geometric mean of the two time ratios decides, Split unless batched is faster)."""
+    if layer.kind == "conv" or k == 1:
+        return "split", ""
+    if not _batchable(layer):
+        return "split", "grouped form: Split (the input's rank is unknown: no batched form)"
+    if timings.form != "measure":
+        return timings.form, f"grouped form: {_FORM_NAMES[timings.form]} (as asked)"
+    key = _shape_key(layer, k, rank)
+    if key not in timings.forms:
+        from ..runtime.latency import CompareOptions, compare_models_latency
+
+        split = _single_layer_models(layer, k, rank, "split")[1]
+        batched = _single_layer_models(layer, k, rank, "batched")[1]
+        rng = np.random.default_rng(0)
+        ratios = []
+        for batch in LATENCY_BATCHES:
+            options = CompareOptions(rounds=FORM_ROUNDS, round_ms=FORM_ROUND_MS, warmup=3, min_block=1,
+                                     batch_size=batch)
+            ratios.append(compare_models_latency([split, batched], _timing_feeds(layer, batch, rng),
+                                                 options).ratios[1].ratio)
+        ratio = math.exp(float(np.mean(np.log(ratios))))
+        form = "batched" if ratio < 1.0 else "split"
+        timings.forms[key] = form, (f"grouped form: {_FORM_NAMES[form]} (measured: batched MatMul takes {ratio:.3f}x "
+                                    "the time of Split + MatMuls)")
+    return timings.forms[key]
+
+
+_FORM_NAMES = {"split": "Split + MatMul per group + Concat", "batched": "batched MatMul"}
+
+
+def _batchable(layer: LinearLayer) -> bool:
+    """Whether the batched form can be written: the input's rank is known and at least 2."""
+    return layer.input.shape is not None and len(layer.input.shape) >= 2
+
+
+def _single_layer_models(layer: LinearLayer, k: int, rank: int, form: str = "split"):
+    """(the layer alone, the layer factorised at ``(k, rank)`` in ``form`` with placeholder weights) as
+    ModelProtos."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = layer.weight.astype(np.float32)
@@ -472,17 +576,73 @@ def _single_layer_models(layer: LinearLayer, k: int, rank: int):
     n = view.weight[0].size
     rng = np.random.default_rng(0)
     write_factorised(g, NameSource(g), view, rng.standard_normal((k * rank, n // k)),
-                     rng.standard_normal((view.out_features, k * rank)), view.bias, k)
+                     rng.standard_normal((view.out_features, k * rank)), view.bias, k, form)
     g.cleanup().toposort()
     factorised = gs.export_onnx(g)
     del factorised.graph.value_info[:]  # typed without shapes: nothing to say
     return dense, factorised
 
 
+class _OutputErrorJudge:
+    """Chooses among candidate allocations by their measured output error on the calibration data.
+
+    A candidate is written into a copy of the graph (every site factorised as it says, with the factors the
+    pass would write) and run on the calibration samples; its error is ``sum ||y^ - y||^2 / sum ||y - mean
+    y||^2`` over the graph's float outputs, ``y`` the unfactorised graph's outputs on the same samples. Only
+    the calibration part is read (:class:`~onnx_lincomp.calibration.activations.CalibrationData`), never the
+    held-out part. Scores are cached per allocation."""
+
+    def __init__(self, graph: gs.Graph, data: CalibrationData, sites: list[_Site], factorised):
+        self.graph, self.data, self.sites, self.factorised = graph, data, sites, factorised
+        self.outputs = [t.name for t in graph.outputs]
+        self.scores: dict[tuple, float] = {}
+        self.summary = ""
+        self._reference: list[dict[str, np.ndarray]] | None = None
+        self._scale = 0.0
+
+    def _load_reference(self) -> None:
+        self._reference = [{n: v for n, v in batch.items() if np.issubdtype(v.dtype, np.floating)}
+                           for batch in self.data.stream(self.graph, self.outputs)]
+        for name in self._reference[0] if self._reference else ():
+            values = np.concatenate([b[name].astype(np.float64) for b in self._reference])
+            self._scale += float(((values - values.mean(axis=0)) ** 2).sum())
+
+    def score(self, tables: list[dict[int, Choices]], picks: list[tuple[int, int]]) -> float:
+        ranks = tuple((k, int(t[k].ranks[i])) for t, (k, i) in zip(tables, picks, strict=True))
+        if ranks not in self.scores:
+            if self._reference is None:
+                self._load_reference()
+            g = self.graph.copy()
+            names = NameSource(g)
+            for site, (k, rank) in zip(self.sites, ranks, strict=True):
+                if rank:
+                    enc, dec, bias, _ = self.factorised(site, k, rank)
+                    write_factorised(g, names, match_linear_layer(g, node_named(g, site.name)), enc, dec, bias, k)
+            g.cleanup().toposort()
+            err = 0.0
+            for ref, got in zip(self._reference, self.data.stream(g, self.outputs), strict=True):
+                err += sum(float(((got[n].astype(np.float64) - v) ** 2).sum()) for n, v in ref.items())
+            self.scores[ranks] = err / max(self._scale, 1e-300)
+        return self.scores[ranks]
+
+    def choose(self, tables: list[dict[int, Choices]],
+               candidates: dict[str, list[tuple[int, int]]]) -> list[tuple[int, int]]:
+        """The candidate with the lowest output error (the first on a tie); :attr:`summary` says which."""
+        scored = {label: self.score(tables, picks) for label, picks in candidates.items()}
+        best = min(scored, key=lambda label: scored[label])
+        others = ", ".join(f"{label} {err:.3g}" for label, err in scored.items() if label != best)
+        self.summary = (f"{best} chosen by relative output error on {self.data.samples} calibration samples "
+                        f"({scored[best]:.3g}; {others or 'no other candidate'})")
+        return candidates[best]
+
+
 def write_factorised(graph: gs.Graph, names: NameSource, layer: LinearLayer, encoder: np.ndarray,
-                     decoder: np.ndarray, bias: np.ndarray, k: int) -> None:
+                     decoder: np.ndarray, bias: np.ndarray, k: int, form: str = "split") -> None:
     """Replace ``layer`` by its encoder (``k j x n/k`` stacked by group) and decoder (``f x k j``) with
-    ``bias``; the layer's output tensor is kept, so its readers are untouched."""
+    ``bias``; the layer's output tensor is kept, so its readers are untouched. A Gemm / MatMul with ``k > 1``
+    is written in ``form``: ``split`` (Split along the features, one MatMul per group, Concat) or
+    ``batched`` (Reshape the input of rank ``r`` to ``[..., k, n/k]``, Transpose the groups to the front,
+    one MatMul with the ``[k, 1.., n/k, j]`` encoder, Transpose and Reshape back to ``[..., k j]``)."""
     head = layer.nodes[0]
     dtype = np.asarray(head.inputs[1].values).dtype
     base = head.name or layer.output.name
@@ -515,6 +675,20 @@ def write_factorised(graph: gs.Graph, names: NameSource, layer: LinearLayer, enc
         return
     if k == 1:
         node("MatMul", "encoder", [x, const("encoder", encoder.T)], [mid])
+    elif form == "batched" and x.shape is not None and len(x.shape) >= 2:
+        r, m, j = len(x.shape), layer.in_features // k, encoder.shape[0] // k
+        lead = [0] * (r - 1)  # Reshape copies these dimensions
+
+        def shape(tag: str, dims: list[int]) -> gs.Constant:
+            return gs.Constant(names.fresh(f"{base}_{tag}"), np.array(dims, np.int64))
+
+        grouped, moved, codes, back = var("grouped"), var("grouped_t"), var("codes"), var("codes_t")
+        node("Reshape", "group_reshape", [x, shape("group_shape", lead + [k, m])], [grouped])
+        node("Transpose", "group_transpose", [grouped], [moved], {"perm": [r - 1, *range(r - 1), r]})
+        stacked = encoder.reshape(k, j, m).transpose(0, 2, 1).reshape(k, *[1] * (r - 2), m, j)
+        node("MatMul", "encoder", [moved, const("encoder", stacked)], [codes])
+        node("Transpose", "code_transpose", [codes], [back], {"perm": [*range(1, r), 0, r]})
+        node("Reshape", "code_reshape", [back, shape("code_shape", lead + [k * j])], [mid])
     else:
         m, j = layer.in_features // k, encoder.shape[0] // k
         parts = [var(f"part{i}") for i in range(k)]
