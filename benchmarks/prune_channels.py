@@ -1,6 +1,7 @@
 """Structured channel pruning (prune-channels) on conv models: accuracy, size, MACs and latency.
 
-    python benchmarks/prune_channels.py [--quick] [--models NAME,...] [--channel-multiple 8]
+    python benchmarks/prune_channels.py [--quick] [--models NAME,...] [--channel-multiple 16] [--rows ...]
+    python benchmarks/prune_channels.py --conv-widths     # single Conv layers in onnxruntime at many widths
 
 For each model, prune-channels at 25 / 50 / 75 % of the linear layers' MACs removed (``target_macs``
 0.75 / 0.5 / 0.25), with least-squares reconstruction (the default) and without (plain removal, the removed
@@ -14,7 +15,10 @@ instead of accuracy), PP-OCRv4 det on 32 random 1x3x160x160 samples (at 320x320 
 reconstructing run took over 15 minutes on 2 cores). Latency: onnxruntime, one pinned thread, interleaved
 rounds (the optimize report's ratios, after / before; below 1 is faster) at batch 1 and batch 32 (batch 32 only
 where the model takes a batch axis). A run whose output the report's not-worse gate rejects (slower at batch 1)
-is rerun with allow_larger and marked so. Prints a table and the targets, writes
+is rerun with allow_larger and marked so. ``channel_multiple`` is the pass default unless given: 0, this CPU's
+NCHWc block (16 with AVX-512, 8 otherwise; :mod:`onnx_lincomp.analysis.layer_latency`). ``--conv-widths``
+times single Conv layers (3x3, 1x1, depthwise; 40x40, one thread) at widths 24..72 to show the block steps
+that model is built on. Prints a table and the targets, writes
 benchmarks/results/prune_channels.json after every run (``--merge`` keeps other models' rows there).
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ SPARSITIES = (0.25, 0.5, 0.75)
 FMNIST_TARGETS = {0.25: 0.8933, 0.5: 0.8869, 0.75: 0.8645}  # accuracy at each per-layer sparsity (the issue)
 SPEEDUP_TARGET = 1.6  # at 50 % of the MACs removed
 BATCH = 32
+LEVEL_NAMES = {"target_macs": "macs", "target_latency": "lat", "sparsity": "units"}
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ def print_table(rows: list[dict], header: bool = True) -> None:
         print(head)
         print("-" * len(head))
     for r in rows:
-        level = f"{'macs' if r['level'] == 'target_macs' else 'units'} {r['value']:g}"
+        level = f"{LEVEL_NAMES.get(r['level'], r['level'])} {r['value']:g}"
         rec = "yes" if r["reconstruct"] else "no"
         if "error" in r:
             print(f"{r['model'][:28]:<28} {level:<10} {rec:<3} FAILED: {r['error'][:110]}")
@@ -246,13 +251,22 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="random samples for the models without a data set")
     ap.add_argument("--det-side", type=int, default=160, help="PP-OCRv4 det input side")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads (pinned) for the latency rounds")
-    ap.add_argument("--channel-multiple", type=int, default=1, help="prune-channels channel_multiple")
+    ap.add_argument("--channel-multiple", type=int, default=None,
+                    help="prune-channels channel_multiple (default: the pass's, 0 = the CPU's NCHWc block)")
+    ap.add_argument("--rows", default="target_macs",
+                    help="comma-separated level kinds to run: target_macs and/or target_latency")
+    ap.add_argument("--values", default="0.75,0.5,0.25", help="comma-separated keep fractions of the target rows")
+    ap.add_argument("--recon", default="yes,no", help="reconstruct settings to run: yes, no or yes,no")
+    ap.add_argument("--conv-widths", action="store_true", help="time single Conv layers at many widths, then exit")
     ap.add_argument("--importance", default="reconstruction", help="prune-channels importance")
     ap.add_argument("--det-samples", type=int, default=32, help="random samples for PP-OCRv4 det (the slowest)")
     ap.add_argument("--merge", action="store_true", help="keep the other models' rows already in --out")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table-only", action="store_true", help="print the table and targets of --out, run nothing")
     args = ap.parse_args()
+    if args.conv_widths:
+        conv_widths()
+        return
     if args.table_only:
         rows = json.loads(args.out.read_text())["rows"]
         print_table(rows)
@@ -264,7 +278,7 @@ def main() -> None:
         print(f"{SHARED} is absent: running the bundled model only")
         chosen = [c for c in chosen if "bundled" in c.name]
     extra = {"importance": args.importance}
-    if args.channel_multiple > 1:
+    if args.channel_multiple is not None:
         extra["channel_multiple"] = args.channel_multiple
     names = {c.name for c in chosen}
     kept = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] not in names] \
@@ -275,10 +289,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in chosen:
             calib = case.calib(Path(tmp))
-            levels = [("target_macs", t) for t in MAC_TARGETS]
+            levels = [(kind, float(t)) for kind in args.rows.split(",") for t in args.values.split(",")]
             levels += [("sparsity", s) for s in SPARSITIES] if case.sparsity_rows else []
             for level in levels:
-                for reconstruct in (True, False):
+                for reconstruct in [r == "yes" for r in args.recon.split(",")]:
                     rows.append(run_one(case, calib, level, reconstruct, extra, args.threads))
                     print_table(rows[-1:], header=False)
                     sys.stdout.flush()
@@ -286,6 +300,40 @@ def main() -> None:
     print()
     print_table(kept + rows)
     print_targets(_write(args, kept + rows))
+
+
+def _conv_model(cin: int, cout: int, k: int, group: int, side: int):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((cout, cin // group, k, k)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[k // 2] * 4, group=group, kernel_shape=[k, k]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                            [1, cin, side, side])],
+                              [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, cout, side, side])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def conv_widths(side: int = 40) -> None:
+    """Median time of one Conv (+Relu) per width, one pinned thread, full graph optimisations (NCHWc)."""
+    import numpy as np
+
+    from onnx_lincomp.analysis.layer_latency import nchwc_block
+    from onnx_lincomp.runtime.latency import LatencyOptions, measure_latency
+
+    print(f"NCHWc block of this CPU: {nchwc_block()}")
+    for kind, k, dw in (("3x3 Conv C->C", 3, False), ("1x1 Conv C->C", 1, False), ("depthwise 3x3", 3, True)):
+        for c in range(24, 73, 4):
+            model = _conv_model(c, c, k, c if dw else 1, side)
+            feeds = {"x": np.random.default_rng(1).standard_normal((1, c, side, side)).astype(np.float32)}
+            lat = measure_latency(model, feeds, LatencyOptions(runs=50, threads=1))
+            macs = c * (1 if dw else c) * k * k * side * side
+            print(f"{kind}  C={c:3d}  {lat.median_ms:8.4f} ms  {macs / lat.median_ms / 1e6:6.1f} GMAC/s", flush=True)
 
 
 def _write(args, rows: list[dict]) -> dict:

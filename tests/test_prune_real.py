@@ -16,6 +16,7 @@ from onnx_lincomp.analysis.channel_groups import find_channel_groups
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.model_io import model_from_proto, to_model_proto
 from onnx_lincomp.optimize import OptimizeOptions, Result, optimize
+from onnx_lincomp.passes import PruneChannelsOptions
 from onnx_lincomp.recipe import CalibrationSettings, PassSpec, Recipe
 
 ULTRAFACE = ("models", "real", "ortexamples_ultraface_RFB-320_bnfolded.onnx")
@@ -91,7 +92,9 @@ def _concat_widths(model: onnx.ModelProto) -> list[tuple[list[int], int]]:
 def ultraface():
     path = shared_path(*ULTRAFACE)
     original = onnx.load(path)
-    return original, _prune(path, "random:2", sparsity=0.3)
+    # channel_multiple 1: these tests follow the streams, which the 16- and 32-wide groups would hide at the
+    # NCHWc block (test_ultraface_latency_target_keeps_whole_blocks checks the default)
+    return original, _prune(path, "random:2", sparsity=0.3, channel_multiple=1)
 
 
 @pytest.mark.real
@@ -123,6 +126,23 @@ def test_ultraface_residual_and_concat_streams_pruned_together(ultraface):
     assert len(before) == len(after) > 0
     assert all(sum(ins) == out for ins, out in after)
     assert any(a[1] < b[1] for a, b in zip(after, before, strict=True)), (before, after)
+
+
+@pytest.mark.real
+def test_ultraface_latency_target_keeps_whole_blocks():
+    """At the default channel multiple (the CPU's NCHWc block) every pruned Conv keeps a whole number of blocks,
+    so no layer leaves onnxruntime's blocked kernels; the modelled-latency target costs real MACs."""
+    path = shared_path(*ULTRAFACE)
+    original = onnx.load(path)
+    result = _prune(path, "random:2", target_latency=0.5, importance="l1", reconstruct=False)
+    x = np.random.default_rng(0).random((1, 3, 240, 320), dtype=np.float32)
+    _check_pruned(original, result, {"input": x})
+    full, widths = _out_channels(_canonical(original)[0]), _out_channels(result.model)
+    block = PruneChannelsOptions().multiple
+    shrunk = {n: (full[n], w) for n, w in widths.items() if w < full[n]}
+    odd = {n: (w0, w) for n, (w0, w) in shrunk.items() if w % block and w0 >= block}  # narrower: exact counts
+    assert shrunk and not odd, odd
+    assert result.report.after.macs < 0.6 * result.report.before.macs
 
 
 # ---- a ResNet-style graph built here --------------------------------------------------------------------------
@@ -190,7 +210,7 @@ def test_resnet_residual_streams_pruned_together(batchnorm):
     assert {(w, tuple(sorted(p))) for w, p in groups} == {(w, tuple(sorted(p))) for w, p in RESIDUAL_STREAMS}
     x = np.random.default_rng(1).random((4, 3, 16, 16), dtype=np.float32)
     for reconstruct in (True, False):
-        result = _prune(model, "random:32", sparsity=0.5, reconstruct=reconstruct)
+        result = _prune(model, "random:32", sparsity=0.5, reconstruct=reconstruct, channel_multiple=1)
         _check_pruned(model, result, {"x": x})
         assert result.report.on_heldout.rel_max < 1.0
         widths = _out_channels(result.model)
@@ -215,7 +235,7 @@ def test_resnet_at_sparsity_zero_is_unchanged_with_or_without_reconstruction():
 
 def test_resnet_mac_target_is_met_and_error_finite():
     model = _ResNet(np.random.default_rng(2)).model()
-    result = _prune(model, "random:32", target_macs=0.5)
+    result = _prune(model, "random:32", target_macs=0.5, channel_multiple=1)
     x = np.random.default_rng(3).random((2, 3, 16, 16), dtype=np.float32)
     _check_pruned(model, result, {"x": x})
     assert result.report.after.macs <= 0.55 * result.report.before.macs  # linear layers are nearly all the MACs

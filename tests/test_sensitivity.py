@@ -60,10 +60,11 @@ def test_level_zero_is_exact_and_error_grows_with_level(cnn_scan):
             assert r.max_abs_error <= 1e-5 and r.agreement == 1.0 and r.params == cnn_scan.base.params
     mean_error = [np.mean([r.mean_abs_error for r in cnn_scan.rows if r.level == lv]) for lv in LEVELS]
     assert mean_error[0] < mean_error[1] < mean_error[2]
-    for layer in cnn_scan.layers:  # pruning more removes more
+    for layer in cnn_scan.layers:  # pruning more removes more (or nothing: a group one NCHWc block wide stays)
         curve = cnn_scan.curve(layer)
         assert [r.params for r in curve] == sorted((r.params for r in curve), reverse=True)
-        assert curve[-1].macs < curve[0].macs
+        assert curve[-1].macs <= curve[0].macs
+    assert cnn_scan.curve("conv1")[-1].macs < cnn_scan.curve("conv1")[0].macs
 
 
 @pytest.mark.parametrize("layer,level", [("conv1", 0.5), ("conv2", 0.25)])
@@ -72,8 +73,11 @@ def test_level_plan_candidate_is_the_single_layer_pass(layer, level):
     with layers={layer: level} alone."""
     prep = ScanInput(CNN, CNN_DATA, labels="y").prepare()
     fast = _Candidates(prep, METHODS["channels"]).build(layer, level)
-    plain, _ = compress(prep, None, Recipe((_pass(METHODS["channels"], {layer: level}),)))
-    assert fast.SerializeToString() == plain.SerializeToString()
+    plain, records = compress(prep, None, Recipe((_pass(METHODS["channels"], {layer: level}),)))
+    if fast is None:  # widths kept at whole NCHWc blocks: this level removes nothing, and neither does the pass
+        assert not any(r.result.changed for r in records)
+    else:
+        assert fast.SerializeToString() == plain.SerializeToString()
 
 
 def test_greedy_prunes_the_less_sensitive_layer_first():

@@ -297,7 +297,7 @@ def _root_stream(layer: LinearLayer) -> _Stream:
     if layer.kind == "conv":
         if layer.group > 1:
             raise _Stop(layer.name, "grouped Conv producer (whole-group removal not supported)")
-        return _Stream(1, layer.weight.ndim, layer.out_features, None)
+        return _Stream(1, layer.ndim, layer.out_features, None)
     if layer.kind == "gemm":
         return _Stream(1, 2, layer.out_features, None)
     if layer.output.shape is None:

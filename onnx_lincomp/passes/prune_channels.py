@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis.channel_groups import ChannelGroup, find_channel_groups
 from ..analysis.channel_importance import consumer_owner, refittable, removal_order, stripe_of
+from ..analysis.layer_latency import LayerShape, layer_time, nchwc_block
 from ..calibration.moments import Moments, collect_layer_moments, refit
 from ..errors import OptionError
 from ..graph_edit import NameSource, refresh_shapes
@@ -56,8 +57,13 @@ class PruneChannelsOptions(PassOptions):
                                      "data (else fold the removed channels' mean into its bias).",
                                flag="--reconstruct")
     min_channels: int = option(1, "A group never goes below this many channels.")
-    channel_multiple: int = option(8, "Keep widths at multiples of this in groups at least 4x as wide (onnxruntime's "
-                                      "blocked Conv kernels are slower at odd widths); 1 to disable.",
+    target_latency: float | None = option(None, "Keep this fraction of the linear layers' modelled onnxruntime time "
+                                                "(block-padded MACs weighted by kernel kind, "
+                                                ":mod:`..analysis.layer_latency`); replaces --sparsity.",
+                                          flag="--target-latency")
+    channel_multiple: int = option(0, "Keep widths at multiples of this in groups at least this wide (onnxruntime's "
+                                      "blocked Conv kernels compute whole blocks and leave the fast path at other "
+                                      "widths); 0: this CPU's NCHWc block (16 with AVX-512, else 8); 1 to disable.",
                                    flag="--channel-multiple")
     layers: dict[str, float] = option({}, "Per-layer sparsity overrides: producer node name -> fraction (recipe "
                                           "only; 0 leaves a layer alone).")
@@ -68,16 +74,22 @@ class PruneChannelsOptions(PassOptions):
         for what, value in (("sparsity", self.sparsity), *self.layers.items()):
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise OptionError(f"prune-channels: sparsity of {what!r} must be in [0, 1), got {value!r}")
-        for what, value in (("target_macs", self.target_macs), ("target_params", self.target_params)):
+        for what, value in (("target_macs", self.target_macs), ("target_params", self.target_params),
+                            ("target_latency", self.target_latency)):
             if value is not None and not 0.0 < value <= 1.0:
                 raise OptionError(f"prune-channels: {what} is a keep fraction in (0, 1], got {value}")
-        if self.target_macs is not None and self.target_params is not None:
-            raise OptionError("prune-channels: give target_macs or target_params, not both")
+        if sum(v is not None for v in (self.target_macs, self.target_params, self.target_latency)) > 1:
+            raise OptionError("prune-channels: give one of target_macs, target_params and target_latency")
         if self.importance not in ("l1", "l2", "activation", "reconstruction"):
             raise OptionError(f"prune-channels: importance must be l1, l2, activation or reconstruction, "
                               f"got {self.importance!r}")
-        if self.min_channels < 1 or self.channel_multiple < 1 or self.ridge < 0:
-            raise OptionError("prune-channels: min_channels and channel_multiple must be >= 1, ridge >= 0")
+        if self.min_channels < 1 or self.channel_multiple < 0 or self.ridge < 0:
+            raise OptionError("prune-channels: min_channels must be >= 1, channel_multiple >= 0, ridge >= 0")
+
+    @property
+    def multiple(self) -> int:
+        """The channel multiple in force: ``channel_multiple``, or this CPU's NCHWc block when it is 0."""
+        return self.channel_multiple or nchwc_block()
 
     @property
     def needs_data(self) -> bool:
@@ -98,11 +110,13 @@ class _Candidate:
 
 
 def removal_count(group: ChannelGroup, level: float, min_channels: int, multiple: int) -> int:
-    """Channels removed at ``level``: whole stripes, at least ``min_channels`` kept, the rest a multiple of
-    ``multiple`` when the group is at least four times that wide (narrow layers keep their exact count)."""
+    """Channels removed at ``level``: whole stripes, at least ``min_channels`` kept, the kept count rounded up to
+    a multiple of ``multiple`` when the group is at least that wide (narrower layers keep their exact count).
+    A blocked kernel computes whole blocks, so a width between two multiples costs the upper one (and a grouped
+    Conv at such a width leaves onnxruntime's NCHWc path): see :mod:`..analysis.layer_latency`."""
     stripe = group.width // group.period
     keep = max(min_channels, group.width - int(math.floor(level * group.width + 1e-9)), 1)
-    if multiple > 1 and group.width >= 4 * multiple:
+    if multiple > 1 and group.width >= multiple:
         keep = min(group.width, -(-keep // multiple) * multiple)
     keep = min(group.width, -(-keep // stripe) * stripe)  # whole stripes
     return group.width - keep
@@ -115,17 +129,21 @@ def removal_mask(cand: _Candidate, count: int) -> np.ndarray:
 
 
 class _Costs:
-    """Exact MACs and parameters of the linear layers for a choice of removal masks."""
+    """Exact MACs and parameters of the linear layers, and their modelled time, for a choice of removal masks."""
 
-    def __init__(self, graph: gs.Graph, candidates: list[_Candidate]):
+    def __init__(self, graph: gs.Graph, candidates: list[_Candidate], block: int):
         self.layers: dict[str, tuple[float, float]] = {}  # head node -> (MACs, parameters)
+        self.shapes: dict[str, LayerShape] = {}
         for node in graph.nodes:
             layer = match_linear_layer(graph, node)
             if isinstance(layer, LinearLayer) and node is layer.nodes[0]:
                 self.layers[node.name] = (_layer_macs(layer), float(layer.param_count))
+                self.shapes[node.name] = LayerShape.of(layer, self.layers[node.name][0])
         self.candidates = candidates
+        self.block = block
 
-    def total(self, masks: list[np.ndarray] | None) -> tuple[float, float]:
+    def total(self, masks: list[np.ndarray] | None) -> tuple[float, float, float]:
+        """(MACs, parameters, modelled time) with ``masks`` (one per candidate) removed."""
         rows = dict.fromkeys(self.layers, 1.0)
         cols = dict.fromkeys(self.layers, 1.0)
         for cand, mask in zip(self.candidates, masks or [], strict=False):
@@ -143,7 +161,9 @@ class _Costs:
                     rows[layer.nodes[0].name] *= frac
         macs = sum(m * rows[k] * cols[k] for k, (m, _) in self.layers.items())
         params = sum(p * rows[k] * cols[k] for k, (_, p) in self.layers.items())
-        return macs, params
+        time = sum(layer_time(s, rows[k] * s.out_channels, cols[k] * s.in_channels, self.block)
+                   for k, s in self.shapes.items())
+        return macs, params, time
 
 
 def _layer_macs(layer: LinearLayer) -> float:
@@ -151,9 +171,9 @@ def _layer_macs(layer: LinearLayer) -> float:
     if layer.kind == "conv":
         spatial = shape[2:] if shape is not None else ()
         positions = math.prod(int(d) for d in spatial if isinstance(d, (int, np.integer)))
-        return float(layer.weight.size) * max(positions, 1)
+        return float(layer.size) * max(positions, 1)
     lead = shape[1:-1] if shape is not None and len(shape) > 2 else ()
-    return float(layer.weight.size) * max(math.prod(int(d) for d in lead if isinstance(d, (int, np.integer))), 1)
+    return float(layer.size) * max(math.prod(int(d) for d in lead if isinstance(d, (int, np.integer))), 1)
 
 
 class PruneChannels(Pass):
@@ -220,29 +240,36 @@ class PruneChannels(Pass):
     def _masks(self, graph: gs.Graph, candidates: list[_Candidate]) -> list[np.ndarray]:
         o = self.options
 
-        def at(level: float) -> list[np.ndarray]:
-            return [removal_mask(c, removal_count(c.group, c.level if c.level is not None else level,
-                                                  o.min_channels, o.channel_multiple)) for c in candidates]
+        def counts(level: float) -> list[int]:
+            return [removal_count(c.group, c.level if c.level is not None else level, o.min_channels, o.multiple)
+                    for c in candidates]
 
-        target = o.target_macs if o.target_macs is not None else o.target_params
-        if target is None:
-            return at(o.sparsity)
-        costs = _Costs(graph, candidates)
-        which = 0 if o.target_macs is not None else 1
-        full = costs.total(None)[which]
+        def masks(n: list[int]) -> list[np.ndarray]:
+            return [removal_mask(c, k) for c, k in zip(candidates, n, strict=True)]
+
+        targets = (o.target_macs, o.target_params, o.target_latency)
+        which = next((i for i, t in enumerate(targets) if t is not None), None)
+        if which is None:
+            return masks(counts(o.sparsity))
+        costs = _Costs(graph, candidates, o.multiple)
+        full, target = costs.total(None)[which], targets[which]
+
+        def fits(n: list[int]) -> bool:
+            return costs.total(masks(n))[which] <= target * full
+
         lo, hi = 0.0, 0.999
-        if costs.total(at(hi))[which] > target * full:
-            what = "MACs" if which == 0 else "parameters"
+        if not fits(counts(hi)):
+            what = ("MACs", "parameters", "modelled latency")[which]
             raise OptionError(f"prune-channels: cannot reach {target:g} of the {what} with at least "
-                              f"{o.min_channels} channel(s) per layer (lowest reachable: "
-                              f"{costs.total(at(hi))[which] / max(full, 1):.3f})")
+                              f"{o.min_channels} channel(s) per layer and widths at multiples of {o.multiple} "
+                              f"(lowest reachable: {costs.total(masks(counts(hi)))[which] / max(full, 1):.3f})")
         for _ in range(30):
             mid = (lo + hi) / 2
-            if costs.total(at(mid))[which] <= target * full:
+            if fits(counts(mid)):
                 hi = mid
             else:
                 lo = mid
-        return at(hi)
+        return masks(_fill(counts(hi), counts(lo), fits))
 
     # ---- apply ------------------------------------------------------------------------------------------
     def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
@@ -264,10 +291,10 @@ class PruneChannels(Pass):
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             for key, (w, b) in params.items():
                 layer = match_linear_layer(graph, node_named(graph, key))
-                if not isinstance(layer, LinearLayer) or layer.weight.size != w.size:
+                if not isinstance(layer, LinearLayer) or layer.size != w.size:
                     tally.add("consumer changed shape during the rewrite (not refit)", key)
                     continue
-                write_linear_layer(graph, names, layer, w.reshape(layer.weight.shape), b)
+                write_linear_layer(graph, names, layer, w.reshape(layer.shape), b)
                 refits += 1
             for p in group.producers:
                 key = p.nodes[0].name
@@ -317,6 +344,19 @@ class PruneChannels(Pass):
             else:
                 out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone])
         return out
+
+
+def _fill(chosen: list[int], lighter: list[int], fits) -> list[int]:
+    """Give back, group by group, the channels removed at the bisection's fitting level ``chosen`` but kept at the
+    next lighter one, while the target still fits: with coarse widths (channel multiples) one uniform level
+    can overshoot the target by a whole block in every group at once."""
+    out = list(chosen)
+    for i, (a, b) in enumerate(zip(chosen, lighter, strict=True)):
+        if b < a:
+            trial = out[:i] + [b] + out[i + 1:]
+            if fits(trial):
+                out = trial
+    return out
 
 
 def _unique(layers: list[LinearLayer]) -> list[LinearLayer]:
