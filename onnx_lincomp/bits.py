@@ -261,7 +261,7 @@ class _IntRounder:
 
     def stored_bytes(self, layer: LinearLayer, bits: int) -> int:
         itemsize = np.asarray(layer.nodes[0].inputs[1].values).itemsize
-        return -(-int(layer.weight.size) * bits // 8) + layer.out_features * itemsize
+        return -(-int(layer.size) * bits // 8) + layer.out_features * itemsize
 
     def build(self, bits: Mapping[str, int]) -> onnx.ModelProto:
         graph = self.graph.copy()
@@ -277,7 +277,7 @@ class _IntRounder:
 def _row(layer: LinearLayer, bits: int, stored: int, v: Verification) -> BitsRow:
     p = v.paired
     agree = next((o.top1_agreement for o in v.outputs if o.top1_agreement is not None), None)
-    return BitsRow(layer.name, layer.kind, int(layer.weight.size), bits,
+    return BitsRow(layer.name, layer.kind, int(layer.size), bits,
                    int(layer.nodes[0].inputs[1].values.nbytes), stored,
                    v.accuracy_after, p.drop_points if p else None, p.lower_points if p else None,
                    p.upper_points if p else None, agree, v.max_abs, v.rel_max)
@@ -305,7 +305,7 @@ def scan_layers(evaluator: Evaluator, quantizer: LayerQuantizer, widths: tuple[i
         rows.append(_row(layer, b, quantizer.stored_bytes(layer, b), v))
         if progress is not None:
             progress(i + 1, len(tasks))
-    info = tuple(LayerInfo(layer.name, layer.kind, int(layer.weight.size),
+    info = tuple(LayerInfo(layer.name, layer.kind, int(layer.size),
                            int(layer.nodes[0].inputs[1].values.nbytes)) for layer in layers)
     return BitsScan(model, evaluator.samples, base, info, tuple(rows), skipped, time.perf_counter() - start,
                     method)

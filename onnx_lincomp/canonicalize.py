@@ -235,7 +235,7 @@ def _fold_one_batchnorm(graph: gs.Graph, names: NameSource, bn: gs.Node) -> str 
     scale, shift = params
     if scale.size != layer.out_features:
         return "BatchNormalization width differs from the layer's output channels"
-    expand = (slice(None),) + (None,) * (layer.weight.ndim - 1)
+    expand = (slice(None),) + (None,) * (layer.ndim - 1)
     new_layer = write_linear_layer(graph, names, layer, layer.weight * scale[expand],
                                    layer.bias * scale + shift, keep_bias=True)
     y = bn.outputs[0]
@@ -497,7 +497,7 @@ def _fuse_one_bias_add(graph: gs.Graph, names: NameSource, add: gs.Node) -> str 
     if only_consumer(graph, conv_out) is not add:
         return f"Conv output '{conv_out.name}' is read by more than its bias Add"
     values = np.asarray(const.values)
-    vec = _channel_vector(values, layer.weight.ndim, layer.out_features)
+    vec = _channel_vector(values, layer.ndim, layer.out_features)
     if vec is None or values.dtype != np.asarray(layer.nodes[0].inputs[1].values).dtype:
         return f"constant of shape {list(values.shape)} added to a Conv output is not a per-channel bias"
     new_layer = write_linear_layer(graph, names, layer, layer.weight, layer.bias + vec, keep_bias=True)

@@ -5,10 +5,16 @@
 zeros when absent, and Gemm's ``alpha`` folded into the weight. Reading a layer is
 :func:`match_linear_layer`; writing new parameters back is :func:`write_linear_layer` (one branch per
 kind). Patterns that cannot be rewritten safely are reported as a :class:`Skip` with a reason.
+
+The float64 ``weight`` is read on first use and cached on the view: structural questions (channel
+groups, shapes, who feeds whom) never copy weights, which on a model with gigabyte matrices is the
+difference between one copy of the weights in memory and three.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -30,7 +36,8 @@ class Skip:
 @dataclass(frozen=True, eq=False)
 class LinearLayer:
     kind: LayerKind
-    weight: np.ndarray
+    shape: tuple[int, ...]  # of ``weight``: (out, in) or (out, in/group, *kernel)
+    read_weight: Callable[[], np.ndarray] = field(repr=False)  # the out-major float64 weight
     bias: np.ndarray
     input: gs.Variable
     output: gs.Variable
@@ -38,13 +45,38 @@ class LinearLayer:
     has_bias: bool
     conv_attrs: dict = field(default_factory=dict)
 
+    @cached_property
+    def weight(self) -> np.ndarray:
+        """Out-major float64 weight (Gemm's alpha applied), read on first use."""
+        return self.read_weight()
+
+    @property
+    def stored(self) -> np.ndarray:
+        """The out-major weight in the dtype the model stores (a view where the layout allows, never cached):
+        for edits that only select rows or columns, which need no float64 copy of a big matrix."""
+        head = self.nodes[0]
+        values = np.asarray(head.inputs[1].values)
+        if self.kind == "matmul" or (self.kind == "gemm" and not int(head.attrs.get("transB", 0))):
+            values = values.T
+        if self.kind == "gemm" and float(head.attrs.get("alpha", 1.0)) != 1.0:
+            return self.weight
+        return values
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
     @property
     def name(self) -> str:
         return self.nodes[0].name or self.output.name
 
     @property
     def out_features(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.shape[0])
 
     @property
     def group(self) -> int:
@@ -52,15 +84,15 @@ class LinearLayer:
 
     @property
     def in_features(self) -> int:
-        return int(self.weight.shape[1]) * self.group
+        return int(self.shape[1]) * self.group
 
     @property
     def kernel_size(self) -> int:
-        return int(np.prod(self.weight.shape[2:], dtype=np.int64)) if self.kind == "conv" else 1
+        return int(np.prod(self.shape[2:], dtype=np.int64)) if self.kind == "conv" else 1
 
     @property
     def param_count(self) -> int:
-        return int(self.weight.size + (self.bias.size if self.has_bias else 0))
+        return int(self.size + (self.bias.size if self.has_bias else 0))
 
 
 def _weight_constant(graph: gs.Graph, node: gs.Node, index: int) -> gs.Constant | Skip:
@@ -71,9 +103,22 @@ def _weight_constant(graph: gs.Graph, node: gs.Node, index: int) -> gs.Constant 
         return Skip(node.name, f"weight '{w.name}' is not a constant (graph input or computed)")
     if len(w.outputs) > 1:
         return Skip(node.name, f"weight '{w.name}' is shared by {len(w.outputs)} nodes")
-    if not np.issubdtype(np.asarray(w.values).dtype, np.floating):
+    if not np.issubdtype(_dtype(w), np.floating):
         return Skip(node.name, f"weight '{w.name}' is not floating point")
     return w
+
+
+def _dtype(c: gs.Constant) -> np.dtype:
+    """A constant's numpy dtype without loading its values."""
+    return np.dtype(c.dtype) if not isinstance(c._values, np.ndarray) else c._values.dtype
+
+
+def _float64(c: gs.Constant, transpose: bool = False, scale: float = 1.0) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        v = np.asarray(c.values, dtype=np.float64)
+        v = v.T if transpose else v
+        return v * scale if scale != 1.0 else v
+    return read
 
 
 def _bias_vector(values: np.ndarray, out: int) -> np.ndarray | None:
@@ -93,11 +138,12 @@ def _match_gemm(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
     w = _weight_constant(graph, node, 1)
     if isinstance(w, Skip):
         return w
-    wv = np.asarray(w.values).astype(np.float64)
-    if wv.ndim != 2:
+    if len(w.shape) != 2:
         return Skip(node.name, "Gemm weight is not 2-D")
-    weight = (wv if int(a.get("transB", 0)) else wv.T) * float(a.get("alpha", 1.0))
-    out = weight.shape[0]
+    trans_b = bool(int(a.get("transB", 0)))
+    shape = tuple(int(d) for d in (w.shape if trans_b else w.shape[::-1]))
+    read = _float64(w, transpose=not trans_b, scale=float(a.get("alpha", 1.0)))
+    out = shape[0]
     bias = np.zeros(out)
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name != ""
     if has_bias:
@@ -108,7 +154,7 @@ def _match_gemm(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
         if vec is None:
             return Skip(node.name, f"Gemm bias of shape {np.shape(c.values)} does not broadcast per output")
         bias = vec * float(a.get("beta", 1.0))
-    return LinearLayer("gemm", weight, bias, node.inputs[0], node.outputs[0], (node,), has_bias)
+    return LinearLayer("gemm", shape, read, bias, node.inputs[0], node.outputs[0], (node,), has_bias)
 
 
 def _match_matmul(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
@@ -117,19 +163,19 @@ def _match_matmul(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
     w = _weight_constant(graph, node, 1)
     if isinstance(w, Skip):
         return w
-    wv = np.asarray(w.values).astype(np.float64)
-    if wv.ndim != 2:
+    if len(w.shape) != 2:
         return Skip(node.name, "MatMul weight is not 2-D")
-    weight = wv.T
-    out = weight.shape[0]
+    shape = (int(w.shape[1]), int(w.shape[0]))
+    read = _float64(w, transpose=True)
+    out = shape[0]
     mm_out = node.outputs[0]
     add = only_consumer(graph, mm_out)
     if add is not None and add.op == "Add":
         other = add.inputs[1] if add.inputs[0] is mm_out else add.inputs[0]
         vec = _bias_vector(other.values, out) if isinstance(other, gs.Constant) and len(other.outputs) == 1 else None
         if vec is not None:
-            return LinearLayer("matmul", weight, vec, node.inputs[0], add.outputs[0], (node, add), True)
-    return LinearLayer("matmul", weight, np.zeros(out), node.inputs[0], mm_out, (node,), False)
+            return LinearLayer("matmul", shape, read, vec, node.inputs[0], add.outputs[0], (node, add), True)
+    return LinearLayer("matmul", shape, read, np.zeros(out), node.inputs[0], mm_out, (node,), False)
 
 
 def _match_conv(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
@@ -139,8 +185,8 @@ def _match_conv(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
     w = _weight_constant(graph, node, 1)
     if isinstance(w, Skip):
         return w
-    weight = np.asarray(w.values).astype(np.float64)
-    out = weight.shape[0]
+    shape = tuple(int(d) for d in w.shape)
+    out = shape[0]
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name != ""
     bias = np.zeros(out)
     if has_bias:
@@ -148,15 +194,15 @@ def _match_conv(graph: gs.Graph, node: gs.Node) -> LinearLayer | Skip:
         if not isinstance(b, gs.Constant) or len(b.outputs) > 1:
             return Skip(node.name, "Conv bias is not an unshared constant")
         bias = np.asarray(b.values).astype(np.float64).reshape(out)
-    nd = weight.ndim - 2
+    nd = len(shape) - 2
     attrs = {
         "group": int(a.get("group", 1)),
         "pads": list(a.get("pads", [0] * 2 * nd)),
         "strides": list(a.get("strides", [1] * nd)),
         "dilations": list(a.get("dilations", [1] * nd)),
-        "kernel_shape": list(weight.shape[2:]),
+        "kernel_shape": list(shape[2:]),
     }
-    return LinearLayer("conv", weight, bias, node.inputs[0], node.outputs[0], (node,), has_bias, attrs)
+    return LinearLayer("conv", shape, _float64(w), bias, node.inputs[0], node.outputs[0], (node,), has_bias, attrs)
 
 
 _MATCHERS = {"Gemm": _match_gemm, "MatMul": _match_matmul, "Conv": _match_conv}
@@ -194,10 +240,10 @@ def write_linear_layer(graph: gs.Graph, names: NameSource, layer: LinearLayer, w
     The dtype of the original weight is kept. A bias input is added when the new bias is non-zero.
     """
     head = layer.nodes[0]
-    dtype = np.asarray(head.inputs[1].values).dtype
+    dtype = _dtype(head.inputs[1])
     need_bias = layer.has_bias or bool(np.any(bias != 0)) if keep_bias is None else keep_bias
-    w_const = gs.Constant(names.fresh(head.inputs[1].name), np.ascontiguousarray(weight.astype(dtype)))
-    b_values = np.ascontiguousarray(bias.astype(dtype))
+    w_const = gs.Constant(names.fresh(head.inputs[1].name), np.ascontiguousarray(weight, dtype=dtype))
+    b_values = np.ascontiguousarray(bias, dtype=dtype)
     nodes = layer.nodes
     if layer.kind == "gemm":
         head.inputs[1] = w_const
@@ -219,7 +265,7 @@ def write_linear_layer(graph: gs.Graph, names: NameSource, layer: LinearLayer, w
             else:
                 head.inputs.append(b_const)
     else:
-        head.inputs[1] = gs.Constant(names.fresh(head.inputs[1].name), np.ascontiguousarray(weight.T.astype(dtype)))
+        head.inputs[1] = gs.Constant(names.fresh(head.inputs[1].name), np.ascontiguousarray(weight.T, dtype=dtype))
         if len(nodes) == 2:
             add = nodes[1]
             idx = 1 if add.inputs[0] is head.outputs[0] else 0
@@ -234,7 +280,8 @@ def write_linear_layer(graph: gs.Graph, names: NameSource, layer: LinearLayer, w
                           outputs=[out])
             graph.nodes.append(add)
             nodes = (head, add)
-    return replace(layer, weight=weight, bias=bias, nodes=nodes, has_bias=need_bias)
+    return LinearLayer(layer.kind, tuple(int(d) for d in weight.shape), lambda: np.asarray(weight, dtype=np.float64),
+                       bias, layer.input, layer.output, nodes, need_bias, layer.conv_attrs)
 
 
 __all__ = ["LinearLayer", "Skip", "match_linear_layer", "producer_layer", "write_linear_layer",

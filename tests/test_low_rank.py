@@ -334,7 +334,8 @@ def test_composes_after_pruning(rng):
     loaded = model_from_proto(model)
     canonicalize(loaded.graph)
     data = CalibrationData(_array_source(loaded, x), loaded.ctx, len(x))
-    specs = (PassSpec.of("prune-channels", {"sparsity": 0.25}), PassSpec.of("low-rank", {"keep_params": 0.6}))
+    specs = (PassSpec.of("prune-channels", {"sparsity": 0.25, "channel_multiple": 1}),  # 16 wide: below one block
+             PassSpec.of("low-rank", {"keep_params": 0.6}))
     records = run_pipeline(loaded.graph, specs, PassContext(None, data))
     assert [r.result.name for r in records] == ["prune-channels", "low-rank"]
     assert records[1].after.params < records[1].before.params < records[0].before.params

@@ -204,7 +204,7 @@ MOMENT_BUDGET_BYTES = 512 << 20  # second-moment matrices accumulated in one dat
 
 def moment_columns(layer: LinearLayer) -> int:
     """Columns of ``layer``'s rows: input features, or ``C_in * K`` receptive-field entries of a Conv."""
-    return int(layer.weight[0].size) if layer.kind == "conv" else int(layer.weight.shape[1])
+    return int(np.prod(layer.shape[1:], dtype=np.int64)) if layer.kind == "conv" else int(layer.shape[1])
 
 
 def collect_layer_moments(graph, data, layers: list[LinearLayer], reference=None, seed: int = 0,

@@ -92,7 +92,9 @@ def dependent_units(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     # almost always independent, which the QR shows at the cost of one factorisation
     import scipy.linalg  # imported on first use: scipy costs a third of a second at start-up
 
-    _, r, piv = scipy.linalg.qr(rows.T, mode="economic", pivoting=True)
+    # R only (Q is never used, and is as large as the rows); the copy's transpose is Fortran-ordered, so
+    # LAPACK factorises it in place
+    r, piv = scipy.linalg.qr(np.array(rows, dtype=np.float64).T, mode="r", pivoting=True, overwrite_a=True)
     diag = np.abs(np.diag(r))
     tol = diag.max(initial=0.0) * max(rows.shape) * np.finfo(np.float64).eps
     rank = int((diag > tol).sum())

@@ -160,7 +160,7 @@ class _Site:
         return self.layer.nodes[0].name
 
     def dense_params(self) -> int:
-        return int(self.layer.weight.size)
+        return int(self.layer.size)
 
 
 def output_layer(graph: gs.Graph, layer: LinearLayer) -> bool:
@@ -303,7 +303,7 @@ class LowRank(Pass):
                 tally.add("grouped or depthwise Conv", node.name)
                 continue
             weight = layer.weight.reshape(layer.out_features, -1)
-            channels = int(layer.weight.shape[1])
+            channels = int(layer.shape[1])
             is_out = output_layer(graph, layer)
             min_width = max(1, math.ceil(o.min_rank_out * layer.out_features - 1e-9)) if is_out else 1
             names.add(node.name)
@@ -444,7 +444,7 @@ class LowRank(Pass):
             node = node_named(graph, match.site)
             layer = match_linear_layer(graph, node) if node is not None else None
             d = match.data
-            if not isinstance(layer, LinearLayer) or layer.weight.shape != d["weight"].shape \
+            if not isinstance(layer, LinearLayer) or layer.shape != d["weight"].shape \
                     or not np.array_equal(layer.weight, d["weight"]):
                 tally.add("site changed since it was planned", match.site)
                 continue
@@ -481,7 +481,7 @@ class _Timings:
 
 def _shape_key(layer: LinearLayer, k: int, rank: int) -> tuple:
     shape = tuple(str(d) for d in layer.input.shape) if layer.input.shape is not None else None
-    return layer.kind, layer.weight.shape, shape, str(sorted(layer.conv_attrs.items())), k, rank
+    return layer.kind, layer.shape, shape, str(sorted(layer.conv_attrs.items())), k, rank
 
 
 def _timing_feeds(layer: LinearLayer, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -664,7 +664,7 @@ def write_factorised(graph: gs.Graph, names: NameSource, layer: LinearLayer, enc
     mid = var("lowrank")
     need_bias = layer.has_bias or bool(np.any(bias != 0))
     if layer.kind == "conv":
-        kernel = [int(s) for s in layer.weight.shape[2:]]
+        kernel = [int(s) for s in layer.shape[2:]]
         attrs = {key: v for key, v in head.attrs.items() if key != "group"}
         attrs.update(group=k, kernel_shape=kernel)
         j = encoder.shape[0] // k

@@ -43,17 +43,17 @@ def merged_shape(first: LinearLayer, second: LinearLayer) -> tuple[int, ...] | s
     if first.group != 1 or second.group != 1:
         return "grouped Conv"
     if _plain_1x1(second):
-        return (second.out_features, *first.weight.shape[1:])
+        return (second.out_features, *first.shape[1:])
     if _plain_1x1(first):
         if any(second.conv_attrs["pads"]) and np.any(first.bias):
             return "second Conv pads while the first has a bias (border values would change)"
-        return (second.out_features, first.weight.shape[1], *second.weight.shape[2:])
+        return (second.out_features, first.shape[1], *second.shape[2:])
     if not (_unit_steps(first) and _unit_steps(second)):
         return "Conv pair with strides or dilations other than 1 and no 1x1 side"
     if any(second.conv_attrs["pads"]):
         return "second Conv pads (border values would change when merged)"
-    k1, k2 = np.array(first.weight.shape[2:]), np.array(second.weight.shape[2:])
-    return (second.out_features, first.weight.shape[1], *(int(k) for k in k1 + k2 - 1))
+    k1, k2 = np.array(first.shape[2:]), np.array(second.shape[2:])
+    return (second.out_features, first.shape[1], *(int(k) for k in k1 + k2 - 1))
 
 
 def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarray, np.ndarray, str] | str:
@@ -64,11 +64,11 @@ def merged_parameters(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarr
     if first.kind != "conv":
         return second.weight @ first.weight, second.weight @ first.bias + second.bias, "second"
     if _plain_1x1(second):
-        w2 = second.weight.reshape(second.weight.shape[:2])
+        w2 = second.weight.reshape(second.shape[:2])
         return np.tensordot(w2, first.weight, axes=(1, 0)), w2 @ first.bias + second.bias, "first"
     if _plain_1x1(first):
-        w1 = first.weight.reshape(first.weight.shape[:2])
-        taps = tuple(range(2, second.weight.ndim))
+        w1 = first.weight.reshape(first.shape[:2])
+        taps = tuple(range(2, second.ndim))
         bias = second.bias + second.weight.sum(axis=taps) @ first.bias
         return np.moveaxis(np.tensordot(second.weight, w1, axes=(1, 0)), -1, 1), bias, "second"
     return _compose_kernels(first, second)
@@ -96,7 +96,7 @@ def _compose_kernels(first: LinearLayer, second: LinearLayer) -> tuple[np.ndarra
 
 
 def _cheaper(first: LinearLayer, second: LinearLayer, weight: np.ndarray) -> bool:
-    return weight.size < first.weight.size + second.weight.size  # the same rule as the plan's, on the real weight
+    return weight.size < first.size + second.size  # the same rule as the plan's, on the real weight
 
 
 def merge_pair(graph: gs.Graph, names: NameSource, first: LinearLayer, second: LinearLayer) -> str | None:
@@ -153,7 +153,7 @@ class MergeAffine(Pass):
                 size = int(np.prod(shape)) if not isinstance(shape, str) else 0
                 if isinstance(shape, str):
                     tally.add(shape, node.name)
-                elif size >= first.weight.size + second.weight.size:
+                elif size >= first.size + second.size:
                     tally.add("merged layer would not be smaller", node.name)
                 else:
                     saved = first.param_count + second.param_count - size - shape[0]

@@ -257,8 +257,8 @@ class PruneMagnitude(Pass):
             site = layer.nodes[0].name
             corrected = any(layer is c for c in correctable)
             how = "SparseGPT" if corrected else "magnitude only (grouped Conv)" if o.correct else "magnitude"
-            matches.append(Match(site, "prune", n, 0, f"{n:,} of {layer.weight.size:,} weights, {how}",
-                                 {"count": n, "shape": layer.weight.shape, "correct": corrected,
+            matches.append(Match(site, "prune", n, 0, f"{n:,} of {layer.size:,} weights, {how}",
+                                 {"count": n, "shape": layer.shape, "correct": corrected,
                                   "moments": moments.get(site), "shared": shared}))
         return tally.plan(self.name, matches, approximate=bool(matches))
 
@@ -274,7 +274,7 @@ class PruneMagnitude(Pass):
                 if layer.kind == "gemm" and float(node.attrs.get("alpha", 1.0)) == 0.0:
                     refused[node.name] = "Gemm with alpha=0"
                     tally.add(refused[node.name], node.name)
-                elif layer.weight.size:
+                elif layer.size:
                     layers.append(layer)
         names = {layer.nodes[0].name for layer in layers}
         for name in self.options.layers:
@@ -289,12 +289,12 @@ class PruneMagnitude(Pass):
         """Weights each layer loses: per layer, or from one magnitude threshold over the layers without override."""
         o = self.options
         levels = [o.layers.get(layer.nodes[0].name) for layer in layers]
-        counts = [prune_count(layer.weight.size, o.sparsity if lv is None else lv)
+        counts = [prune_count(layer.size, o.sparsity if lv is None else lv)
                   for layer, lv in zip(layers, levels, strict=True)]
         pool = [i for i, lv in enumerate(levels) if lv is None]
         if o.scope == "global" and pool:
             mags = np.concatenate([np.abs(layers[i].weight).reshape(-1) for i in pool])
-            owner = np.concatenate([np.full(layers[i].weight.size, k) for k, i in enumerate(pool)])
+            owner = np.concatenate([np.full(layers[i].size, k) for k, i in enumerate(pool)])
             total = prune_count(mags.size, o.sparsity)
             chosen = np.argpartition(mags, total - 1)[:total] if total else np.zeros(0, dtype=np.int64)
             per = np.bincount(owner[chosen], minlength=len(pool))
@@ -316,7 +316,7 @@ class PruneMagnitude(Pass):
         for match in plan.matches:
             pending.discard(match.site)
             layer = match_linear_layer(graph, heads[match.site]) if heads[match.site] is not None else None
-            if not isinstance(layer, LinearLayer) or layer.weight.shape != match.data["shape"]:
+            if not isinstance(layer, LinearLayer) or layer.shape != match.data["shape"]:
                 tally.add("site changed since it was planned", match.site)
                 continue
             if match.data["correct"] and match.site not in fresh:
@@ -325,7 +325,7 @@ class PruneMagnitude(Pass):
                 passes += 1
             before = layer.weight.reshape(layer.out_features, -1)
             after = self._pruned(before, match, fresh.pop(match.site, None), tally)
-            write_weight(layer, after.reshape(layer.weight.shape))
+            write_weight(layer, after.reshape(layer.shape))
             zeroed += int(np.count_nonzero((after == 0) & (before != 0)))
             pruned += 1
             for other in sites:  # moments taken before this layer changed no longer describe its consumers
@@ -366,7 +366,7 @@ class PruneMagnitude(Pass):
             due = m.site == current or (m.site in pending and m.site not in fresh and not above[m.site] & waiting)
             if m.data["correct"] and due:
                 layer = match_linear_layer(graph, node_named(graph, m.site))
-                if isinstance(layer, LinearLayer) and layer.weight.shape == m.data["shape"]:
+                if isinstance(layer, LinearLayer) and layer.shape == m.data["shape"]:
                     ready.append(layer)
         logger.debug("prune-magnitude: re-collecting the input moments of %d layer(s)", len(ready))
         return collect_layer_moments(graph, data, ready)

@@ -64,7 +64,7 @@ def aligned(dead: np.ndarray, multiple: int) -> np.ndarray:
 def removed_params(group: ChannelGroup, removed: int) -> int:
     """Parameters that go with ``removed`` channels (first order): producer rows and biases, one entry of
     every tied parameter, consumer columns."""
-    rows = sum(int(p.weight[0].size) + (1 if p.has_bias else 0) for p in group.producers)
+    rows = sum(int(np.prod(p.shape[1:], dtype=np.int64)) + (1 if p.has_bias else 0) for p in group.producers)
     cols = sum(c.block * c.layer.out_features * c.layer.kernel_size // max(c.layer.group, 1) for c in group.consumers)
     return removed * (rows + cols + len(group.tied))
 

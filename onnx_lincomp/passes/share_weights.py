@@ -120,7 +120,7 @@ def layer_moments(graph: gs.Graph, data, seed: int) -> dict[str, Moments]:
 def shared_bytes(layer: LinearLayer, bits: int, opset: int) -> int:
     """Bytes of ``layer``'s weight once shared at ``bits`` (indices and codebook, first order)."""
     itemsize = np.asarray(layer.nodes[0].inputs[1].values).itemsize
-    return index_storage_bytes(layer.weight.size, bits, opset) + (1 << bits) * itemsize
+    return index_storage_bytes(layer.size, bits, opset) + (1 << bits) * itemsize
 
 
 def layer_problem(layer: LinearLayer, bits: int, opset: int) -> str | None:
@@ -199,7 +199,7 @@ class ShareWeights(Pass):
             after = shared_bytes(layer, bits, opset)
             sequential = stream if stream is not None and _data_aware(layer) else None
             how = rounding if layer.name in moments or sequential is not None else "nearest"
-            matches.append(Match(layer.name, "share", layer.weight.size, 0,
+            matches.append(Match(layer.name, "share", layer.size, 0,
                                  f"{bits}-bit codebook, {how} rounding, {before:,} -> ~{after:,} bytes",
                                  {"bits": bits, "moments": moments.get(layer.name), "rounding": how,
                                   "stream": sequential}))
@@ -228,7 +228,7 @@ class ShareWeights(Pass):
         for match in plan.matches:
             node = node_named(graph, match.site)
             layer = match_linear_layer(graph, node) if node is not None else None
-            if not isinstance(layer, LinearLayer) or layer.weight.size != match.units:
+            if not isinstance(layer, LinearLayer) or layer.size != match.units:
                 tally.add("site changed since it was planned", match.site)
                 continue
             self._share_one(graph, names, emitter, layer, match, totals)
@@ -273,9 +273,9 @@ class ShareWeights(Pass):
         before = _stored_bytes(layer)
         original = layer.nodes[0].inputs[1]
         weight_name = original.name
-        new = write_linear_layer(graph, names, layer, w_q.reshape(layer.weight.shape), bias)
+        new = write_linear_layer(graph, names, layer, w_q.reshape(layer.shape), bias)
         original.name = names.fresh(f"{weight_name}_float")  # no longer read: cleanup drops it
-        stored = shared.indices.reshape(layer.weight.shape)
+        stored = shared.indices.reshape(layer.shape)
         if layer.kind == "matmul":
             stored = stored.T  # MatMul stores (in, out)
         emitted = emitter.emit(f"cb{totals['layers_shared']}", codebook, stored, bits, output=weight_name)

@@ -141,7 +141,7 @@ def _bias_delta(link: GroupConsumer, weight: np.ndarray, idx: np.ndarray, shift:
     if not np.any(values):
         return delta
     cols = link.columns(idx)
-    w = weight.sum(axis=tuple(range(2, weight.ndim))) if weight.ndim > 2 else weight
+    w = weight.sum(axis=tuple(range(2, weight.ndim)), dtype=np.float64) if weight.ndim > 2 else weight
     if link.layer.kind == "conv" and link.layer.group > 1:
         per, rows = weight.shape[1], weight.shape[0] // link.layer.group
         for col, v in zip(cols, values, strict=True):
@@ -165,7 +165,7 @@ def _layer_edits(group: ChannelGroup, idx: np.ndarray, keep: np.ndarray,
         links.setdefault(id(c.layer.nodes[0]), []).append(c)
     edits = []
     for key, layer in layers.items():
-        w, b = layer.weight, layer.bias.copy()
+        w, b = layer.stored, layer.bias.copy()  # rows and columns are selected, not computed: no float64 copy
         for link in links.get(key, []):
             b = b + _bias_delta(link, w, idx, shift)
             w = _drop_columns(link, w, idx)
@@ -185,7 +185,7 @@ def _tied_edits(group: ChannelGroup, idx: np.ndarray, opset: int) -> tuple[list,
             if gone.size and v.shape[t.axis] > 1:
                 inputs.append(_InputEdit(t.node, t.index, np.delete(v, gone, axis=t.axis)))
         elif isinstance(t, TiedDepthwise):
-            w, b = np.delete(t.layer.weight, gone, axis=0), np.delete(t.layer.bias, gone)
+            w, b = np.delete(t.layer.stored, gone, axis=0), np.delete(t.layer.bias, gone)
             layers.append(_LayerEdit(t.layer, w, b, group=int(w.shape[0])))
         elif t.node.op == "Split":
             sizes = [b - a - int(((gone >= a) & (gone < b)).sum()) for a, b in t.bounds]

@@ -105,7 +105,7 @@ class OneLayerInt8:
         return None if bits == 8 else "INT8 only"
 
     def stored_bytes(self, layer: LinearLayer, bits: int) -> int:
-        return int(layer.weight.size) + 4 * (layer.out_features if self.builder.settings.per_channel else 1)
+        return int(layer.size) + 4 * (layer.out_features if self.builder.settings.per_channel else 1)
 
     def build(self, bits: Mapping[str, int]) -> onnx.ModelProto:
         return self.builder.build((), only=[name for name, b in bits.items() if b])[0]
