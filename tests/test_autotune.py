@@ -8,8 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from onnx_lincomp.autotune import Budget
+from onnx_lincomp.autotune.judge import Outcome
+from onnx_lincomp.autotune.layer_knobs import resolve_knobs
 from onnx_lincomp.autotune.pareto import pareto_flags
-from onnx_lincomp.autotune.search import SearchOptions, run_search
+from onnx_lincomp.autotune.search import Move, SearchOptions, _greedy, _Walk, run_search
 from onnx_lincomp.autotune.space import Choice, Knob, default_knobs, neighbours, setting_recipe
 from onnx_lincomp.cli import main
 from onnx_lincomp.errors import OptionError
@@ -37,14 +39,18 @@ def _rows(result):
 
 
 def test_space_recipes_put_exact_passes_first_and_quantizers_last():
-    knobs = default_knobs("latency")
+    assert "prune-layers" not in [k.name for k in default_knobs("latency")]  # opt-in: --search-per-layer
+    knobs = default_knobs("latency", per_layer=True)
     assert [k.name for k in knobs][:2] == ["prune", "low-rank"] or [k.name for k in knobs][0] == "prune"
-    full = tuple(0 for _ in knobs)
+    full = tuple(0 if k.family != "prune" or k.name == "prune" else None for k in knobs)
     recipe = setting_recipe(knobs, full, CalibrationSettings())
     names = [s.name for s in recipe.passes]
     assert names[:3] == ["remove-dead", "fold-linear", "merge-affine"]
     assert names.index("prune-channels") == 3
-    assert len(neighbours(knobs, (None,) * len(knobs))) == len(knobs)
+    assert names.count("prune-channels") == 1  # one knob per family
+    unresolved = [k for k in knobs if not k.choices]
+    assert [k.name for k in unresolved] == ["prune-layers"]
+    assert len(neighbours(knobs, (None,) * len(knobs))) == len(knobs) - 1
     with pytest.raises(OptionError):
         default_knobs("speed")
 
@@ -123,3 +129,127 @@ def test_ray_missing_is_a_usage_error(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", str(out), "--objective", "macs",
                                     "--min-agreement", "0.9", "--backend", "ray"])
     assert res.exit_code == 2 and "onnx-lincomp[ray]" in res.output and not out.exists()
+
+
+# ---- look-ahead and back-off, on a stub judge whose error is not monotone in the level ---------------------
+class _V:
+    """The two fields an output-error budget reads."""
+
+    def __init__(self, max_abs):
+        self.non_finite, self.max_abs = False, max_abs
+
+
+class _StubExecutor:
+    """Scores a recipe from a table: level index of each knob -> (error, MACs saved)."""
+
+    def __init__(self, knobs, table):
+        self.knobs, self.table, self.calls = knobs, table, 0
+
+    def map(self, recipes):
+        out = []
+        for r in recipes:
+            self.calls += 1
+            err, macs = 0.0, 1000
+            for spec in r["passes"]:
+                for k, knob in enumerate(self.knobs):
+                    for i, c in enumerate(knob.choices):
+                        if spec["name"] == c.pass_name and all(spec.get(o) == v for o, v in c.options.items()):
+                            e, saved = self.table[k][i]
+                            err, macs = err + e, macs - saved
+            out.append(Outcome(r, macs=macs, size_bytes=macs, verification=_V(err)))
+        return out
+
+    def close(self):
+        pass
+
+
+def _levels(name, values, stride=1):
+    return Knob(name, tuple(Choice("prune-channels", {"target_macs": v}) for v in values), frozenset({"macs"}),
+                stride=stride)
+
+
+def _stub_search(knobs, table, **kw):
+    options = SearchOptions("macs", Budget("output_error", 1.0), **kw)
+    ex = _StubExecutor(knobs, table)
+    return _greedy(None, knobs, CalibrationSettings(), options, ex, 0.0, None), ex
+
+
+def test_a_noisy_miss_does_not_freeze_the_knob():
+    knobs = (_levels("prune", (0.9, 0.8, 0.7, 0.6, 0.5)),)
+    # level 1 misses (noise), levels 2 and 3 are inside, level 4 misses
+    table = [[(0.2, 100), (1.5, 200), (0.6, 300), (0.9, 400), (3.0, 500)]]
+    frozen, _ = _stub_search(knobs, table, lookahead=0)
+    assert frozen.chosen.outcome.macs == 900  # the old behaviour: stuck at the first miss
+    result, ex = _stub_search(knobs, table, lookahead=2)
+    assert result.chosen.outcome.macs == 600 and result.chosen.within
+    assert "look-ahead" in [s.move for s in result.scored]
+    assert ex.calls == len(result.scored) <= 6  # bounded, nothing scored twice
+    counts = result.counts()
+    assert counts["scored"] == len(result.scored) and counts["look-ahead"] >= 1
+
+
+def test_back_off_is_layer_by_layer_and_bounded():
+    # a fine chain stepped 3 at a time: index 5 misses, the back-offs 4 then 3 are tried one move at a time
+    knobs = (_levels("prune-layers", tuple(0.95 - 0.05 * i for i in range(9)), stride=3),)
+    table = [[(0.1 * i, 50 * (i + 1)) if i < 4 else (2.0, 50 * (i + 1)) for i in range(9)]]
+    result, _ = _stub_search(knobs, table, lookahead=0, backoffs=2)
+    moves = [(s.move, s.setting[0]) for s in result.scored]
+    assert ("back-off", 4) in moves and ("back-off", 3) in moves
+    assert result.chosen.setting == (3,)
+    result, _ = _stub_search(knobs, table, lookahead=0, backoffs=1)
+    assert result.chosen.setting == (2,)  # one back-off allowed, to index 4, which misses
+
+
+def test_a_miss_trades_with_the_knob_that_used_most_budget():
+    knobs = (_levels("a", (0.91, 0.81)), _levels("b", (0.92, 0.82)))
+    # the walk reaches a=1, b=0; a=1 with b=1 misses; a=0 with b=1 (a backed off) fits and saves more
+    table = [[(0.1, 100), (0.3, 200)], [(0.2, 50), (0.8, 500)]]
+    result, _ = _stub_search(knobs, table, lookahead=0)
+    assert [s.move for s in result.scored if s.setting == (0, 1)] == ["trade"]
+    assert result.chosen.setting == (0, 1) and result.chosen.within
+
+
+def test_the_candidate_limit_is_kept_and_reported():
+    knobs = (_levels("prune", (0.9, 0.8, 0.7, 0.6, 0.5)),)
+    table = [[(0.1, 100), (0.2, 200), (0.3, 300), (0.4, 400), (0.5, 500)]]
+    result, ex = _stub_search(knobs, table, max_candidates=3)
+    assert ex.calls == len(result.scored) == 3 and "candidate limit of 3" in result.stopped
+
+
+def test_walk_frontier_looks_ahead_then_stops():
+    knob = _levels("prune", (0.9, 0.8, 0.7, 0.6, 0.5, 0.4))
+    walk = _Walk((knob,), SearchOptions("macs", AGREEMENT, lookahead=1))
+    miss = type("S", (), {"within": False})()
+    assert walk.frontier((0,)) == [Move((1,), 0, "step")]
+    walk.record(Move((1,), 0, "step"), miss)
+    assert walk.frontier((0,)) == [Move((2,), 0, "look-ahead")]
+    walk.record(Move((2,), 0, "look-ahead"), miss)
+    assert walk.frontier((0,)) == []  # one look-ahead spent: the knob is done
+    walk.moved(0, 0.1)
+    assert walk.frontier((0,)) == [Move((1,), 0, "step")]
+
+
+# ---- per-layer knobs ----------------------------------------------------------------------------------------
+def test_per_layer_knob_recipes_name_real_layers_and_replay(tmp_path):
+    from onnx_lincomp.analysis.unit_sets import UnitEvidence
+    from onnx_lincomp.optimize import compress
+
+    model, calib = (str(p) for p in example_paths("digits-cnn"))
+    cal = CalibrationSettings(verify_split=0.3)
+    prep = prepare(model, calib, Recipe(calibration=cal), "y")
+    stats = calibrate(prep)
+    knobs, scans = resolve_knobs(default_knobs("macs", per_layer=True), prep, stats, calib, cal, "y", "macs")
+    layer_knob = next(k for k in knobs if k.name == "prune-layers")
+    assert len(layer_knob.choices) >= 2 and scans[0].candidates > 0 and scans[0].layers >= 2
+    # the chain moves one layer one level at a time
+    a, b = layer_knob.choices[0].options["layers"], layer_knob.choices[1].options["layers"]
+    assert sum(1 for k in set(a) | set(b) if a.get(k) != b.get(k)) == 1
+    j = knobs.index(layer_knob)
+    setting = tuple(1 if i == j else None for i in range(len(knobs)))
+    recipe = setting_recipe(knobs, setting, cal)
+    ev = UnitEvidence.from_stats(stats)
+    first, records = compress(prep, ev, recipe)
+    assert any(r.result.changed for r in records if r.result.name == "prune-channels")
+    again, _ = compress(prep, ev, Recipe.from_dict(json.loads(json.dumps(recipe.as_dict()))))
+    assert first.SerializeToString() == again.SerializeToString()
+    onnx.checker.check_model(first, full_check=True)

@@ -37,7 +37,7 @@ def optimize_within_budget(model: str, calib: str, options: OptimizeOptions, sea
                        progress=progress)
     chosen = require_result(found, search.budget)
     result = optimize(model, calib, replace(gate_options(options, search.budget), recipe=found.recipe), stats=stats)
-    note = (f"search ({search.objective}, {search.budget.describe()}): {len(found.scored)} candidates scored, "
+    note = (f"search ({search.objective}, {search.budget.describe()}): {found.describe_counts()}, "
             f"chose {chosen.label}; stopped: {found.stopped or 'search space exhausted'}")
     report = replace(result.report, search=tuple(found.rows()), messages=result.report.messages + (note,))
     return replace(result, report=report), found

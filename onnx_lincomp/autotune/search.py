@@ -1,36 +1,50 @@
 """Greedy search across passes for the best model within a budget.
 
-1. Calibrate once (the statistics every candidate's exact passes use), save them for the workers.
-2. Score the exact passes alone, then repeatedly every setting one step more aggressive on one knob
-   (pruning level, low-rank keep ratio, quantization); each candidate is the *combined* recipe, so
-   interactions are measured, never assumed. A knob whose next step leaves the budget is frozen.
-3. Among the candidates inside the budget take the one with the best objective gain per unit of budget
+1. Calibrate once (the statistics every candidate's exact passes use), save them for the workers. Per-layer
+   knobs get their choices from a sensitivity scan of the model after the exact passes (:mod:`.layer_knobs`).
+2. Score the exact passes alone, then repeatedly every setting one forward step more aggressive on one knob
+   (pruning level, per-layer pruning allocation, low-rank keep ratio, quantization); each candidate is the
+   *combined* recipe, so interactions are measured, never assumed.
+3. A step that leaves the budget does not freeze its knob at once: accuracy against the level is noisy and
+   not monotone on a small held-out split, so the next rounds also try
+   - *look-ahead*: up to ``lookahead`` further forward steps beyond the missed one;
+   - *back-off, layer by layer*: on a per-layer knob, the choices between the current one and the missed
+     one, one layer move at a time (at most ``backoffs``);
+   - *back-off, knob by knob*: the missed step with another active knob one choice milder (the knob whose
+     last step cost most budget), once per knob between moves.
+   A knob is frozen when these are spent, or when a step inside the budget neither improves the objective
+   nor cuts MACs.
+4. Among the candidates inside the budget take the one with the best objective gain per unit of budget
    used (latency: batch-1 ratio against the original in interleaved rounds, measured here one candidate
    at a time, never in parallel workers; size: file bytes; MACs), and go on from it.
-4. Stop when no step stays inside the budget, or at the time budget: the answer is the best verified
-   candidate seen (ties inside the latency noise go to fewer MACs, then fewer bytes).
+5. Stop when no move is left, at ``max_candidates`` scored candidates, or at the time budget: the answer is
+   the best verified candidate seen (ties inside the latency noise go to fewer MACs, then fewer bytes).
 
-Every scored candidate is a row (the Pareto table); the chosen recipe reproduces the model exactly.
+Every scored candidate is a row (the Pareto table) with the move that proposed it; the chosen recipe
+reproduces the model exactly.
 """
 from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import onnx
 
 from ..calibration import StatsSet
-from ..errors import VerificationGateError
+from ..errors import OptionError, VerificationGateError
 from ..gates import compare_two, latency_feeds
 from ..prepared import Prepared
 from ..recipe import CalibrationSettings, Recipe
 from .budget import Budget
 from .executors import Backend, make_executor
 from .judge import JudgeSpec, Outcome
-from .space import Knob, Objective, Setting, default_knobs, describe, neighbours, setting_recipe
+from .layer_knobs import LayerScanReport, resolve_knobs
+from .space import Knob, Objective, Setting, default_knobs, describe, family_busy, forward, setting_recipe, with_index
 
 Progress = Callable[[str], None]
 
@@ -42,9 +56,30 @@ class SearchOptions:
     jobs: int = 1
     backend: Backend = "local"
     address: str | None = None
-    time_budget_s: float | None = None
+    time_budget_s: float | None = None  # the greedy walk's (per-layer scans run first, reported on their own)
     threads: int = 0
     batch_size: int = 16
+    lookahead: int = 2  # further forward steps tried on a knob after its step misses the budget
+    backoffs: int = 2  # finer choices tried back from a missed step on a per-layer knob
+    max_candidates: int = 60  # scored candidates at most (the scan of a per-layer knob not counted)
+    per_layer: bool = False  # add the per-layer pruning knob (a sensitivity scan first)
+
+    def __post_init__(self):
+        if self.lookahead < 0 or self.backoffs < 0 or self.max_candidates < 1:
+            raise OptionError("the search needs lookahead >= 0, backoffs >= 0 and max_candidates >= 1")
+
+
+MoveKind = Literal["start", "step", "look-ahead", "back-off", "trade"]
+
+
+@dataclass(frozen=True)
+class Move:
+    """A candidate setting and why it was proposed: which knob it advances (-1: none) and how."""
+
+    setting: Setting
+    knob: int
+    kind: MoveKind
+    milder: int = -1  # a trade: the knob set one choice milder
 
 
 @dataclass
@@ -56,6 +91,7 @@ class Scored:
     damage: float
     latency_ratio: float | None = None
     latency_change: str | None = None
+    move: MoveKind = "step"
 
     def objective(self, which: Objective) -> float:
         if which == "latency":
@@ -70,7 +106,7 @@ class Scored:
                 "drop_high": v.paired.upper_points if v and v.paired else None,
                 "agreement": v.agreement if v else None, "max_abs": v.max_abs if v else None,
                 "within_budget": self.within, "error": o.error, "seconds": round(o.seconds, 3),
-                "chosen": chosen, "recipe": o.recipe}
+                "move": self.move, "chosen": chosen, "recipe": o.recipe}
 
 
 @dataclass
@@ -78,9 +114,23 @@ class SearchResult:
     chosen: Scored | None
     scored: list[Scored] = field(default_factory=list)
     stopped: str = ""
+    scans: tuple[LayerScanReport, ...] = ()
 
     def rows(self) -> list[dict]:
         return [s.row(s is self.chosen) for s in self.scored]
+
+    def counts(self) -> dict[str, int]:
+        """Scored candidates by the move that proposed them, with the total and the scans' candidates."""
+        by_move = Counter(s.move for s in self.scored)
+        return {"scored": len(self.scored), **{k: by_move[k] for k in ("start", "step", "look-ahead", "back-off",
+                                                                       "trade")},
+                "scan": sum(r.candidates for r in self.scans)}
+
+    def describe_counts(self) -> str:
+        c = self.counts()
+        extra = ", ".join(f"{c[k]} {k}" for k in ("look-ahead", "back-off", "trade") if c[k])
+        scan = f" (+{c['scan']} single-layer scan candidates)" if c["scan"] else ""
+        return f"{c['scored']} candidates scored" + (f" ({extra})" if extra else "") + scan
 
     @property
     def recipe(self) -> Recipe | None:
@@ -117,36 +167,116 @@ def run_search(prep: Prepared, stats: StatsSet, model_path: str, calib: str, cal
                progress: Progress | None = None) -> SearchResult:
     """Search from ``prep`` (the model at ``model_path`` prepared with ``calibration``) using the statistics
     ``stats`` of its calibration part; workers rebuild candidates from the same files."""
-    knobs = knobs if knobs is not None else default_knobs(options.objective)
-    start = time.monotonic()
+    knobs = knobs if knobs is not None else default_knobs(options.objective, per_layer=options.per_layer)
+    knobs, scans = resolve_knobs(knobs, prep, stats, calib, calibration, labels, options.objective,
+                                 options.jobs if options.backend == "local" else 1, options.threads)
+    start = time.monotonic()  # the time budget is the walk's: the scans are bounded (layers x levels) and reported
     with tempfile.TemporaryDirectory(prefix="lincomp-search-") as tmp:
         stats_path = str(Path(tmp) / "stats.npz")
         stats.save(stats_path)
         spec = JudgeSpec(model_path, calib, labels, calibration, stats_path, threads=options.threads)
         executor = make_executor(spec, options.jobs, options.backend, options.address)
         try:
-            return _greedy(prep, knobs, calibration, options, executor, start, progress)
+            result = _greedy(prep, knobs, calibration, options, executor, start, progress)
+            result.scans = scans
+            return result
         finally:
             executor.close()
+
+
+class _Walk:
+    """Per-knob bookkeeping of the greedy walk: which choices missed the budget since the knob last moved,
+    the look-aheads, back-offs and trades spent, and the budget each knob's last move used."""
+
+    def __init__(self, knobs: tuple[Knob, ...], options: SearchOptions):
+        self.knobs, self.options = knobs, options
+        self.frozen: set[int] = set()
+        self.missed: dict[int, list[int]] = {j: [] for j in range(len(knobs))}
+        self.ahead = dict.fromkeys(range(len(knobs)), 0)
+        self.back = dict.fromkeys(range(len(knobs)), 0)
+        self.traded: set[int] = set()
+        self.cost = dict.fromkeys(range(len(knobs)), 0.0)
+
+    def moved(self, knob: int, damage_added: float) -> None:
+        self.missed[knob], self.ahead[knob], self.back[knob] = [], 0, 0
+        self.traded.discard(knob)
+        self.cost[knob] = damage_added
+
+    def frontier(self, setting: Setting) -> list[Move]:
+        out: list[Move] = []
+        for j, knob in enumerate(self.knobs):
+            if j in self.frozen or not knob.choices or family_busy(self.knobs, setting, j):
+                continue
+            missed = self.missed[j]
+            if not missed:
+                nxt = forward(knob, setting[j])
+                if nxt is not None:
+                    out.append(Move(with_index(setting, j, nxt), j, "step"))
+                continue
+            ahead = forward(knob, max(missed))
+            if ahead is not None and self.ahead[j] <= self.options.lookahead:
+                out.append(Move(with_index(setting, j, ahead), j, "look-ahead"))
+            here = -1 if setting[j] is None else setting[j]
+            if min(missed) - 1 > here and self.back[j] < self.options.backoffs:
+                out.append(Move(with_index(setting, j, min(missed) - 1), j, "back-off"))
+        return out
+
+    def trade(self, setting: Setting, missed: Move) -> Move | None:
+        """The missed setting with the active knob whose last move used most budget one choice milder."""
+        j = missed.knob
+        if j in self.traded:
+            return None
+        self.traded.add(j)
+        active = [k for k, i in enumerate(setting) if i is not None and k != j]
+        if not active:
+            return None
+        k = max(active, key=lambda a: (self.cost[a], -a))
+        milder = setting[k] - 1 if setting[k] > 0 else None
+        return Move(with_index(missed.setting, k, milder), j, "trade", k)
+
+    def record(self, move: Move, s: Scored) -> None:
+        if s.within or move.kind in ("start", "trade"):
+            return
+        self.missed[move.knob].append(move.setting[move.knob])
+        if move.kind == "back-off":
+            self.back[move.knob] += 1
+        else:
+            self.ahead[move.knob] += 1
+
+
+def _score(knobs, calibration, options: SearchOptions, executor, moves: list[Move],
+           seen: dict[Setting, Scored]) -> list[Scored]:
+    """The candidates of ``moves``, scoring only settings not scored before (candidates are deterministic);
+    the new ones are added to ``seen``."""
+    new = list(dict.fromkeys(m.setting for m in moves if m.setting not in seen))
+    kinds = {}
+    for m in moves:
+        kinds.setdefault(m.setting, m.kind)
+    recipes = [setting_recipe(knobs, st, calibration).as_dict() for st in new]
+    for st, o in zip(new, executor.map(recipes), strict=True):
+        v = o.verification
+        seen[st] = Scored(st, describe(knobs, st), o, v is not None and options.budget.within(v),
+                          options.budget.damage(v) if v is not None else float("inf"), move=kinds[st])
+    return [seen[m.setting] for m in moves]
 
 
 def _greedy(prep, knobs, calibration, options: SearchOptions, executor, start: float, progress) -> SearchResult:
     latency = _Latency(prep, options, dict(calibration.input_shapes)) if options.objective == "latency" else None
     result = SearchResult(None)
-    frozen: set[int] = set()
-    state: Setting = (None,) * len(knobs)
-    frontier = [state]
+    walk = _Walk(knobs, options)
+    moves = [Move((None,) * len(knobs), -1, "start")]
+    seen: dict[Setting, Scored] = {}
     current: Scored | None = None
-    while frontier:
-        recipes = [setting_recipe(knobs, s, calibration).as_dict() for s in frontier]
-        scored = [Scored(s, describe(knobs, s), o, o.verification is not None and options.budget.within(o.verification),
-                         options.budget.damage(o.verification) if o.verification is not None else float("inf"))
-                  for s, o in zip(frontier, executor.map(recipes), strict=True)]
-        result.scored += scored
+    idle = 0  # rounds that scored nothing new and did not move (a guard: look-aheads and back-offs are bounded)
+    while True:
+        moves = _within_limit(moves, seen, options.max_candidates - len(seen))
+        if not moves:
+            result.stopped = f"candidate limit of {options.max_candidates} reached"
+            break
+        known, before = len(seen), current
+        scored = _score(knobs, calibration, options, executor, moves, seen)
+        result.scored += list(seen.values())[known:]
         ok = [s for s in scored if s.within]
-        for s in scored:
-            if not s.within and current is not None:
-                frozen.add(_changed_knob(current.setting, s.setting))
         if latency is not None:
             for s in ok:
                 latency.measure(s)
@@ -162,25 +292,64 @@ def _greedy(prep, knobs, calibration, options: SearchOptions, executor, start: f
                 break
             current = ok[0]
         else:
-            step = _step(current, ok, options.objective)
-            frozen |= {_changed_knob(current.setting, s.setting) for s in ok if s is not step and
-                       _gain(current, s, options.objective) <= 0 and s.outcome.macs >= current.outcome.macs}
-            if step is None:
-                result.stopped = ("no further step stays within the budget" if not ok else
-                                  "no step within the budget improves the objective")
-                break
-            current = step
+            current = _advance(walk, current, moves, scored, options.objective)
+            idle = idle + 1 if len(seen) == known and current is before else 0
+        if result.stopped or idle > 1:
+            result.stopped = result.stopped or "no new candidate in two rounds"
+            break
         if options.time_budget_s is not None and time.monotonic() - start > options.time_budget_s:
             result.stopped = f"time budget of {options.time_budget_s:g} s reached"
             break
-        frontier = [n for n in neighbours(knobs, current.setting) if _changed_knob(current.setting, n) not in frozen]
-        if not frontier:
+        moves = walk.frontier(current.setting) + _trades(walk, current.setting, moves, scored)
+        if not moves:
             result.stopped = "every knob is at its last level or frozen"
+            break
     return result
 
 
-def _changed_knob(a: Setting, b: Setting) -> int:
-    return next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+def _within_limit(moves: list[Move], seen: dict[Setting, Scored], room: int) -> list[Move]:
+    """The moves in order, keeping at most ``room`` settings not scored before."""
+    out, new = [], set()
+    for m in moves:
+        if m.setting not in seen and m.setting not in new:
+            if len(new) >= room:
+                continue
+            new.add(m.setting)
+        out.append(m)
+    return out
+
+
+def _trades(walk: _Walk, setting: Setting, moves: list[Move], scored: list[Scored]) -> list[Move]:
+    """Knob-by-knob back-offs for the forward steps of the last round that missed the budget."""
+    out = []
+    for m, s in zip(moves, scored, strict=True):
+        if s.within or m.kind not in ("step", "look-ahead"):
+            continue
+        here = -1 if setting[m.knob] is None else setting[m.knob]
+        if m.setting[m.knob] <= here or family_busy(walk.knobs, setting, m.knob):
+            continue
+        t = walk.trade(setting, Move(with_index(setting, m.knob, m.setting[m.knob]), m.knob, m.kind))
+        if t is not None:
+            out.append(t)
+    return out
+
+
+def _advance(walk: _Walk, current: Scored, moves: list[Move], scored: list[Scored], objective: Objective) -> Scored:
+    """Record the round, take the best step (or stay), freeze knobs whose kept step does not pay."""
+    for m, s in zip(moves, scored, strict=True):
+        walk.record(m, s)
+    step = _step(current, [s for s in scored if s.within], objective)
+    for m, s in zip(moves, scored, strict=True):
+        if s.within and s is not step and m.kind != "trade" and _gain(current, s, objective) <= 0 and \
+                s.outcome.macs >= current.outcome.macs:
+            walk.frozen.add(m.knob)
+    if step is None:
+        return current
+    m = next(mv for mv, sc in zip(moves, scored, strict=True) if sc is step)
+    walk.moved(m.knob, max(step.damage - current.damage, 0.0))
+    if m.kind == "trade":
+        walk.moved(m.milder, 0.0)
+    return step
 
 
 def _gain(current: Scored, s: Scored, objective: Objective) -> float:

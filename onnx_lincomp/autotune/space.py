@@ -1,5 +1,11 @@
-"""The search space: knobs (one per family of lossy passes), each an ordered list of choices from mildest to
-most aggressive, and settings (one choice index per knob, or none) that become recipes.
+"""The search space: knobs (one per way of setting a lossy pass), each an ordered list of choices from mildest
+to most aggressive, and settings (one choice index per knob, or none) that become recipes.
+
+Knobs of one *family* set the same pass (uniform pruning and per-layer pruning are both ``prune-channels``), so at
+most one of them is active in a setting. A per-layer knob (``scan``) has no choices until the search builds them
+from a sensitivity scan (:mod:`.layer_knobs`): a fine chain of per-layer allocations, one layer move apart, of
+which a forward step takes ``stride`` at a time; the choices in between are where the search backs off layer by
+layer when a combined model misses the budget.
 
 A setting's recipe is the exact passes first (remove-dead, fold-linear, merge-affine at exact rates), then
 the structural lossy passes in a fixed order (pruning before low-rank), then at most one quantizer (they
@@ -25,10 +31,14 @@ class Choice:
 
     pass_name: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""  # a short label replacing the options (per-layer choices name their levels)
 
     def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        opts = self.note or ",".join(f"{k}={v}" for k, v in self.options.items())
         return f"{self.pass_name}({opts})" if opts else self.pass_name
+
+
+ScanKind = Literal["channels"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,23 @@ class Knob:
     name: str
     choices: tuple[Choice, ...]  # mildest first
     objectives: frozenset[str]
+    family: str = ""  # knobs of one family are never active together (default: the name)
+    stride: int = 1  # choices a forward step moves; those in between are back-off points
+    scan: ScanKind | None = None  # choices built by the search from a per-layer sensitivity scan
+
+    def __post_init__(self):
+        if self.stride < 1:
+            raise OptionError(f"knob {self.name}: stride must be >= 1, got {self.stride}")
+        if self.scan is not None and self.scan != "channels":
+            raise OptionError(f"knob {self.name}: unknown scan {self.scan!r}")
+
+    @property
+    def group(self) -> str:
+        return self.family or self.name
+
+    @property
+    def pass_names(self) -> frozenset[str]:
+        return frozenset({"prune-channels"} if self.scan == "channels" else {c.pass_name for c in self.choices})
 
 
 Setting = tuple[int | None, ...]  # per knob: index of its choice, or None (knob off)
@@ -45,20 +72,26 @@ def _levels(pass_name: str, option: str, values) -> tuple[Choice, ...]:
     return tuple(Choice(pass_name, {option: v}) for v in values)
 
 
-def default_knobs(objective: Objective, available: Mapping[str, type] = PASSES) -> tuple[Knob, ...]:
-    """The knobs that can improve ``objective``, restricted to the passes this installation has."""
+def default_knobs(objective: Objective, available: Mapping[str, type] = PASSES,
+                  per_layer: bool = False) -> tuple[Knob, ...]:
+    """The knobs that can improve ``objective``, restricted to the passes this installation has.
+
+    ``per_layer`` adds per-layer pruning from a sensitivity scan. It is off by default: it shares the
+    pruning family with uniform pruning, so the walk uses one or the other, and on the Fashion-MNIST CNN at
+    one point its coarse steps ended below uniform pruning alone (benchmarks/search.py)."""
     if objective not in OBJECTIVES:
         raise OptionError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     knobs = [
         Knob("prune", _levels("prune-channels", "target_macs", (0.85, 0.7, 0.55, 0.45, 0.35, 0.25, 0.18, 0.12)),
              frozenset(OBJECTIVES)),
+        *((Knob("prune-layers", (), frozenset(OBJECTIVES), family="prune", scan="channels"),) if per_layer else ()),
         Knob("low-rank", _levels("low-rank", "keep_params", (0.8, 0.6, 0.45, 0.3)), frozenset(OBJECTIVES)),
         Knob("quantize", (Choice("quantize-int8"),), frozenset({"latency"})),
         Knob("quantize", _levels("share-weights", "bits", (8, 6, 5, 4, 3)), frozenset({"size"})),
     ]
     out = []
     for k in knobs:
-        if objective in k.objectives and all(c.pass_name in available for c in k.choices):
+        if objective in k.objectives and all(p in available for p in k.pass_names):
             out.append(k)
     return tuple(out)
 
@@ -77,11 +110,31 @@ def describe(knobs: tuple[Knob, ...], setting: Setting) -> str:
     return " + ".join(parts) or "exact passes only"
 
 
+def with_index(setting: Setting, knob: int, index: int | None) -> Setting:
+    """``setting`` with knob ``knob`` at choice ``index`` (None: off)."""
+    return setting[:knob] + (index,) + setting[knob + 1:]
+
+
+def family_busy(knobs: tuple[Knob, ...], setting: Setting, knob: int) -> bool:
+    """Whether another knob of ``knob``'s family is active in ``setting``."""
+    return any(i is not None and j != knob and k.group == knobs[knob].group
+               for j, (k, i) in enumerate(zip(knobs, setting, strict=True)))
+
+
+def forward(knob: Knob, index: int | None) -> int | None:
+    """The choice one forward step (``stride`` choices, the last one at most) beyond ``index``; None at the end."""
+    last = len(knob.choices) - 1
+    here = -1 if index is None else index
+    if here >= last:
+        return None
+    return min(here + knob.stride, last)
+
+
 def neighbours(knobs: tuple[Knob, ...], setting: Setting) -> list[Setting]:
-    """Settings one step more aggressive on one knob."""
+    """Settings one forward step more aggressive on one knob (one knob per family active)."""
     out = []
     for j, (k, i) in enumerate(zip(knobs, setting, strict=True)):
-        nxt = 0 if i is None else i + 1
-        if nxt < len(k.choices):
-            out.append(setting[:j] + (nxt,) + setting[j + 1:])
+        nxt = forward(k, i)
+        if nxt is not None and not family_busy(knobs, setting, j):
+            out.append(with_index(setting, j, nxt))
     return out

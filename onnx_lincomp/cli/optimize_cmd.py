@@ -61,8 +61,11 @@ search_options = [
     click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                  help="With --objective: score candidates locally or on a Ray cluster (extra 'ray')."),
     click.option("--address", help="With --backend ray: the cluster address (default: a local cluster)."),
+    click.option("--search-per-layer", is_flag=True,
+                 help="With --objective: also try per-layer pruning levels from a sensitivity scan (slower)."),
 ]
-SEARCH_ONLY = ("--pareto", "--plot", "--time-budget", "--jobs", "--backend", "--address", "--max-output-error")
+SEARCH_ONLY = ("--pareto", "--plot", "--time-budget", "--jobs", "--backend", "--address", "--max-output-error",
+               "--search-per-layer")
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -184,7 +187,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
              allow_larger, check_each_pass, explain,
              json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
              check_points, unit_time_limit, milp_method, objective, min_agreement, max_output_error, pareto_out,
-             plot_out, time_budget, jobs, backend, address, **pass_values):
+             plot_out, time_budget, jobs, backend, address, search_per_layer, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
@@ -209,7 +212,8 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
                               allow_larger=allow_larger, check_each_pass=check_each_pass, min_agreement=min_agreement)
     if objective is not None:
         return _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out,
-                       time_budget, jobs, backend, address, json_out, overwrite, explain or exact or stats_file)
+                       time_budget, jobs, backend, address, json_out, overwrite, explain or exact or stats_file,
+                       search_per_layer)
     stray = _given(ctx, SEARCH_ONLY)
     if stray:
         raise OptionError(f"{stray[0]} applies to the search only: add --objective latency|size|macs")
@@ -260,7 +264,7 @@ def _explain(model, calib, options, stats) -> None:
 
 
 def _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out, time_budget, jobs,
-            backend, address, json_out, overwrite, conflicting) -> None:
+            backend, address, json_out, overwrite, conflicting, per_layer=False) -> None:
     """``--objective``: the search across passes; the chosen model is written like any optimize output."""
     from ..autotune import Budget
     from ..autotune.executors import require_ray
@@ -283,7 +287,7 @@ def _search(ctx, model, calib, output, options, objective, max_output_error, par
     if backend == "ray":
         require_ray()
     search = SearchOptions(objective, Budget(*budgets[0]), jobs, backend, address, parse_duration(time_budget),
-                           options.threads, options.batch_size)
+                           options.threads, options.batch_size, per_layer=per_layer)
     plan = OutputPlan({"MODEL": model, "--calib": calib}, overwrite=overwrite)
     plan.add("-o", output, model=True)
     plan.add("--json", json_out)
