@@ -12,11 +12,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, EncodeError
 
+from . import mapped_data
 from .errors import InvalidModelError, LincompError, OptionError
 from .graph_edit import refresh_shapes
 
@@ -146,12 +146,22 @@ def graph_from_proto(model: onnx.ModelProto) -> gs.Graph:
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load a model file (external data included) into a graph and its context."""
-    model, external = _read(path)
+    """Load a model file into a graph and its context. External data is mapped, not read
+    (:mod:`.mapped_data`): the proto and the graph refer to the data files."""
+    model, external = _read(path, load_external_data=False)
     if len(model.graph.node) == 0:
         raise InvalidModelError(f"{path}: the graph has no nodes")
+    arrays = {}
+    if external:
+        _check_external_files(model, Path(path))
+        try:
+            arrays = mapped_data.map_external(model, Path(path).resolve().parent)
+        except (OSError, ValueError) as exc:
+            raise InvalidModelError(f"{path}: cannot read its external data ({exc})") from exc
     ctx = context_from_proto(model, str(path), external)
-    return LoadedModel(_graph_with_shapes(model), ctx, model)
+    graph = _graph_with_shapes(model)
+    mapped_data.attach(graph, arrays)
+    return LoadedModel(graph, ctx, model)
 
 
 def _graph_with_shapes(model: onnx.ModelProto) -> gs.Graph:
@@ -189,8 +199,13 @@ def _min_ir_version(opsets) -> int:
         return 0
 
 
-def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None = None) -> onnx.ModelProto:
+def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None = None,
+                   keep_mapped: bool = False) -> onnx.ModelProto:
     """Export a graph and restore every model-level field the context carries.
+
+    ``keep_mapped``: unchanged weights mapped from the input's external data stay references to its files
+    (:mod:`.mapped_data`: a proto for onnxruntime sessions and :func:`save_model_proto`, not for other
+    tools); by default every weight is written into the proto.
 
     ``infer_shapes``: True lists freshly inferred intermediate shapes (``value_info``; the calibration
     collector reads them), False lists the shapes the graph carries without inferring, None (default) does
@@ -198,6 +213,10 @@ def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None
     working aid; writing them into a model that had none made an unchanged model ~5-15 % larger.
     """
     opsets = dict(ctx.opset_imports)
+    for tensor in mapped_data.mapped_constants(graph):
+        values = tensor._values
+        array = values.array if isinstance(values, mapped_data.MappedValues) else values
+        tensor._values = mapped_data.MappedValues(getattr(array, mapped_data.MARK), array) if keep_mapped else array
     model = gs.export_onnx(graph, do_type_check=False)
     for imp in model.opset_import:  # domains a pass may have added, opsets a pass raised (quantizers)
         opsets[imp.domain] = max(opsets.get(imp.domain, 0), int(imp.version))
@@ -234,11 +253,10 @@ def _drop_value_info(graph: onnx.GraphProto) -> None:
                 _drop_value_info(sub)
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.HasField("raw_data") else int(np.prod(t.dims, dtype=np.int64)) * 4
-    return total
+def tensor_bytes(model: onnx.ModelProto, mapped: bool = True) -> int:
+    """Bytes of the top-level initializers (``mapped=False``: leaving out mapped references, which
+    onnxruntime gets without serialisation)."""
+    return sum(mapped_data.nbytes(t) for t in model.graph.initializer if mapped or not mapped_data.is_mapped(t))
 
 
 def refresh_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -282,7 +300,11 @@ def save_model_proto(
         raise OptionError(f"{out}: refusing to overwrite the input model (pass --overwrite to allow)")
     if not out.parent.is_dir():
         raise OptionError(f"{out}: the folder {out.parent} does not exist (it is not created)")
-    use_external = external_data if external_data is not None else tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2
+    has_mapped = any(mapped_data.is_mapped(t) for t in model.graph.initializer)
+    use_external = (external_data if external_data is not None
+                    else has_mapped or tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2)
+    if has_mapped and not use_external:
+        raise OptionError(f"{out}: the model refers to its input's external data; save it with external data")
     tmpdir = tempfile.mkdtemp(prefix=".lincomp-", dir=out.parent)
     tmp_model = Path(tmpdir) / out.name
     data_name = out.name + ".data"
@@ -311,7 +333,8 @@ def save_model_proto(
 def write_external(model: onnx.ModelProto, path: Path, location: str) -> None:
     """Write ``model`` with its top-level initializers over ``EXTERNAL_DATA_THRESHOLD`` bytes in one data file
     ``location`` beside it, one tensor at a time. onnx's own saver rewrites the proto it is given, so using
-    it would need a full copy of the weights first; ``model`` is left as it is."""
+    it would need a full copy of the weights first; ``model`` is left as it is. Mapped references are
+    copied file to file."""
     light = onnx.ModelProto()
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(light, f, getattr(model, f))
@@ -324,9 +347,22 @@ def write_external(model: onnx.ModelProto, path: Path, location: str) -> None:
         getattr(lg, field_name).extend(getattr(g, field_name))
     with open(path.parent / location, "wb") as data:
         for t in g.initializer:
-            _write_tensor(t, lg.initializer.add(), data, location)
+            if mapped_data.is_mapped(t):
+                _write_mapped(t, lg.initializer.add(), data, location)
+            else:
+                _write_tensor(t, lg.initializer.add(), data, location)
     with open(path, "wb") as fh:
         fh.write(light.SerializeToString())
+
+
+def _write_mapped(t: onnx.TensorProto, out: onnx.TensorProto, data, location: str) -> None:
+    out.name, out.data_type, out.doc_string = t.name, t.data_type, t.doc_string
+    out.dims.extend(t.dims)
+    offset = data.tell()
+    length = mapped_data.copy_bytes(t, data)
+    out.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        out.external_data.add(key=key, value=value)
 
 
 def _write_tensor(t: onnx.TensorProto, out: onnx.TensorProto, data, location: str) -> None:
@@ -358,10 +394,18 @@ def save_model(graph: gs.Graph, ctx: ModelContext, path: str | os.PathLike, *, o
                             overwrite_input=None if overwrite else ctx.source)
 
 
-def session_source(model: onnx.ModelProto, workdir: str) -> str | bytes:
-    """What to hand onnxruntime: bytes for normal models, a file path for models near 2 GiB."""
-    if tensor_bytes(model) < PROTO_LIMIT_BYTES // 2:
-        return model.SerializeToString()
+def session_source(model: onnx.ModelProto, workdir: str) -> tuple[str | bytes, str | None]:
+    """What to hand onnxruntime, and the folder it reads external data from (or None).
+
+    Bytes for normal models; mapped references (:mod:`.mapped_data`) become locations relative to the
+    input's folder, which onnxruntime maps itself (no copy in this process). A model whose own inline
+    weights approach 2 GiB goes through a file in ``workdir``, mapped references copied file to file."""
+    if tensor_bytes(model, mapped=False) < PROTO_LIMIT_BYTES // 2:
+        relative = mapped_data.relative_references(model)
+        if relative is None:
+            return model.SerializeToString(), None
+        light, folder = relative
+        return light.SerializeToString(), folder
     path = Path(workdir) / "model.onnx"
     write_external(model, path, "model.onnx.data")
-    return str(path)
+    return str(path), None

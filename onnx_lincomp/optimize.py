@@ -7,6 +7,7 @@ metadata). The recipe that produced the output goes into the report, so the run 
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from . import mapped_data
 from .analysis.model_report import model_report
 from .analysis.storage import storage_sizes
 from .analysis.unit_sets import UnitEvidence
@@ -106,6 +108,10 @@ class OptimizeOptions:
 
 @dataclass(frozen=True)
 class Result:
+    """The optimised model and its report. For an input with external data, ``model``'s unchanged weights
+    are references to the input's data files (:mod:`.mapped_data`): save it with
+    :func:`onnx_lincomp.model_io.save_model_proto` (which copies them), not with ``onnx.save``."""
+
     model: onnx.ModelProto
     report: OptimizeReport
     exact: ExactOutcome | None = None  # exact mode: the certificate and the witness check
@@ -119,7 +125,15 @@ def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe, ctx_metadat
     ctx = PassContext(evidence, calibration_data(prep, threads=threads))
     records = run_pipeline(graph, recipe.passes, ctx, check=check)
     model_ctx = prep.loaded.ctx.with_metadata(ctx_metadata) if ctx_metadata else prep.loaded.ctx
-    return to_model_proto(graph, model_ctx), records
+    # unchanged weights mapped from the input's external data stay references (Result.model docstring)
+    mapped = mapped_data.release(prep.loaded.graph) + mapped_data.release(graph)
+    if mapped:  # the pages the passes read from the input's data files go; replaced weights are freed now
+        gc.collect()  # (graphs are cycles of nodes and tensors: without this, only at the next collection)
+    model = to_model_proto(graph, model_ctx, keep_mapped=True)
+    if mapped:
+        del graph, ctx
+        gc.collect()
+    return model, records
 
 
 def _evidence(prep: Prepared, options: OptimizeOptions, stats: StatsSet | None, progress: Progress | None,

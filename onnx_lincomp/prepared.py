@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import mapped_data
 from .calibration import CollectOptions, StatsSet, input_specs, open_calibration
 from .calibration.activations import CalibrationData
 from .calibration.collector import Capture, Progress, collect_with_capture
@@ -110,6 +111,7 @@ def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recip
     else:
         loaded, name = load_model(model), str(model)
     check_finite_weights(loaded.graph, name)
+    mapped_data.release(loaded.graph)  # the check read every mapped weight: let those pages go
     original = loaded.proto if loaded.proto is not None else to_model_proto(loaded.graph, loaded.ctx)
     canon = canonicalize(loaded.graph, ctx=loaded.ctx)
     cal = recipe.calibration

@@ -69,6 +69,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper
 
+from ..mapped_data import is_mapped, tensor_array
 from ..model_io import PROTO_LIMIT_BYTES, model_size_bytes, tensor_bytes
 
 Role = Literal["weight", "quant", "shape"]
@@ -285,6 +286,8 @@ def _tally(view: _View) -> _Totals:
 # --- the ModelProto view -------------------------------------------------------------------------
 
 def _proto_values(t: onnx.TensorProto) -> Callable[[], np.ndarray | None]:
+    if is_mapped(t):  # a weight mapped from the input's external data: read from its file when counted
+        return lambda: tensor_array(t)
     if t.data_location == TensorProto.EXTERNAL:
         return lambda: None
     return lambda: numpy_helper.to_array(t)

@@ -222,7 +222,7 @@ def collect_with_capture(graph: gs.Graph, ctx: ModelContext, source: Calibration
                          options: CollectOptions = CollectOptions(), progress: Progress | None = None,
                          stop: int | None = None, capture: Capture | None = None) -> tuple[StatsSet, list[Run]]:
     """Statistics of samples ``[0, stop)`` and, in the same session, the model's outputs on ``capture``."""
-    model = to_model_proto(graph, ctx, infer_shapes=True)
+    model = to_model_proto(graph, ctx, infer_shapes=True, keep_mapped=True)
     sites = plan_sites(graph, model, options.mode)
     not_analysed = tuple(subgraph_relus(graph))
     if not sites:  # nothing to observe; verification runs the original itself

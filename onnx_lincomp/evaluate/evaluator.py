@@ -189,7 +189,8 @@ class Evaluator:
         self.threads = threads
         self.confidence = confidence
         self.names = [o.name for o in original.graph.output]
-        self.session_options = SessionOptions(threads=threads, optimize=optimize)
+        # float-exact checks (optimisations off) run few samples: no packed weight copies, half the memory
+        self.session_options = SessionOptions(threads=threads, optimize=optimize, prepack=optimize)
         self._ref = self._run_original(reference)
 
     def _batches(self, model: onnx.ModelProto | str | Path, scope: SessionScope):

@@ -82,6 +82,13 @@ def skip_pays(threshold: LayerThreshold, k: int, width: int, n_in_total: int, n_
     return k / max(width, 1) > threshold
 
 
+def _rows(layer: LinearLayer, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a layer's weight in float64, without a float64 copy of the whole matrix."""
+    if "weight" in layer.__dict__:  # already read
+        return layer.weight[idx]
+    return np.asarray(layer.stored[idx], dtype=np.float64)
+
+
 def dependent_units(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Split rows into a basis ``B`` and dependents ``D`` with ``rows[D] = K rows[B]`` (None if independent)."""
     n = rows.shape[0]
@@ -205,16 +212,16 @@ class FoldLinearRelu(Pass):
         if self.options.skip_paths and skip_pays(self.options.layer_threshold, len(l_idx), site.width, n_in_total,
                                                  c.out_features):
             wl = c.weight[:, l_idx]
-            book.add(c.output, p.input, wl @ p.weight[l_idx])
+            book.add(c.output, p.input, wl @ _rows(p, l_idx))
             for u, s in incoming:
                 book.add(c.output, u, wl @ s[l_idx])
             write_linear_layer(graph, names, c, c.weight[:, k_idx], c.bias + wl @ p.bias[l_idx])
-            write_linear_layer(graph, names, p, p.weight[k_idx], p.bias[k_idx])
+            write_linear_layer(graph, names, p, p.stored[k_idx], p.bias[k_idx])
             book.keep_rows(p.output, k_idx)
             return k_idx, len(l_idx), "skip"
         if not self.options.fold_dependent:
             return np.arange(site.width), 0, ""
-        rows = np.hstack([p.weight[l_idx]] + [s[l_idx] for _, s in incoming])
+        rows = np.hstack([_rows(p, l_idx)] + [s[l_idx] for _, s in incoming])
         found = dependent_units(rows)
         if found is None:
             return np.arange(site.width), 0, ""
@@ -225,7 +232,7 @@ class FoldLinearRelu(Pass):
         bias2 = c.bias + c.weight[:, d_u] @ (p.bias[d_u] - kmat @ p.bias[b_u])
         keep = np.setdiff1d(np.arange(site.width), d_u)
         write_linear_layer(graph, names, c, w2[:, keep], bias2)
-        write_linear_layer(graph, names, p, p.weight[keep], p.bias[keep])
+        write_linear_layer(graph, names, p, p.stored[keep], p.bias[keep])
         book.keep_rows(p.output, keep)
         return keep, len(d_u), "dependent"
 

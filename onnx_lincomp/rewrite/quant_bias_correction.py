@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 from ..calibration.activations import CalibrationData
 from ..calibration.moments import collect_layer_moments
 from ..linear_layer import LinearLayer, match_linear_layer
+from ..runtime.session import SessionOptions, open_session
 
 INT32_MAX = np.iinfo(np.int32).max
 PROBE_ROWS = 1024  # identity rows fed to a MatMulNBits probe at a time
@@ -293,7 +294,6 @@ def _add_after(m: _Model, node: onnx.NodeProto, shift: np.ndarray) -> str | None
 def nbits_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
     """The dequantized weight ``W_q`` (``K x N``) of a ``MatMulNBits`` node, read by running the node on the
     identity in onnxruntime (whatever its block layout: rtn, hqq, gptq)."""
-    import onnxruntime as ort
 
     k, n = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
     inits = {t.name: t for t in model.graph.initializer}
@@ -309,10 +309,7 @@ def nbits_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                      helper.make_opsetid("com.microsoft", 1)])
     probe.ir_version = 8
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = open_session(probe, options=SessionOptions(optimize=False))
     rows = []
     for start in range(0, k, PROBE_ROWS):
         eye = np.zeros((min(PROBE_ROWS, k - start), k), dtype=scales.dtype)

@@ -35,7 +35,8 @@ class SessionOptions:
     ``threads``: intra-op threads (0: onnxruntime's default, one per core). ``inter_threads``: inter-op
     threads (0: default). ``spinning``: whether idle pool threads spin (off frees the core for other work
     on a loaded machine). ``optimize``: onnxruntime graph optimisations (off for faithful numerics).
-    ``log_level``: onnxruntime severity (0 verbose ... 4 fatal).
+    ``log_level``: onnxruntime severity (0 verbose ... 4 fatal). ``prepack``: let kernels keep a packed
+    copy of their weights (faster runs; off halves the session's memory for float-exact checks).
     """
 
     threads: int = 0
@@ -43,6 +44,7 @@ class SessionOptions:
     spinning: bool = True
     optimize: bool = True
     log_level: int = 3
+    prepack: bool = True
 
     def __post_init__(self):
         if self.threads < 0 or self.inter_threads < 0:
@@ -62,6 +64,8 @@ class SessionOptions:
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not self.optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if not self.prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         return so
 
 
@@ -88,15 +92,19 @@ def open_session(model: onnx.ModelProto | str | Path, workdir: str | Path | None
                  options: SessionOptions = SessionOptions()) -> ort.InferenceSession:
     """A CPU session for ``model``; big protos go through a file in ``workdir`` (kept alive by the caller)."""
     holder = None
+    so = options.to_ort()
     if isinstance(model, onnx.ModelProto):
         if workdir is None:
             holder = tempfile.TemporaryDirectory(prefix="lincomp-session-")
             workdir = holder.name
-        source: str | bytes = session_source(model, str(workdir))
+        source: str | bytes
+        source, folder = session_source(model, str(workdir))
+        if folder is not None:  # weights referenced in the input's data files: onnxruntime maps them from there
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     else:
         source = str(model)
     try:
-        session = ort.InferenceSession(source, options.to_ort(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own (pybind) exception types
         raise load_error(exc) from exc
     if holder is not None and not isinstance(source, bytes):

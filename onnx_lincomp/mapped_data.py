@@ -1,0 +1,172 @@
+"""External weights mapped from their files instead of read into memory.
+
+A model loaded with external data keeps its weights in its data files: every top-level external
+initializer becomes a read-only ``np.memmap`` (the graph constant's values) and its ``TensorProto`` a
+*mapped reference*: external, with the file's absolute path as location. Such references live only in
+this process; nothing writes them to a file:
+
+* protos exported with references (``model_io.to_model_proto(..., keep_mapped=True)``) hold no copy
+  of an unchanged weight;
+* onnxruntime maps the data files itself (references made relative to the input's folder, which the
+  session is told) — :func:`relative_references`;
+* saving copies the bytes file to file, a chunk at a time (:func:`copy_bytes`);
+* the model counter reads a mapped tensor when it needs values (:func:`tensor_array`).
+
+A weight a pass changes is an ordinary array and is exported inline like any other. Memory for a model
+with external data is then about one copy of its weights (the mapped pages plus onnxruntime's packed
+weights) instead of the four that loading, exporting and serialising each made.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+MARK = "_lincomp_reference"  # attribute of a mapped array: its reference TensorProto
+_CHUNK = 64 << 20
+
+
+class MappedValues(LazyValues):
+    """A constant's values that are a mapped file region; graphsurgeon exports the reference as is."""
+
+    def __init__(self, tensor: TensorProto, array: np.ndarray):
+        super().__init__(tensor)
+        self.array = array
+
+    def load(self) -> np.ndarray:
+        return self.array
+
+
+def _info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def is_mapped(t: TensorProto) -> bool:
+    """An external tensor whose location is absolute: a reference made by :func:`map_external`."""
+    return t.data_location == TensorProto.EXTERNAL and os.path.isabs(_info(t).get("location", ""))
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """A tensor's values: mapped from its file for a mapped reference, else onnx's own conversion."""
+    if not is_mapped(t):
+        return numpy_helper.to_array(t)
+    info = _info(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    shape = tuple(int(d) for d in t.dims)
+    array = np.memmap(info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+    setattr(array, MARK, t)
+    return array
+
+
+def mappable(t: TensorProto) -> bool:
+    """External, non-empty, of a dtype numpy maps (bfloat16 and 4-bit types are read the usual way)."""
+    if t.data_location != TensorProto.EXTERNAL or not all(int(d) > 0 for d in t.dims):
+        return False
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except (KeyError, TypeError):
+        return False
+    if t.data_type == TensorProto.BFLOAT16 or dtype.kind not in "fiub":
+        return False
+    length = _info(t).get("length")
+    return length is None or int(length) == dtype.itemsize * int(np.prod(t.dims, dtype=np.int64))
+
+
+def map_external(model: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
+    """Turn every mappable external initializer of ``model`` (read without its data) into a mapped
+    reference (location made absolute, in place) and return name -> mapped array; the others are loaded."""
+    arrays: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        entry = next(e for e in t.external_data if e.key == "location")
+        if not mappable(t):
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+            continue
+        entry.value = str((base / entry.value).resolve())
+        arrays[t.name] = tensor_array(t)
+    return arrays
+
+
+def attach(graph, arrays: dict[str, np.ndarray]) -> None:
+    """Give the graph's constants their mapped arrays (lazily: the reference is what export writes)."""
+    for tensor in graph.tensors().values():
+        array = arrays.get(tensor.name)
+        if array is not None and isinstance(getattr(tensor, "_values", None), LazyValues):
+            tensor._values = MappedValues(getattr(array, MARK), array)
+            tensor.data_location = None  # exported inline unless kept as a reference
+
+
+def release(graph) -> int:
+    """Map every unchanged mapped constant afresh, so the pages the old mappings read in (a NaN check, a
+    pass reading weights) leave this process's resident memory; they stay in the page cache. Returns the
+    number of constants remapped."""
+    count = 0
+    for tensor in mapped_constants(graph):
+        values = tensor._values
+        array = values.array if isinstance(values, MappedValues) else values
+        reference = getattr(array, MARK)
+        tensor._values = MappedValues(reference, tensor_array(reference))
+        count += 1
+    return count
+
+
+def mapped_constants(graph) -> list:
+    """Constants whose values are still an unchanged mapped array (loaded or not)."""
+    out = []
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, MappedValues) or getattr(values, MARK, None) is not None:
+            out.append(tensor)
+    return out
+
+
+def relative_references(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str] | None:
+    """A copy of ``model`` (small: references hold no data) whose mapped references are relative to one
+    folder, and that folder; None when it has none. onnxruntime, told the folder
+    (``session.model_external_initializers_file_folder_path``), maps the data files itself."""
+    mapped = [t for t in model.graph.initializer if is_mapped(t)]
+    if not mapped:
+        return None
+    folder = os.path.commonpath([os.path.dirname(_info(t)["location"]) for t in mapped])
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for t in light.graph.initializer:
+        if is_mapped(t):
+            entry = next(e for e in t.external_data if e.key == "location")
+            entry.value = os.path.relpath(entry.value, folder)
+    return light, folder
+
+
+def copy_bytes(t: TensorProto, out) -> int:
+    """Append a mapped reference's bytes to the open file ``out``; returns the byte count."""
+    info = _info(t)
+    length = int(info.get("length", 0)) or int(np.prod(t.dims)) * np.dtype(
+        onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    with open(info["location"], "rb") as src:
+        src.seek(int(info.get("offset", 0)))
+        left = length
+        while left:
+            chunk = src.read(min(_CHUNK, left))
+            if not chunk:
+                raise OSError(f"{info['location']}: external data of '{t.name}' ends early")
+            out.write(chunk)
+            left -= len(chunk)
+    return length
+
+
+def nbytes(t: TensorProto) -> int:
+    """Bytes of a tensor's values without reading them."""
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError):
+        itemsize = 4
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
