@@ -156,4 +156,6 @@ def test_evaluator_latency_compares_against_the_original(rng):
     from onnx_lincomp.runtime.latency import CompareOptions
 
     (cmp,) = Evaluator(model, graph, source).latency(model, (4,), CompareOptions(round_ms=2.0))
-    assert cmp.latencies[1].batch_size == 4 and cmp.ratios[1].change == "no change"
+    # the same model against itself: a ratio near 1 (the verdict itself is left to benchmarks/latency_noise.py,
+    # since a loaded CI machine can tip 2 ms rounds either way)
+    assert cmp.latencies[1].batch_size == 4 and 0.5 < cmp.ratios[1].ratio < 2.0
