@@ -3,6 +3,8 @@ against today's network-wide MILP stage, and against onnxsim.
 
     python benchmarks/exact_certify.py [--time-limit 300] [--unit-time-limit 60] [--jobs 1]
         [--methods units,network] [--models digits,own_fmnist] [--skip-onnxsim] [--skip-compress]
+        [--marks 60,120,180,300]
+    python benchmarks/exact_certify.py --models digits_l1_100x100 --speedup-jobs 1,2
 
 Trains L1-regularised MLPs (numpy, Adam, L1 subgradient) on scikit-learn digits and on Fashion-MNIST
 (first 8,000 test images; ../shared/data), then certifies every model on the box [0, 1]^n with each method
@@ -16,13 +18,17 @@ compared with the original on 10,000 random box points.
 onnxsim's ``stable_relu_prune.analyze`` (interval + CROWN) runs on the same models and boxes when onnxsim is
 installed (benchmark environment only: ``pip install onnxsim``).
 For the per-unit stage the decision timeline of the last layer is summarised: stably inactive units proven
-and candidates still open at 60, 120, 180 and 300 CPU seconds (and wall seconds).
+and candidates still open at 60, 120, 180 and 300 CPU seconds (and wall seconds; ``--marks`` changes them).
+``--speedup-jobs 1,2`` instead certifies each selected model once per jobs count and reports the wall-clock
+speed-up of the per-unit stage (with the load average before each run: on a shared machine other work
+takes cores too) and whether the outcomes are identical.
 Prints a table and writes benchmarks/results/exact_certify.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -248,11 +254,8 @@ def _claims_hold(loaded, cert, points: int = 10000, corners: int = 2000, seed: i
     """Every claimed stable channel keeps its sign on random points and corners of the box (onnxruntime)."""
     rng = np.random.default_rng(seed)
     d = cert.domain
-    x = np.concatenate([d.sample(rng, points).reshape(points, -1),
-                        np.where(rng.random((corners, d.lower.size)) < 0.5, d.lower, d.upper)])
-    source = CalibrationSource(input_specs(loaded.graph),
-                               arrays={d.input: x.astype(np.float32).reshape((len(x),) + d.shape)},
-                               description="box points")
+    x = np.concatenate([d.sample(rng, points), np.where(rng.random((corners, d.size)) < 0.5, d.lower, d.upper)])
+    source = CalibrationSource(input_specs(loaded.graph), arrays=d.feeds(x), description="box points")
     stats = collect_relu_stats(loaded.graph, loaded.ctx, source, CollectOptions(batch_size=512, mode="pre"))
     claimed = broken = 0
     for lc in cert.layers:
@@ -284,7 +287,8 @@ def _timeline(cert, relu_layers: list[int], before_cpu: float, before_wall: floa
     return out
 
 
-def ours(path: Path, method: str, time_limit: float, unit_limit: float, jobs: int, compress: bool) -> dict:
+def ours(path: Path, method: str, time_limit: float, unit_limit: float, jobs: int, compress: bool,
+         marks: tuple[float, ...] = (60, 120, 180, 300)) -> dict:
     loaded = load_model(path)
     canonicalize(loaded.graph)
     domain = parse_domain(["0,1"], input_specs(loaded.graph))
@@ -298,8 +302,8 @@ def ours(path: Path, method: str, time_limit: float, unit_limit: float, jobs: in
     row = {"method": method, "seconds": wall, "cpu_seconds": cpu + worker_cpu, "complete": cert.complete,
            "stage_seconds": cert.seconds, "milp_solves": cert.milp_solves, "lp_solves": cert.lp_solves,
            "bounds_tightened": cert.tightened, "layers": [], "claims": _claims_hold(loaded, cert),
-           "timeline": _timeline(cert, extract_chain(loaded.graph, domain.shape, loaded.ctx.default_opset).relu_layers,
-                                 cert.seconds["cpu_before_milp"], before_wall)}
+           "timeline": _timeline(cert, extract_chain(loaded.graph, domain.shapes, loaded.ctx.default_opset).relu_layers,
+                                 cert.seconds["cpu_before_milp"], before_wall, marks)}
     for lc in cert.layers:
         row["layers"].append({"relu": lc.relu, "units": lc.units, "active": int(lc.stably_active.sum()),
                               "inactive": int(lc.stably_inactive.sum()),
@@ -317,6 +321,41 @@ def ours(path: Path, method: str, time_limit: float, unit_limit: float, jobs: in
     if cert.unit_records:
         row["unit_solves"] = [r.as_dict() for r in cert.unit_records if r.stage == "milp"]
     return row
+
+
+def jobs_speedup(path: Path, jobs_list: list[int], time_limit: float, unit_limit: float) -> dict:
+    """The per-unit stage of one model with each number of worker processes: wall and CPU seconds (whole certify
+    and its per-unit stage), the load average before each run (other work on the machine), and whether every
+    run proved, disproved and left open the same units (the stage's outcome must not depend on ``jobs``)."""
+    loaded = load_model(path)
+    canonicalize(loaded.graph)
+    domain = parse_domain(["0,1"], input_specs(loaded.graph))
+    runs, outcomes = [], []
+    for jobs in jobs_list:
+        load = os.getloadavg()[0]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        cert = certify(loaded.graph, loaded.ctx, domain,
+                       options=CertifyOptions(time_limit=time_limit, solve_limit=unit_limit, jobs=jobs))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        worker_cpu = sum(r.cpu_seconds for r in cert.unit_records) if jobs > 1 else 0.0
+        outcomes.append([(lc.stably_active.tolist(), lc.stably_inactive.tolist(), lc.open_units)
+                         for lc in cert.layers])
+        runs.append({"jobs": jobs, "wall_seconds": wall, "stage_wall_seconds": cert.seconds["milp"],
+                     "cpu_seconds": cpu + worker_cpu, "load_average_before": load, "complete": cert.complete,
+                     "unit_solves": len(cert.unit_records)})
+    base = runs[0]
+    for row in runs:
+        row["speedup"] = base["wall_seconds"] / row["wall_seconds"]
+        row["stage_speedup"] = base["stage_wall_seconds"] / row["stage_wall_seconds"]
+    return {"model": path.name, "runs": runs, "same_outcome": all(o == outcomes[0] for o in outcomes)}
+
+
+def _print_speedup(result: dict) -> None:
+    print(f"\n{result['model']}: jobs speed-up (same outcome for every jobs: {result['same_outcome']})")
+    print(f"  {'jobs':>4} {'wall s':>7} {'stage s':>7} {'cpu s':>7} {'speedup':>7} {'stage x':>7} {'load':>5}")
+    for r in result["runs"]:
+        print(f"  {r['jobs']:>4} {r['wall_seconds']:>7.1f} {r['stage_wall_seconds']:>7.1f} {r['cpu_seconds']:>7.1f} "
+              f"{r['speedup']:>7.2f} {r['stage_speedup']:>7.2f} {r['load_average_before']:>5.2f}")
 
 
 def theirs(path: Path) -> dict | None:
@@ -365,6 +404,10 @@ def main() -> None:
     ap.add_argument("--models", default="", help="comma-separated substrings of model names (default: all)")
     ap.add_argument("--skip-onnxsim", action="store_true")
     ap.add_argument("--skip-compress", action="store_true")
+    ap.add_argument("--marks", default="60,120,180,300",
+                    help="seconds (CPU and wall, from the start of certify) at which to read the deepest layer")
+    ap.add_argument("--speedup-jobs", default="",
+                    help="e.g. 1,2: only time the per-unit stage of the selected models with each --jobs count")
     ap.add_argument("--out", default=str(RESULTS / "exact_certify.json"))
     args = ap.parse_args()
     models = trained_models(RESULTS / "models")
@@ -377,8 +420,17 @@ def main() -> None:
     wanted = [w for w in args.models.split(",") if w]
     models = [m for m in models if not wanted or any(w in m.name for w in wanted)]
     results = []
+    if args.speedup_jobs:
+        for path in models:
+            results.append(jobs_speedup(path, [int(j) for j in args.speedup_jobs.split(",")], args.time_limit,
+                                        args.unit_time_limit))
+            _print_speedup(results[-1])
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        return
     for path in models:
-        rows = [ours(path, method, args.time_limit, args.unit_time_limit, args.jobs, not args.skip_compress)
+        marks = tuple(float(m) for m in args.marks.split(",") if m)
+        rows = [ours(path, method, args.time_limit, args.unit_time_limit, args.jobs, not args.skip_compress, marks)
                 for method in args.methods.split(",")]
         other = None if args.skip_onnxsim else theirs(path)
         _print(path.name, rows, other)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis.model_report import model_report
+from .analysis.model_report import graph_figures
 from .analysis.unit_sets import UnitEvidence
 from .calibration.relu_stats import ReluStats, StatsSet
 from .linear_layer import Skip
-from .model_io import ModelContext, to_model_proto
+from .model_io import ModelContext
 from .passes import PassContext, Plan
 from .pipeline import plan_pipeline
 from .recipe import PassSpec
@@ -98,6 +98,6 @@ def analyze(graph: gs.Graph, ctx: ModelContext, stats: StatsSet) -> Analysis:
         for member in m.data.get("members", ()):
             saved[member] = m.params_saved
     layers = tuple(analyze_layer(graph, by_name[s.relu], s, saved) for s in stats.layers if s.relu in by_name)
-    before = model_report(to_model_proto(graph, ctx))
+    before = graph_figures(graph)  # the one counter on the graph itself: no export, no second inference
     return Analysis(layers, before.params, before.macs, plans, stats.source, stats.random, stats.n_samples,
                     stats.not_analysed)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from . import mapped_data
-from .analysis.model_report import model_report
+from .analysis.model_report import graph_figures, model_report
 from .analysis.storage import storage_sizes
 from .analysis.unit_sets import UnitEvidence
 from .calibration import StatsSet
@@ -169,11 +169,15 @@ def _before_figures(prep: Prepared, options: OptimizeOptions, lat, messages: lis
     original = model_report(prep.original, options.input_shapes)
     if not prep.canon.folding.nodes_folded:
         return SizeFigures.of(original, *lat)
-    folded = model_report(to_model_proto(prep.loaded.graph, prep.loaded.ctx), options.input_shapes)
+    # the canonical graph counted where it is (no export, no second inference) unless --input-shape fixes
+    # dimensions the graph leaves dynamic, which only the exported model's inference applies
+    folded = (model_report(to_model_proto(prep.loaded.graph, prep.loaded.ctx), options.input_shapes)
+              if options.input_shapes else graph_figures(prep.loaded.graph))
     if folded.params != original.params:
         messages.append(f"constant folding stored {folded.params - original.params:,} parameters that the input "
                         f"computes at run time; 'before' counts {folded.params:,} (the file holds {original.params:,})")
-    return replace(SizeFigures.of(folded, *lat), size_bytes=original.size_bytes)
+    return SizeFigures(folded.params, folded.macs, original.size_bytes, folded.nonzeros,
+                       tuple(sorted(folded.params_by_dtype.items())), *lat)
 
 
 def _data_messages(prep: Prepared) -> list[str]:

@@ -13,6 +13,8 @@ from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
 from onnx_lincomp.exact.bounds import relaxed_bounds
 from onnx_lincomp.exact.chain import extract_chain
+from onnx_lincomp.exact.unit_bab import branch_and_bound
+from onnx_lincomp.exact.unit_encoding import UnitQuery, encode_unit
 from onnx_lincomp.exact.unit_stage import UnitStageOptions, decide_units
 from onnx_lincomp.model_io import model_from_proto
 
@@ -130,3 +132,83 @@ def test_maxpool_cnn_is_certified_past_the_pool(rng):
     for lc, z in zip(cert.layers, (zs[0], zs[2]), strict=True):
         per_channel = z.reshape(len(z), lc.channels, -1)
         assert np.all(per_channel[:, lc.stably_inactive] <= 0) and np.all(per_channel[:, lc.stably_active] >= 0)
+
+
+def pooled_model(rng: np.random.Generator, relu_first: bool) -> onnx.ModelProto:
+    """x (N,2) -> fc0 (12) [-> Relu] -> Reshape (3,2,2) -> MaxPool 2x2 -> Flatten -> fc1 (5) -> Relu -> fc2 (4)
+    -> Relu -> fc3 (2): every unit after the pool feels a max over four affine (or Relu) units of x."""
+    def w(a, b):
+        return rng.normal(0, 1.2 / np.sqrt(b), (a, b)).astype(np.float32)
+
+    inits = [init("w0", w(12, 2)), init("b0", rng.normal(0, 0.3, 12).astype(np.float32)),
+             init("shape", np.array([-1, 3, 2, 2], np.int64)), init("w1", w(5, 3)),
+             init("b1", rng.normal(0, 0.3, 5).astype(np.float32)), init("w2", w(4, 5)),
+             init("b2", rng.normal(0, 0.3, 4).astype(np.float32)), init("w3", w(2, 4)),
+             init("b3", np.zeros(2, np.float32))]
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["z0"], name="fc0", transB=1)]
+    if relu_first:
+        nodes.append(helper.make_node("Relu", ["z0"], ["h0"], name="relu0"))
+    nodes += [helper.make_node("Reshape", ["h0" if relu_first else "z0", "shape"], ["r"], name="reshape"),
+              helper.make_node("MaxPool", ["r"], ["m"], name="pool", kernel_shape=[2, 2]),
+              helper.make_node("Flatten", ["m"], ["f"], name="flatten", axis=1),
+              helper.make_node("Gemm", ["f", "w1", "b1"], ["z1"], name="fc1", transB=1),
+              helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+              helper.make_node("Gemm", ["h1", "w2", "b2"], ["z2"], name="fc2", transB=1),
+              helper.make_node("Relu", ["z2"], ["h2"], name="relu2"),
+              helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], name="fc3", transB=1)]
+    return make_model(nodes, [vinfo("x", ["N", 2])], [vinfo("y", ["N", 2])], inits)
+
+
+def _bab_against_grid(chain, grid_z, lo, hi, layers) -> int:
+    """Branch and bound on every unstable unit of ``layers`` (both signs) agrees with the grid; returns how many
+    of the programs had max-pool selection binaries."""
+    _, tight = relaxed_bounds(chain, lo, hi)
+    lower, upper = [b.lower for b in tight], [b.upper for b in tight]
+    with_pools = 0
+    for k in layers:
+        for i in np.flatnonzero((lower[k] < 0) & (upper[k] > 0)):
+            for sign in (1.0, -1.0):
+                unit = encode_unit(chain, lower, upper, lo, hi, UnitQuery(k, int(i), sign))
+                assert unit.program.binaries == unit.branchable  # the stage hands every such unit to the B&B
+                with_pools += bool(unit.pools)
+
+                def flips(v, k=k, i=i, sign=sign):
+                    return sign * chain.forward(v[None, :2])[k][0, i] > 1e-6
+
+                res = branch_and_bound(unit, 1e-6, flips, 30.0, 60.0)
+                extreme = (sign * grid_z[k][:, i]).max()
+                if res.status == "no":
+                    assert extreme <= 1e-9, (k, i, sign)
+                elif res.status == "found":
+                    assert sign * chain.forward(res.point[None, :2])[k][0, i] > 0
+                if extreme > 1e-4:
+                    assert res.status == "found", (k, i, sign, res.reason)
+                if extreme < -1e-4:
+                    assert res.status == "no", (k, i, sign, res.reason)
+    return with_pools
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.booleans())
+def test_branch_and_bound_on_max_pool_selections_agrees_with_brute_force(seed, relu_first):
+    rng = np.random.default_rng(seed)
+    model = pooled_model(rng, relu_first)
+    _, chain = _chain(model, (2,))
+    assert "max" in [layer.kind for layer in chain.layers] and not chain.uncovered
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    zs = chain.forward(grid)
+    pool = [layer.kind for layer in chain.layers].index("max")
+    after = [k for k in chain.relu_layers if k > pool]
+    _bab_against_grid(chain, zs, np.zeros(2), np.ones(2), after)
+
+
+def test_max_pool_branching_runs_in_onnxruntime_terms(rng):
+    """The pooled chain is the network (onnxruntime), and programs with selection binaries are decided."""
+    model = pooled_model(rng, relu_first=False)
+    _, chain = _chain(model, (2,))
+    x = rng.random((2000, 2), dtype=np.float32)
+    relus = [k for k, layer in enumerate(chain.layers) if layer.kind == "relu"]
+    for k, ref in zip(relus, _pre_activations(model, ["z1", "z2"], {"x": x}), strict=True):
+        np.testing.assert_allclose(chain.forward(x)[k], ref, rtol=1e-5, atol=1e-5)
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    assert _bab_against_grid(chain, chain.forward(grid), np.zeros(2), np.ones(2), relus) > 0

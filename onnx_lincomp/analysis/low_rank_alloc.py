@@ -33,10 +33,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import scipy.linalg
 
 ErrorMeasure = Literal["exact", "bound", "energy"]  # bound: ALDS, max over groups of sigma_{j+1} / ||W||
 EXACT_GRID = 16  # exact grouped errors at every rank up to this, then at about this many more ranks
+
+
+def _linalg():
+    """scipy.linalg, imported on first use (a quarter of a second at every command's start-up)."""
+    import scipy.linalg
+
+    return scipy.linalg
 
 
 def divisors(n: int, limit: int) -> tuple[int, ...]:
@@ -93,7 +99,7 @@ class Spectrum:
             out = []
             for i in range(k):
                 cols = slice(i * m, (i + 1) * m)
-                vals, vecs = scipy.linalg.eigh(self._gram(self.weight[:, cols], cols), driver="evd")
+                vals, vecs = _linalg().eigh(self._gram(self.weight[:, cols], cols), driver="evd")
                 order = np.argsort(vals)[::-1][: self.rank_max(k)]
                 out.append((np.sqrt(np.clip(vals[order], 0.0, None)), vecs[:, order]))
             self._groups[k] = out
@@ -140,8 +146,8 @@ class Spectrum:
         if self.cov is None:  # groups see disjoint columns: Y is diagonal (the squared singular values)
             z = x / np.sqrt(np.diag(y))[None, :]
         else:
-            low = scipy.linalg.cholesky(y, lower=True)
-            z = scipy.linalg.solve_triangular(low, x.T, lower=True).T
+            low = _linalg().cholesky(y, lower=True)
+            z = _linalg().solve_triangular(low, x.T, lower=True).T
         total = sum(blocks[a][b] for a in range(k) for b in range(k))
         grid = sorted({*range(1, min(r, EXACT_GRID) + 1),
                        *np.unique(np.geomspace(min(r, EXACT_GRID), r, EXACT_GRID).round().astype(int)).tolist()})
@@ -184,7 +190,7 @@ class Spectrum:
             cb = self.cov @ block.T
             gram = block @ cb
             gram[np.diag_indices_from(gram)] += 1e-10 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
-            dec = scipy.linalg.solve(gram, (self.weight @ cb).T, assume_a="pos").T
+            dec = _linalg().solve(gram, (self.weight @ cb).T, assume_a="pos").T
         e_norm, d_norm = np.linalg.norm(enc, axis=1), np.linalg.norm(dec, axis=0)
         scale = np.sqrt(np.where((e_norm > 0) & (d_norm > 0), d_norm / np.where(e_norm > 0, e_norm, 1.0), 1.0))
         return enc * scale[:, None], dec / scale[None, :]

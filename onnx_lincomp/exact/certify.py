@@ -164,7 +164,7 @@ def _search_flips(chain: AffineChain, domain: Domain, points: np.ndarray, signs:
     found = {}
     for k, i in sorted(cands):
         starts = [points[(signs.best_pos if sign > 0 else signs.best_neg)[k][i]]]
-        starts += list(domain.sample(rng, restarts).reshape(restarts, -1))
+        starts += list(domain.sample(rng, restarts))
         for start in starts:
             x = search_witness(chain, domain.lower, domain.upper, k, i, sign, start)
             if x is not None:
@@ -175,11 +175,11 @@ def _search_flips(chain: AffineChain, domain: Domain, points: np.ndarray, signs:
 
 def _points(domain: Domain, calib: CalibrationSource | None, n_random: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    parts = [domain.sample(rng, n_random).reshape(n_random, -1)] if n_random else []
+    parts = [domain.sample(rng, n_random)] if n_random else []
     parts += [domain.lower[None, :], domain.upper[None, :]]
     if calib is not None:
         for batch in calib.batches(256):
-            x = batch[domain.input].reshape(len(batch[domain.input]), -1).astype(np.float64)
+            x = domain.flatten(batch)
             inside = np.all((x >= domain.lower) & (x <= domain.upper), axis=1)
             parts.append(x[inside])  # only points of the domain disprove stability on it
     return np.concatenate(parts)
@@ -195,7 +195,7 @@ def certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: Calibrati
 def _certify(graph: gs.Graph, ctx: ModelContext, domain: Domain, calib: CalibrationSource | None,
              options: CertifyOptions) -> Certificate:
     t0, cpu0 = time.perf_counter(), time.process_time()
-    chain = extract_chain(graph, domain.shape, ctx.default_opset)
+    chain = extract_chain(graph, domain.shapes, ctx.default_opset)
     t_chain = time.perf_counter()
     points = _points(domain, calib, options.random_points, options.seed)
     signs = _sample_signs(chain, points)

@@ -1,19 +1,21 @@
 """The network from its input to its last Relu as a DAG of dense affine maps, Relus and max-pools.
 
-Exact mode reasons about layers ``z_l = sum_s W_{l,s} h_s + b_l`` where each source ``s`` is the flattened
-input (``s = -1``) or the output of an earlier layer, and ``h_l = relu(z_l)`` (a Relu layer) or
-``h_l[o] = max_{p in pool(o)} z_l[p]`` (a MaxPool layer). Every op between them must be affine in its
-data input (Gemm, MatMul, Conv, BatchNormalization, pooling by averaging, Pad with zeros, Add/Sub/Mul/Div
-by constants, and layout ops); consecutive affine ops are composed into one dense matrix per source. Each
-op's matrix is read off onnxruntime itself (the op applied to zero and to the unit vectors), so attributes
-such as pads, strides, dilations, groups and Gemm's alpha/beta are honoured exactly; a MaxPool's windows are
-read off onnxruntime the same way. Branches are followed: a tensor may have several readers, ``Add``/``Sub``
-of two affine tensors of the same shape (a residual connection) and ``Concat`` join their sources. A Relu
-is left out (with a reason) when its input passes through an op that is none of these, or when a dense
-matrix would be too large; it is reported as not certified.
+Exact mode reasons about layers ``z_l = sum_s W_{l,s} h_s + b_l`` where each source ``s`` is the flat
+input (``s = -1``: every boxed graph input flattened, concatenated in the domain's order; several inputs
+meet through ``Add``/``Sub``/``Concat`` like any other branches) or the output of an earlier layer, and
+``h_l = relu(z_l)`` (a Relu layer) or ``h_l[o] = max_{p in pool(o)} z_l[p]`` (a MaxPool layer). Every op
+between them must be affine in its data input (Gemm, MatMul, Conv, BatchNormalization, pooling by averaging,
+Pad with zeros, Add/Sub/Mul/Div by constants, and layout ops); consecutive affine ops are composed into one
+dense matrix per source. Each op's matrix is read off onnxruntime itself (the op applied to zero and to the
+unit vectors), so attributes such as pads, strides, dilations, groups and Gemm's alpha/beta are honoured
+exactly; a MaxPool's windows are read off onnxruntime the same way. Branches are followed: a tensor may have
+several readers, ``Add``/``Sub`` of two affine tensors of the same shape (a residual connection) and
+``Concat`` join their sources. A Relu is left out (with a reason) when its input passes through an op that is
+none of these, or when a dense matrix would be too large; it is reported as not certified.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,7 +68,7 @@ class ChainLayer:
 
 @dataclass(frozen=True, eq=False)
 class AffineChain:
-    input: str
+    inputs: tuple[str, ...]  # the graph inputs whose flattened samples, concatenated, are the source -1
     input_size: int
     layers: tuple[ChainLayer, ...]
     stop_reason: str
@@ -294,12 +296,30 @@ def _ancestors_of_relus(graph: gs.Graph) -> set[int]:
     return seen
 
 
-def extract_chain(graph: gs.Graph, input_shape: tuple[int, ...], opset: int) -> AffineChain:
-    """Every Relu (and MaxPool) reachable from the single graph input through affine ops, as layers of a DAG."""
-    x = graph.inputs[0]
+def _input_exprs(graph: gs.Graph, shapes: tuple[int, ...] | Mapping[str, tuple[int, ...]]) -> tuple[dict, int]:
+    """Each boxed graph input as rows of the flat input vector (the inputs in ``shapes`` order, concatenated);
+    a plain shape tuple is the single (first) graph input's."""
+    if not isinstance(shapes, Mapping):
+        shapes = {graph.inputs[0].name: tuple(shapes)}
+    sizes = {name: int(np.prod(shape)) for name, shape in shapes.items()}
+    total = sum(sizes.values())
+    exprs, offset = {}, 0
+    for name, shape in shapes.items():
+        n = sizes[name]
+        rows = np.zeros((n, total))
+        rows[:, offset:offset + n] = np.eye(n)
+        exprs[name] = _Expr({-1: rows}, np.zeros(n), (1,) + tuple(shape))
+        offset += n
+    return exprs, total
+
+
+def extract_chain(graph: gs.Graph, shapes: tuple[int, ...] | Mapping[str, tuple[int, ...]], opset: int) -> AffineChain:
+    """Every Relu (and MaxPool) reachable from the boxed graph inputs through affine ops, as layers of a DAG.
+    ``shapes``: one sample's shape per input (the flat input vector concatenates them in this order), or one
+    shape for the first graph input."""
     all_relus = [r.name for r in relu_nodes(graph)]
-    n0 = int(np.prod(input_shape))
-    exprs = {x.name: _Expr({-1: np.eye(n0)}, np.zeros(n0), (1,) + tuple(input_shape))}
+    exprs, n0 = _input_exprs(graph, shapes)
+    names = tuple(exprs)
     layers: list[ChainLayer] = []
     stops: list[str] = []
     wanted = _ancestors_of_relus(graph)
@@ -312,4 +332,4 @@ def extract_chain(graph: gs.Graph, input_shape: tuple[int, ...], opset: int) -> 
             stops.append(str(stop))
     covered = {layer.relu for layer in layers}
     uncovered = tuple(r for r in all_relus if r not in covered)
-    return AffineChain(x.name, n0, tuple(layers), stops[0] if stops and uncovered else "", uncovered)
+    return AffineChain(names, n0, tuple(layers), stops[0] if stops and uncovered else "", uncovered)

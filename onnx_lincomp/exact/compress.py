@@ -44,8 +44,8 @@ class ExactOutcome:
 
 
 def box_source(graph, domain: Domain, points: int, seed: int) -> CalibrationSource:
-    x = domain.sample(np.random.default_rng(seed + 1), points).astype(np.float32)
-    return CalibrationSource(input_specs(graph), arrays={domain.input: x},
+    x = domain.sample(np.random.default_rng(seed + 1), points)
+    return CalibrationSource(input_specs(graph), arrays=domain.feeds(x),
                              description=f"{points} random points of the box")
 
 

@@ -1,11 +1,16 @@
-"""Branch and bound over Relu phases with warm-started LPs, branching where the relaxation gap is.
+"""Branch and bound over Relu phases and max-pool selections with warm-started LPs, branching where the
+relaxation gap is.
 
 For a per-unit program (:mod:`.unit_encoding`) the LP relaxation differs from the MILP only in the units
 with a binary: there the LP may put ``h`` above ``relu(z)`` (the triangle). Fixing ``d = 0`` (``z <= 0``,
-``h = 0``) or ``d = 1`` (``h = z >= 0``) removes that unit's gap. At each node the unit with the largest
-gap ``|c_h| (h - relu(z))`` in the node's LP solution is branched on (units of earlier layers, which do not
-touch the objective, weigh their gap by the mean objective coefficient); nodes are taken best bound first
-and re-solved by dual simplex from the previous basis, so a node costs a few pivots.
+``h = 0``) or ``d = 1`` (``h = z >= 0``) removes that unit's gap. Likewise a max-pool output with selection
+binaries (``h <= z_p + (U - l_p)(1 - d_p)``, ``sum_p d_p = 1``) may sit above ``max_p z_p``: fixing
+``d_p = 1`` makes ``h = z_p`` (the others drop to 0 through the sum row) and ``d_p = 0`` takes ``p`` out of
+the window, so branching on the member with the largest ``d_p`` closes the gap ``h - max_p z_p`` in at most
+``|window| - 1`` levels (a window with one member left, or one member fixed to 1, is settled). At each node
+the Relu unit or max-pool output with the largest gap, weighed by ``|c_h|`` (units of earlier layers, which
+do not touch the objective, by the mean objective coefficient), is branched on; nodes are taken best bound
+first and re-solved by dual simplex from the previous basis, so a node costs a few pivots.
 
 Every node LP is a relaxation of the network on its part of the box, so when every open node's bound
 reaches ``threshold + margin`` no input flips the unit: a proof. Node bounds are the safe Lagrangian bounds
@@ -42,10 +47,17 @@ class _NodeLp:
         self.unit = unit
         self.h = highs_instance(unit.program, True, wall_limit)
         self.h.setOptionValue("simplex_strategy", 1)  # dual simplex: bound changes keep the basis dual feasible
-        self.d = unit.relus[:, 2].astype(np.int32)
+        self.n_relu = len(unit.relus)
         self.z, self.hcol = unit.relus[:, 0], unit.relus[:, 1]
-        cost = np.abs(unit.program.cost[self.hcol])
-        self.weight = np.where(cost > 0, cost, cost[cost > 0].mean() if (cost > 0).any() else 1.0)
+        # every branchable binary: the Relu phases, then each max-pool output's selection binaries
+        self.d = np.concatenate([unit.relus[:, 2]] + [d for _, _, d in unit.pools]).astype(np.int32)
+        self.pool_first = self.n_relu + np.cumsum([0] + [d.size for _, _, d in unit.pools])[:-1].astype(int)
+        cost = np.abs(unit.program.cost)
+        heads = np.concatenate([self.hcol, np.array([h for h, _, _ in unit.pools], int)]).astype(int)
+        used = cost[heads][cost[heads] > 0]
+        default = used.mean() if used.size else 1.0
+        self.weight = np.where(cost[self.hcol] > 0, cost[self.hcol], default)
+        self.pool_weight = np.array([cost[h] if cost[h] > 0 else default for h, _, _ in unit.pools])
 
     def solve(self, fixed: tuple[tuple[int, float], ...]) -> tuple[float, np.ndarray | None] | None:
         """(optimal value, point) under the fixed phases; (inf, None) when infeasible; None on failure."""
@@ -74,11 +86,25 @@ class _NodeLp:
         return lagrangian_bound(bare, ray, col_lower, col_upper) > 0
 
     def branch_unit(self, point: np.ndarray, fixed: tuple[tuple[int, float], ...]) -> int | None:
+        """The binary (index into ``self.d``) of the Relu unit or max-pool output with the largest weighed gap at
+        ``point``; None when every gap is closed (the LP point is a point of the network)."""
         gap = self.weight * (point[self.hcol] - np.maximum(point[self.z], 0.0))
+        fixed_at = dict(fixed)
         if fixed:
-            gap[[j for j, _ in fixed]] = -1.0
+            gap[[j for j in fixed_at if j < self.n_relu]] = -1.0
         j = int(np.argmax(gap)) if gap.size else -1
-        return j if j >= 0 and gap[j] > 1e-12 else None
+        best, choice = (gap[j], j) if j >= 0 else (-1.0, -1)
+        for g, (h, zc, d) in enumerate(self.unit.pools):
+            first = int(self.pool_first[g])
+            members = range(first, first + d.size)
+            free = [m for m in members if m not in fixed_at]
+            if len(free) <= 1 or any(fixed_at.get(m) == 1.0 for m in members):
+                continue  # settled: one member selected, or the sum row selects the last one left
+            pool_gap = self.pool_weight[g] * (point[h] - point[zc].max())
+            if pool_gap > best:
+                # the free member the LP leans on most (ties: the larger z_p)
+                best, choice = pool_gap, max(free, key=lambda m: (point[self.d[m]], point[zc[m - first]]))
+        return choice if choice >= 0 and best > 1e-12 else None
 
 
 def branch_and_bound(unit: UnitProgram, margin: float, accept: Callable[[np.ndarray], bool], cpu_limit: float,
@@ -86,7 +112,7 @@ def branch_and_bound(unit: UnitProgram, margin: float, accept: Callable[[np.ndar
     """Is there a point with ``cost @ v < unit.threshold``? Answers "no" (proof), "found" or "open"."""
     start, wall_start = time.thread_time(), time.perf_counter()
     proof = unit.threshold + margin
-    if unit.relus.size == 0:  # an LP: nothing to branch on
+    if unit.branchable == 0:  # an LP: nothing to branch on
         return threshold_search(unit.program, unit.threshold, margin, accept, cpu_limit, wall_limit)
     lp = _NodeLp(unit, wall_limit)
     root = lp.solve(())

@@ -45,6 +45,12 @@ class UnitProgram:
     n_inputs: int  # the input x is v[:n_inputs]
     encoded_units: int
     relus: np.ndarray  # (binaries, 3): the columns z, h, d of every unit with a binary, in column order of d
+    pools: tuple[tuple[int, np.ndarray, np.ndarray], ...] = ()  # per max-pool output with binaries: (h, z_p, d_p)
+
+    @property
+    def branchable(self) -> int:
+        """Binaries the LP branch and bound can branch on (every Relu and max-pool selection binary)."""
+        return len(self.relus) + sum(d.size for _, _, d in self.pools)
 
 
 def cone(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndarray], k: int,
@@ -186,9 +192,10 @@ def _encode_relu(b: _Builder, layer: ChainLayer, rows: np.ndarray, terms, lw: np
 
 
 def _encode_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, terms, zrows: np.ndarray, lower: np.ndarray,
-                upper: np.ndarray, push_down: np.ndarray) -> np.ndarray:
+                upper: np.ndarray, push_down: np.ndarray, pools: list) -> np.ndarray:
     """Columns of the max-pool outputs ``outputs``: ``h >= z_p`` for every member, and when the objective may
-    push ``h`` up, ``h <= z_p + (U - l_p)(1 - d_p)`` with one ``d_p`` set (Tjeng et al. 2019)."""
+    push ``h`` up, ``h <= z_p + (U - l_p)(1 - d_p)`` with one ``d_p`` set (Tjeng et al. 2019); those outputs'
+    (h, z_p, d_p) columns are appended to ``pools``."""
     z = b.cols(lower[zrows], upper[zrows])
     b.rows([_one(z), *terms], layer.bias[zrows], layer.bias[zrows])
     col_of = dict(zip(zrows.tolist(), z.tolist(), strict=True))
@@ -210,6 +217,7 @@ def _encode_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, terms, zrow
         b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones), (np.arange(n), d, big)],
                np.full(n, -np.inf), big)  # h <= z_p + (U - l_p)(1 - d_p)
         b.rows([(np.zeros(n, int), d, ones)], np.ones(1), np.ones(1))  # one d_p set
+        pools.append((int(h[t]), zc, d))
     return h
 
 
@@ -223,6 +231,7 @@ def encode_unit(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndar
     b = _Builder()
     cols: dict[int, np.ndarray] = {-1: b.cols(lo, hi)}
     relus: list[np.ndarray] = []
+    pools: list[tuple[int, np.ndarray, np.ndarray]] = []
     encoded = 0
     for j in sorted(need):
         outputs, layer = need[j], chain.layers[j]
@@ -236,11 +245,11 @@ def encode_unit(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndar
         if layer.kind == "relu":
             cols[j] = _encode_relu(b, layer, rows, terms, lower[j][rows], upper[j][rows], push_down, relus)
         else:
-            cols[j] = _encode_max(b, layer, outputs, terms, rows, lower[j], upper[j], push_down)
+            cols[j] = _encode_max(b, layer, outputs, terms, rows, lower[j], upper[j], push_down, pools)
         encoded += outputs.size
     cost = np.zeros(b.n)
     for src, row in direct.items():
         idx = np.arange(row.size) if src < 0 else need.get(src, np.zeros(0, int))
         np.add.at(cost, cols[src], -s * row[idx])
     return UnitProgram(b.program(cost), float(s * target.bias[i]), cols[-1].size, encoded,
-                       np.concatenate(relus) if relus else np.zeros((0, 3), int))
+                       np.concatenate(relus) if relus else np.zeros((0, 3), int), tuple(pools))

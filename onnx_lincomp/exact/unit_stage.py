@@ -10,8 +10,8 @@ Layer by layer, shallow first. For the candidates of one layer:
    threshold is a proof, an LP point that flips the unit is a witness;
 3. *MILP stage*, in rounds of growing CPU limits per unit over all layers, so the easy units are decided
    first: HiGHS's MILP as a threshold search (:func:`.highs_model.threshold_search`) for 2 s, then the
-   gap-branching LP branch and bound (:mod:`.unit_bab`) for 10 s and for ``unit_time_limit`` (HiGHS again
-   for a unit whose program has max-pool binaries, which the branch and bound does not branch on). A checked
+   gap-branching LP branch and bound (:mod:`.unit_bab`, branching on Relu phases and max-pool selections) for
+   10 s and for ``unit_time_limit``. A checked
    witness or a bound at the threshold ends a unit; a unit that runs out of its CPU time stays open and
    the stage goes on with the next.
 
@@ -149,7 +149,7 @@ def _solve(task: tuple) -> tuple[UnitRecord, np.ndarray | None, float | None]:
             elif accept(res.point):
                 status = "found"
         res = SearchResult(status, None, res.value, res.cpu_seconds, 0, res.reason)
-    elif stage == "bab" and unit.program.binaries == len(unit.relus):
+    elif stage == "bab" and unit.program.binaries == unit.branchable:
         res = branch_and_bound(unit, margin, accept, cpu_limit, left)
         best = None
     else:

@@ -30,8 +30,7 @@ class WitnessCheck:
 def check_witnesses(graph: gs.Graph, ctx: ModelContext, cert: Certificate) -> WitnessCheck:
     if not cert.layers or len(cert.evidence) == 0:
         return WitnessCheck(0, 0, ())
-    points = np.asarray(cert.evidence, np.float32).reshape((len(cert.evidence),) + cert.domain.shape)
-    source = CalibrationSource(input_specs(graph), arrays={cert.domain.input: points}, description="witnesses")
+    source = CalibrationSource(input_specs(graph), arrays=cert.domain.feeds(cert.evidence), description="witnesses")
     stats = collect_relu_stats(graph, ctx, source, CollectOptions(batch_size=64, mode="pre"))
     claimed = confirmed = 0
     failed = []
