@@ -169,7 +169,7 @@ def _bab_against_grid(chain, grid_z, lo, hi, layers) -> int:
         for i in np.flatnonzero((lower[k] < 0) & (upper[k] > 0)):
             for sign in (1.0, -1.0):
                 unit = encode_unit(chain, lower, upper, lo, hi, UnitQuery(k, int(i), sign))
-                assert unit.program.binaries == unit.branchable  # the stage hands every such unit to the B&B
+                assert unit.program.binaries == unit.branchable  # every binary is one the B&B can branch on
                 with_pools += bool(unit.pools)
 
                 def flips(v, k=k, i=i, sign=sign):
@@ -212,3 +212,26 @@ def test_max_pool_branching_runs_in_onnxruntime_terms(rng):
         np.testing.assert_allclose(chain.forward(x)[k], ref, rtol=1e-5, atol=1e-5)
     grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
     assert _bab_against_grid(chain, chain.forward(grid), np.zeros(2), np.ones(2), relus) > 0
+
+
+@pytest.mark.parametrize("bab_pools", [False, True])
+def test_stage_with_max_pool_programs_agrees_with_brute_force(rng, bab_pools):
+    _, chain = _chain(pooled_model(rng, relu_first=True), (2,))
+    lo, hi = np.zeros(2), np.ones(2)
+    _, tight = relaxed_bounds(chain, lo, hi)
+    undecided = {(k, int(i)) for k in chain.relu_layers
+                 for i in np.flatnonzero((tight[k].lower < 0) & (tight[k].upper > 0))}
+    out = decide_units(chain, tight, lo, hi, set(undecided), set(undecided),
+                       UnitStageOptions(time_limit=60, bab_pools=bab_pools))
+    assert out.complete
+    zs = chain.forward(np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2))
+    for k, i in undecided:
+        top, bottom = zs[k][:, i].max(), zs[k][:, i].min()
+        assert (k, i) not in out.proven_inactive or top <= 1e-9
+        assert (k, i) not in out.proven_active or bottom >= -1e-9
+        assert (top >= -1e-6 or (k, i) in out.proven_inactive) and (bottom <= 1e-6 or (k, i) in out.proven_active)
+        assert (top <= 1e-4 or (k, i) in out.flipped_positive) and (bottom >= -1e-4 or (k, i) in out.flipped_negative)
+    for (k, i), w in out.flipped_positive.items():
+        assert chain.forward(out.witnesses[w][None])[k][0, i] > 0
+    for (k, i), w in out.flipped_negative.items():
+        assert chain.forward(out.witnesses[w][None])[k][0, i] < 0

@@ -13,7 +13,8 @@ from .render import print_bench, print_certificate, print_report
 @main.command(epilog="Example: onnx-lincomp certify model.onnx --input-range 0,1 --json -\n\n" + EXIT_CODES_HELP)
 @click.argument("model")
 @click.option("--input-range", "input_range", multiple=True, required=True,
-              help="Domain: LO,HI, NAME=LO,HI, bounds.npz, or from-calib.")
+              help="Domain, repeatable: LO,HI or bounds.npz or from-calib for every input, NAME=LO,HI or "
+                   "NAME=file.npz for one input (later values override earlier ones).")
 @click.option("--calib", help="Calibration data: its points disprove stability cheaply (and give from-calib ranges).")
 @click.option("--input-shape", multiple=True, help="NAME=D1,D2,... for dynamic dimensions.")
 @click.option("--milp-time-limit", default=240.0, show_default=True, type=click.FloatRange(min=1),

@@ -45,6 +45,7 @@ class CertifyOptions:
     jobs: int = 1  # processes for the per-unit stage
     tighten: bool = True  # per-unit LP bounds for deeper layers (per-unit stage)
     bab: bool = True  # per-unit stage: LP branch and bound after the first MILP round (else HiGHS throughout)
+    bab_pools: bool = False  # per-unit stage: the branch and bound also on programs with max-pool binaries
 
     def __post_init__(self):
         if self.random_points < 0 or self.time_limit <= 0 or self.solve_limit <= 0:
@@ -266,7 +267,8 @@ def _decide(chain: AffineChain, bounds, domain: Domain, inactive_c: set, active_
         return decide_candidates(chain, bounds, domain.lower, domain.upper, inactive_c, active_c,
                                  time_limit=options.time_limit, solve_limit=options.solve_limit)
     unit_options = UnitStageOptions(time_limit=options.time_limit, unit_time_limit=options.solve_limit,
-                                    jobs=options.jobs, tighten=options.tighten, bab=options.bab)
+                                    jobs=options.jobs, tighten=options.tighten, bab=options.bab,
+                                    bab_pools=options.bab_pools)
     return decide_units(chain, bounds, domain.lower, domain.upper, inactive_c, active_c, unit_options)
 
 

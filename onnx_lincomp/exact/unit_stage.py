@@ -10,8 +10,10 @@ Layer by layer, shallow first. For the candidates of one layer:
    threshold is a proof, an LP point that flips the unit is a witness;
 3. *MILP stage*, in rounds of growing CPU limits per unit over all layers, so the easy units are decided
    first: HiGHS's MILP as a threshold search (:func:`.highs_model.threshold_search`) for 2 s, then the
-   gap-branching LP branch and bound (:mod:`.unit_bab`, branching on Relu phases and max-pool selections) for
-   10 s and for ``unit_time_limit``. A checked
+   gap-branching LP branch and bound (:mod:`.unit_bab`) for 10 s and for ``unit_time_limit``. A program with
+   max-pool selection binaries stays with HiGHS unless ``bab_pools``: the branch and bound can branch on them,
+   but measured on ``examples/digits_cnn.onnx`` it spent 70 CPU s without the witness HiGHS found in 4 s (the
+   certificate went from complete to one unit open). A checked
    witness or a bound at the threshold ends a unit; a unit that runs out of its CPU time stays open and
    the stage goes on with the next.
 
@@ -50,6 +52,7 @@ class UnitStageOptions:
     lp: bool = True
     tighten: bool = True
     bab: bool = True  # the LP branch and bound after the first MILP round (else HiGHS's MILP in every round)
+    bab_pools: bool = False  # the branch and bound also takes programs with max-pool selection binaries
     margin: float = 1e-6  # a proof needs the bound this far past the threshold
     witness_margin: float = 1e-6  # a witness must flip its unit by this much
     batch: int = 8
@@ -122,7 +125,7 @@ def _flips(chain: AffineChain, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) ->
 
 def _solve(task: tuple) -> tuple[UnitRecord, np.ndarray | None, float | None]:
     """One unit: (record, witness input or None, LP optimum of ``s z`` for the LP stage)."""
-    query, lower, upper, stage, cpu_limit, deadline, margin, witness_margin = task
+    query, lower, upper, stage, cpu_limit, deadline, margin, witness_margin, bab_pools = task
     work = _WORK
     left = deadline - time.time()
     if left <= 0:
@@ -149,7 +152,8 @@ def _solve(task: tuple) -> tuple[UnitRecord, np.ndarray | None, float | None]:
             elif accept(res.point):
                 status = "found"
         res = SearchResult(status, None, res.value, res.cpu_seconds, 0, res.reason)
-    elif stage == "bab" and unit.program.binaries == unit.branchable:
+    elif stage == "bab" and (unit.program.binaries == len(unit.relus)
+                             or bab_pools and unit.program.binaries == unit.branchable):
         res = branch_and_bound(unit, margin, accept, cpu_limit, left)
         best = None
     else:
@@ -233,7 +237,8 @@ def _run_batches(state: _State, executor: Executor, queries: list[UnitQuery], st
         if time.time() >= deadline:
             break
         lower, upper = [a.copy() for a in state.lower], [a.copy() for a in state.upper]  # one snapshot a batch
-        tasks = [(q, lower, upper, stage, cpu_limit, deadline, options.margin, options.witness_margin) for q in batch]
+        tasks = [(q, lower, upper, stage, cpu_limit, deadline, options.margin, options.witness_margin,
+                  options.bab_pools) for q in batch]
         for q, (record, witness, best) in zip(batch, list(executor.map(_solve, tasks)), strict=True):
             if options.jobs > 1:
                 state.worker_cpu += record.cpu_seconds
@@ -264,7 +269,7 @@ def _tighten(state: _State, executor: Executor, layer: int, options: UnitStageOp
             break
         batch = queries[start:start + options.batch]
         tasks = [(q, state.lower, state.upper, "lp", options.unit_time_limit, deadline, options.margin,
-                  options.witness_margin) for q in batch]
+                  options.witness_margin, options.bab_pools) for q in batch]
         for q, (_, _, best) in zip(batch, list(executor.map(_solve, tasks)), strict=True):
             state.out.lp_solves += 1
             if best is not None:
