@@ -193,8 +193,8 @@ def lift_constant_nodes(graph: gs.Graph) -> int:
                     consumer.inputs[i] = const
         node.outputs.clear()
         lifted += 1
-    if lifted:
-        graph.cleanup(remove_unused_graph_inputs=False)
+    if lifted:  # drop the emptied nodes directly (graphsurgeon's cleanup formats every node it logs: 0.2 s)
+        graph.nodes = [n for n in graph.nodes if n.op != "Constant" or n.outputs]
     return lifted
 
 
