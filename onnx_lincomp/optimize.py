@@ -197,7 +197,7 @@ def _data_messages(prep: Prepared) -> list[str]:
 def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exact: ExactOutcome | None,
            messages: list[str]):
     """(recipe, model, records, search rows): the search's pick, or the recipe as given; skip paths by cost."""
-    recipe, rows, chosen = options.recipe, [], None
+    recipe, rows, chosen = _int8_within_budget(options), [], None
     if options.search and options.max_accuracy_drop is not None and not options.lossy_passes:
         chosen, rows = _search_linear_rate(prep, evidence, options)
         recipe = chosen.recipe if chosen is not None else recipe
@@ -211,6 +211,20 @@ def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exa
         recipe, model, records, note = _cheaper_without_skips(prep, evidence, recipe, metadata, model, records, options)
         messages.append(note)
     return recipe, model, records, rows
+
+
+def _int8_within_budget(options: OptimizeOptions) -> Recipe:
+    """With --max-accuracy-drop and labels, quantize-int8 keeps float the layers most sensitive to it until
+    the budget fits (its ``exclude_sensitive='auto'``, scored on the calibration split), unless the recipe
+    already says how to exclude; the recipe records the choice so it replays exactly."""
+    recipe = options.recipe
+    spec = recipe.spec("quantize-int8")
+    if (spec is None or options.max_accuracy_drop is None or options.labels is None
+            or spec.options.exclude_sensitive or spec.options.max_drop is not None):
+        return recipe
+    specs = tuple(PassSpec(s.name, replace(s.options, exclude_sensitive="auto", max_drop=options.max_accuracy_drop))
+                  if s.name == "quantize-int8" else s for s in recipe.passes)
+    return replace(recipe, passes=specs)
 
 
 def _verify(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions,

@@ -279,3 +279,27 @@ def test_bits_method_errors_exit_2(tmp_path, args, match):
 def test_bits_options_reject_unknown_method():
     with pytest.raises(OptionError, match="unknown method"):
         BitsOptions(method="uniform")
+
+
+def test_optimize_budget_reaches_int8_exclusion(fixed_latency, rng, tmp_path):
+    """--max-accuracy-drop with labels: quantize-int8 excludes sensitive layers within that budget, and the
+    recipe in the report records it (so replaying it gives the same model)."""
+    from onnx_lincomp.optimize import OptimizeOptions, optimize
+    from onnx_lincomp.recipe import CalibrationSettings, Recipe
+
+    model, x, labels = _fragile_mlp(rng)
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(model, path)
+    np.savez(data, x=x, y=labels)
+    recipe = Recipe((PassSpec.of("quantize-int8"),), CalibrationSettings(0.5))
+    # 200 held-out samples support a 5-point gate on the paired bound (plain INT8 loses over 10 points here)
+    result = optimize(str(path), str(data), OptimizeOptions(recipe, labels="y", max_accuracy_drop=5.0, latency=False,
+                                                             min_samples=8))
+    spec = result.report.recipe.spec("quantize-int8")
+    assert spec.options.exclude_sensitive == "auto" and spec.options.max_drop == 5.0
+    assert _float_weight(result.model, "fc0") and not _float_weight(result.model, "fc1")
+    # an explicit choice in the recipe is left as it is
+    fixed = Recipe((PassSpec.of("quantize-int8", {"exclude_sensitive": 1}),), CalibrationSettings(0.5))
+    again = optimize(str(path), str(data), OptimizeOptions(fixed, labels="y", max_accuracy_drop=5.0, latency=False,
+                                                           min_samples=8))
+    assert again.report.recipe.spec("quantize-int8").options.max_drop is None

@@ -267,16 +267,24 @@ def _new_bias(m: _Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
     node.input[2] = out
 
 
+def _into_reading_add(m: _Model, node: onnx.NodeProto, shift: np.ndarray) -> bool:
+    """Add ``shift`` to the constant of an Add that alone reads ``node``'s output (its bias); False if none."""
+    reader = m.only_reader(node.output[0])
+    if reader is None or reader.op_type != "Add":
+        return False
+    other = reader.input[1] if reader.input[0] == node.output[0] else reader.input[0]
+    bias = m.array(other)
+    if bias is None or m.readers[other] != 1 or bias.size != shift.size:
+        return False
+    m.set_array(other, (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
+    return True
+
+
 def _add_after(m: _Model, node: onnx.NodeProto, shift: np.ndarray) -> str | None:
     """``Add(y, shift)`` on a MatMul's output: into the constant of an Add that alone reads it, else a new Add
     (float: it sits between the MatMul and its output QuantizeLinear)."""
-    reader = m.only_reader(node.output[0])
-    if reader is not None and reader.op_type == "Add":
-        other = reader.input[1] if reader.input[0] == node.output[0] else reader.input[0]
-        bias = m.array(other)
-        if bias is not None and m.readers[other] == 1 and bias.size == shift.size:
-            m.set_array(other, (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
-            return None
+    if _into_reading_add(m, node, shift):
+        return None
     dtype = np.float32
     w_dq = m.producer.get(node.input[1])
     if w_dq is not None and w_dq.input[1] in m.inits:
@@ -346,13 +354,8 @@ def correct_nbits_biases(model: onnx.ModelProto, weights: Mapping[str, np.ndarra
 
 
 def _fold_nbits(m: _Model, node: onnx.NodeProto, shift: np.ndarray) -> None:
-    reader = m.only_reader(node.output[0])
-    if reader is not None and reader.op_type == "Add":
-        other = reader.input[1] if reader.input[0] == node.output[0] else reader.input[0]
-        bias = m.array(other)
-        if bias is not None and m.readers[other] == 1 and bias.size == shift.size:
-            m.set_array(other, (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
-            return
+    if _into_reading_add(m, node, shift):
+        return
     dtype = m.array(node.input[2]).dtype
     while len(node.input) < 6:
         node.input.append("")
