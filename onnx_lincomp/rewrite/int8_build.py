@@ -8,7 +8,8 @@ layer's float weight and input mean. :meth:`Int8Builder.build` quantizes the mod
 
 **Sensitivity and exclusion.** Each weighted layer is quantized alone (its input, weight and output; the rest
 float) and scored against the float model on the calibration split, with labels: the accuracy drop ``d_i`` in
-points (the one-layer-at-a-time scan of :func:`~onnx_lincomp.bits.scan_layers`). Drops are taken as additive:
+points (the one-layer-at-a-time scan of :func:`~onnx_lincomp.evaluate.layer_scan.scan_layers`). Drops are
+taken as additive:
 the predicted drop of quantizing a set ``S`` is ``sum_{i in S} max(d_i, 0)``. With a budget ``B`` the layers
 are kept float in decreasing order of ``d_i`` (ties: larger output error first) until the predicted drop is at
 most ``B``; the combined model is then built and scored on the same split, and while its measured drop exceeds
@@ -27,6 +28,7 @@ import onnx
 
 from ..calibration.activations import CalibrationData
 from ..errors import OptionError
+from ..evaluate.layer_scan import scan_layers
 from ..linear_layer import LinearLayer, match_linear_layer
 from ..model_io import graph_from_proto
 from .ort_quantize import Workspace, export_context, ort_errors, ort_method
@@ -95,7 +97,7 @@ class Int8Builder:
 
 
 class OneLayerInt8:
-    """:class:`~onnx_lincomp.bits.LayerQuantizer` of single INT8 layers (for the sensitivity scan)."""
+    """:class:`~onnx_lincomp.evaluate.layer_scan.LayerQuantizer` of single INT8 layers (for the sensitivity scan)."""
 
     def __init__(self, builder: Int8Builder, exclude: Sequence[str]):
         self.builder = builder
@@ -139,7 +141,6 @@ def exclude_sensitive(builder: Int8Builder, evaluator, exclude: Sequence[str], c
                       budget: float | None) -> Exclusion:
     """Scan the layers one at a time and keep float the most sensitive ``count`` ("auto": as many as ``budget``
     needs, checked on the combined model), as the module docstring says."""
-    from ..bits import scan_layers  # bits imports the pass registry, which imports this module
 
     if evaluator.accuracy is None:
         raise OptionError("quantize-int8: exclude_sensitive needs labels in the calibration data (--labels KEY) and "
