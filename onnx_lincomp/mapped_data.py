@@ -77,21 +77,39 @@ def mappable(t: TensorProto) -> bool:
 
 
 def map_external(model: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
-    """Turn every mappable external initializer of ``model`` (read without its data) into a mapped
-    reference (location made absolute, in place) and return name -> mapped array; the others are loaded."""
+    """Turn every mappable external top-level initializer of ``model`` (read without its data) into a mapped
+    reference (location made absolute, in place) and return name -> mapped array. Other external tensors
+    (unmappable dtypes, subgraph initializers, Constant node attributes) are read into the proto."""
     arrays: dict[str, np.ndarray] = {}
-    for t in model.graph.initializer:
+    top = {id(t) for t in model.graph.initializer}
+    for t in all_tensors(model.graph):
         if t.data_location != TensorProto.EXTERNAL:
             continue
-        entry = next(e for e in t.external_data if e.key == "location")
-        if not mappable(t):
+        if id(t) not in top or not mappable(t):
             onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
             t.data_location = TensorProto.DEFAULT
             del t.external_data[:]
             continue
+        entry = next(e for e in t.external_data if e.key == "location")
         entry.value = str((base / entry.value).resolve())
         arrays[t.name] = tensor_array(t)
     return arrays
+
+
+def all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers, Constant-style attributes, and those of every subgraph."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from all_tensors(g)
 
 
 def attach(graph, arrays: dict[str, np.ndarray]) -> None:
@@ -115,6 +133,20 @@ def release(graph) -> int:
         tensor._values = MappedValues(reference, tensor_array(reference))
         count += 1
     return count
+
+
+def inline_subgraph_weights(graph) -> None:
+    """Constants read inside If/Loop/Scan bodies export with their values: a reference there would reach a
+    saved file (only top-level initializers are written file to file) or onnxruntime's subgraph checks."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(sub, "tensors") and hasattr(sub, "nodes"):  # a graphsurgeon Graph
+                    for tensor in sub.tensors().values():
+                        values = getattr(tensor, "_values", None)
+                        if isinstance(values, MappedValues):
+                            tensor._values = values.array
+                    inline_subgraph_weights(sub)
 
 
 def mapped_constants(graph) -> list:

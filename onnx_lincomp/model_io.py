@@ -68,7 +68,7 @@ class LoadedModel:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in mapped_data.all_tensors(model.graph))
 
 
 def _read(path: str | os.PathLike, load_external_data: bool = True) -> tuple[onnx.ModelProto, bool]:
@@ -92,7 +92,7 @@ def _read(path: str | os.PathLike, load_external_data: bool = True) -> tuple[onn
 
 def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
     """Every external-data file the model names exists next to it (one-line error naming the first missing)."""
-    for t in model.graph.initializer:
+    for t in mapped_data.all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in t.external_data if e.key == "location"), "")
@@ -213,6 +213,7 @@ def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None
     working aid; writing them into a model that had none made an unchanged model ~5-15 % larger.
     """
     opsets = dict(ctx.opset_imports)
+    mapped_data.inline_subgraph_weights(graph)
     for tensor in mapped_data.mapped_constants(graph):
         values = tensor._values
         array = values.array if isinstance(values, mapped_data.MappedValues) else values

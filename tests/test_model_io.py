@@ -113,3 +113,38 @@ def test_write_external_leaves_the_model_alone_and_runs(tmp_path, rng):
     assert (tmp_path / "m.onnx.data").stat().st_size >= 64 * 64 * 4
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
     assert_same_outputs(model, onnx.load(tmp_path / "m.onnx"), {"x": rng.random((2, 64), dtype=np.float32)})
+
+
+def test_external_data_in_subgraphs_is_read_and_outer_weights_run(tmp_path, rng):
+    """External data mapped on load: a weight inside an If branch is read into the proto, a top-level weight
+    that only a branch reads still runs in onnxruntime, with references kept or not, and saves to a valid file."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_lincomp.runtime.session import open_session
+
+    big = rng.random((64, 64), dtype=np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "wt"], ["yt"])], "then", [],
+                               [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [1, 64])],
+                               [numpy_helper.from_array(big * 2, "wt")])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["ye"])], "else", [],
+                               [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [1, 64])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64]),
+                               helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(big, "w")])
+    src = tmp_path / "if.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src,
+                    save_as_external_data=True, location="if.data", size_threshold=0)
+    loaded = load_model(src)
+    x = rng.random((1, 64), dtype=np.float32)
+    for keep in (False, True):
+        session = open_session(to_model_proto(loaded.graph, loaded.ctx, keep_mapped=keep))
+        for c in (True, False):
+            y = session.run(None, {"x": x, "c": np.array(c)})[0]
+            np.testing.assert_allclose(y, x @ (big * 2 if c else big), rtol=1e-5, atol=1e-5)
+    (tmp_path / "out").mkdir()
+    out = save_model(loaded.graph, loaded.ctx, tmp_path / "out" / "if.onnx")
+    onnx.checker.check_model(str(out))
+    y = open_session(str(out)).run(None, {"x": x, "c": np.array(False)})[0]
+    np.testing.assert_allclose(y, x @ big, rtol=1e-5, atol=1e-5)
