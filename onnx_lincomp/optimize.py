@@ -24,6 +24,7 @@ from .calibration.collector import Progress
 from .errors import NumericalMismatchError, OptionError
 from .evaluate.evaluator import Evaluator, Verification
 from .evaluate.search import SWEEP_THRESHOLDS, Candidate, CandidateScore, scan, smallest_within
+from .evaluate.tensor_errors import tensor_errors
 from .gates import (
     check_gates,
     check_not_worse,
@@ -213,6 +214,22 @@ def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exa
     return recipe, model, records, rows
 
 
+def _layer_errors(prep: Prepared, model: onnx.ModelProto, records, options: OptimizeOptions) -> dict | None:
+    """pass -> layer -> relative error of the layer's output on the held-out split, for the layers lossy
+    passes changed by design (``PassResult.changed_outputs``); None when none did or nothing is held out."""
+    wanted = {r.result.name: dict(r.result.changed_outputs) for r in records if r.result.changed_outputs}
+    held = prep.heldout_split()
+    if not wanted or held is None:
+        return None
+    produced = {o for n in model.graph.node for o in n.output}  # by the candidate, and in the canonical graph
+    present = {t.name for t in prep.loaded.graph.tensors().values()} & produced
+    names = [t for per in wanted.values() for t in per.values() if t in present]
+    reference = to_model_proto(prep.loaded.graph, prep.loaded.ctx, keep_mapped=True)
+    errors = tensor_errors(reference, model, names, prep.loaded.graph, held.source, held.start, held.stop,
+                           held.batch_size, options.threads)
+    return {name: {site: errors[t] for site, t in per.items() if t in errors} for name, per in wanted.items()}
+
+
 def _int8_within_budget(options: OptimizeOptions) -> Recipe:
     """With --max-accuracy-drop and labels, quantize-int8 keeps float the layers most sensitive to it until
     the budget fits (its ``exclude_sensitive='auto'``, scored on the calibration split), unless the recipe
@@ -295,6 +312,12 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
         on_all=on_gate if on_gate is not on_held and on_gate is not on_cal else None,
         storage=(storage_sizes(optimized).as_dict() if any(r.result.name == "prune-magnitude" for r in records)
                  else None))
+    errors = _layer_errors(prep, optimized, records, options) if exact is None and not unchanged else None
+    if errors:
+        report = replace(report, layer_errors=errors, messages=report.messages + tuple(
+            f"{name}: output error of each changed layer on {on_held.samples if on_held else 0} held-out samples "
+            f"(relative, upstream changes included): " + ", ".join(f"{k} {v:.3g}" for k, v in per.items())
+            for name, per in errors.items()))
     worse = check_not_worse(report.before, report.after, options.allow_larger)
     if worse:
         report = replace(report, messages=report.messages + (worse,))

@@ -71,6 +71,8 @@ class OptimizeReport:
     certificate: dict | None = None  # exact mode: the certificate, witness check and box check
     on_all: Verification | None = None  # --gate-on all: every sample (the budget was judged here)
     storage: dict | None = None  # after prune-magnitude: file bytes dense / zipped / sparse (analysis.storage)
+    # lossy passes: pass -> layer -> relative error of the layer's output on held-out activations
+    layer_errors: dict | None = None
 
     @property
     def exact_on_calibration(self) -> bool:
@@ -88,4 +90,5 @@ class OptimizeReport:
             "not_analysed": [list(x) for x in self.not_analysed], "search": list(self.search),
             "verification_all": self.on_all.as_dict() if self.on_all else None,
             "certificate": self.certificate, "recipe": self.recipe.as_dict(), "storage": self.storage,
+            "layer_errors_heldout": self.layer_errors,
         }

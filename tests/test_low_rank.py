@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import helper
@@ -19,7 +20,7 @@ from onnx_lincomp.cli import main
 from onnx_lincomp.errors import OptionError, PassError
 from onnx_lincomp.graph_edit import NameSource
 from onnx_lincomp.linear_layer import LinearLayer, match_linear_layer
-from onnx_lincomp.model_io import model_from_proto, to_model_proto
+from onnx_lincomp.model_io import load_model, model_from_proto, to_model_proto
 from onnx_lincomp.passes import LowRankOptions, PassContext
 from onnx_lincomp.passes.low_rank import write_factorised
 from onnx_lincomp.pipeline import run_pipeline
@@ -509,3 +510,41 @@ def test_alds_on_data_is_no_worse_than_uniform_on_the_calibration_outputs(rng, a
     measured = float(head.split("(")[1].split(";")[0])  # the pass's own figure for the kept allocation
     assert measured == pytest.approx(errors["alds"], rel=1e-2, abs=1e-6)
     assert not any(n.startswith("allocation: ") for n in notes["uniform"])
+
+
+def test_optimize_reports_heldout_error_per_factorised_layer(tmp_path):
+    """optimize measures each factorised layer's output on the held-out split (never seen by the pass) against the
+    canonical model: the figures in the report equal an independent onnxruntime run, and a weaker budget errs more."""
+    from onnx_lincomp.examples import example_paths
+    from onnx_lincomp.optimize import OptimizeOptions, optimize
+    from onnx_lincomp.recipe import CalibrationSettings, Recipe
+
+    model, calib = (str(p) for p in example_paths("digits-mlp"))
+    errors = {}
+    for keep in (0.8, 0.5):
+        recipe = Recipe((PassSpec.of("low-rank", {"keep_params": keep}),), CalibrationSettings(0.3))
+        result = optimize(model, calib, OptimizeOptions(recipe, latency=False, max_output_change=None))
+        per = result.report.layer_errors["low-rank"]
+        assert per and all(v >= 0 for v in per.values())
+        assert result.report.as_dict()["layer_errors_heldout"] == result.report.layer_errors
+        assert any("held-out samples" in m for m in result.report.messages)
+        errors[keep] = per
+    assert max(errors[0.5].values()) > max(errors[0.8].values())
+    # independent check of one layer on the held-out rows of the data file
+    data = np.load(calib)
+    x = data[[k for k in data.files if k != "y"][0]]
+    held = x[len(x) - int(round(len(x) * 0.3)):].astype(np.float32)
+    loaded = load_model(model)
+    canonicalize(loaded.graph)
+    site = next(iter(errors[0.5]))
+    recipe = Recipe((PassSpec.of("low-rank", {"keep_params": 0.5}),), CalibrationSettings(0.3))
+    result = optimize(model, calib, OptimizeOptions(recipe, latency=False, max_output_change=None))
+    name = next(n.output[0] for n in onnx.load(model).graph.node if n.name == site)
+    outs = []
+    for m in (to_model_proto(loaded.graph, loaded.ctx), result.model):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.extend([onnx.helper.make_empty_tensor_value_info(name)])
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs.append(sess.run([name], {sess.get_inputs()[0].name: held})[0].astype(np.float64))
+    expected = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+    assert abs(result.report.layer_errors["low-rank"][site] - expected) <= 1e-4 * max(expected, 1e-6) + 1e-6

@@ -181,6 +181,9 @@ class PassResult:
     counts: Mapping[str, int] = field(default_factory=dict)  # pass-specific: units_removed, units_folded, ...
     notes: tuple[str, ...] = ()
     kept: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)  # Relu -> units that remain
+    # site -> output tensor of a layer the pass changed by design (lossy passes): optimize reports each one's
+    # error on held-out activations against the canonical model
+    changed_outputs: Mapping[str, str] = field(default_factory=dict)
 
     def count(self, key: str) -> int:
         return int(self.counts.get(key, 0))

@@ -439,7 +439,7 @@ class LowRank(Pass):
     def apply(self, graph: gs.Graph, plan: Plan) -> PassResult:
         names, tally = NameSource(graph), SkipTally()
         rewritten = before = after = 0
-        notes = []
+        notes, outputs = [], {}
         for match in plan.matches:
             node = node_named(graph, match.site)
             layer = match_linear_layer(graph, node) if node is not None else None
@@ -449,6 +449,7 @@ class LowRank(Pass):
                 tally.add("site changed since it was planned", match.site)
                 continue
             write_factorised(graph, names, layer, d["encoder"], d["decoder"], d["bias"], d["k"], d["form"])
+            outputs[match.site] = layer.output.name
             rewritten += 1
             before += d["params_before"]
             after += d["params_after"]
@@ -462,7 +463,7 @@ class LowRank(Pass):
         return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches), rewritten=rewritten,
                           approximate=rewritten > 0, skipped=skipped,
                           counts={"layers_factorised": rewritten, "weights_before": before, "weights_after": after},
-                          notes=tuple(notes))
+                          notes=tuple(notes), changed_outputs=outputs)
 
 
 LATENCY_BATCHES = (1, 32)
