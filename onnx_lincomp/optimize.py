@@ -227,7 +227,8 @@ def _layer_errors(prep: Prepared, model: onnx.ModelProto, records, options: Opti
     reference = to_model_proto(prep.loaded.graph, prep.loaded.ctx, keep_mapped=True)
     errors = tensor_errors(reference, model, names, prep.loaded.graph, held.source, held.start, held.stop,
                            held.batch_size, options.threads)
-    return {name: {site: errors[t] for site, t in per.items() if t in errors} for name, per in wanted.items()}
+    out = {name: {site: errors[t] for site, t in per.items() if t in errors} for name, per in wanted.items()}
+    return {name: per for name, per in out.items() if per} or None
 
 
 def _int8_within_budget(options: OptimizeOptions) -> Recipe:

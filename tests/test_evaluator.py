@@ -159,3 +159,27 @@ def test_evaluator_latency_compares_against_the_original(rng):
     # the same model against itself: a ratio near 1 (the verdict itself is left to benchmarks/latency_noise.py,
     # since a loaded CI machine can tip 2 ms rounds either way)
     assert cmp.latencies[1].batch_size == 4 and 0.5 < cmp.ratios[1].ratio < 2.0
+
+
+def test_tensor_errors_are_relative_and_leave_out_changed_widths(rng):
+    """Intermediate-tensor errors: 0 for the model against itself, ||c - r|| / ||r|| for a perturbed layer (checked
+    by hand in numpy), and a tensor whose width differs between the models is left out, not broadcast."""
+    from onnx_lincomp.evaluate.tensor_errors import tensor_errors
+
+    model = mlp_model(rng, [6, 8, 3])
+    graph = model_from_proto(model).graph
+    x = rng.random((40, 6), dtype=np.float32)
+    source = CalibrationSource(input_specs(graph), arrays={"x": x})
+    hidden = model.graph.node[0].output[0]
+    assert tensor_errors(model, model, [hidden], graph, source, 0, None, 16) == {hidden: 0.0}
+    bumped = onnx.ModelProto.FromString(model.SerializeToString())
+    w = bumped.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.1, w.name))
+    got = tensor_errors(model, bumped, [hidden], graph, source, 0, None, 16)[hidden]
+    exposed = [onnx.ModelProto.FromString(m.SerializeToString()) for m in (model, bumped)]
+    for m in exposed:
+        m.graph.output.extend([onnx.helper.make_empty_tensor_value_info(hidden)])
+    ref, cand = (run(m, {"x": x})[-1].astype(np.float64) for m in exposed)
+    assert got == pytest.approx(np.linalg.norm(cand - ref) / np.linalg.norm(ref), rel=1e-5)
+    narrow = mlp_model(rng, [6, 5, 3])  # same tensor names, hidden width 5 instead of 8
+    assert tensor_errors(model, narrow, [hidden], graph, source, 0, None, 16) == {}

@@ -29,11 +29,12 @@ def _exposed(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
 def tensor_errors(reference: onnx.ModelProto, candidate: onnx.ModelProto, names: Sequence[str],
                   inputs: gs.Graph, source: CalibrationSource, start: int, stop: int | None, batch_size: int,
                   threads: int = 0) -> dict[str, float]:
-    """Relative error of each of ``names`` (tensors both models compute) on samples ``[start, stop)``."""
+    """Relative error of each of ``names`` (tensors both models compute) on samples ``[start, stop)``; a tensor
+    whose shape differs between the two (a pass changed its width) has no error and is left out."""
     names = list(dict.fromkeys(names))
     if not names:
         return {}
-    diff, norm = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    diff, norm, apart = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), set()
     options = SessionOptions(threads=threads)
     with SessionScope(prefix="lincomp-tensors-") as scope:
         ref, cand = (scope.open(_exposed(m, names), options) for m in (reference, candidate))
@@ -41,7 +42,11 @@ def tensor_errors(reference: onnx.ModelProto, candidate: onnx.ModelProto, names:
             r = run_session(ref, names, feeds, "layer errors")
             c = run_session(cand, names, feeds, "layer errors")
             for n, a, b in zip(names, r, c, strict=True):
+                if np.shape(a) != np.shape(b):  # the candidate changed the tensor's width (pruned channels)
+                    apart.add(n)
+                    continue
                 a64 = np.asarray(a, dtype=np.float64)
                 diff[n] += float(np.sum((np.asarray(b, dtype=np.float64) - a64) ** 2))
                 norm[n] += float(np.sum(a64 ** 2))
-    return {n: float(np.sqrt(diff[n] / norm[n])) if norm[n] > 0 else float(np.sqrt(diff[n])) for n in names}
+    return {n: float(np.sqrt(diff[n] / norm[n])) if norm[n] > 0 else float(np.sqrt(diff[n]))
+            for n in names if n not in apart}
