@@ -62,6 +62,12 @@ class LinearLayer:
             return self.weight
         return values
 
+    def weight_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` of ``weight`` in float64; only those rows are converted unless ``weight`` was read."""
+        if "weight" in self.__dict__:  # the cached_property's value
+            return self.weight[idx]
+        return np.asarray(self.stored[idx], dtype=np.float64)
+
     @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))

@@ -45,6 +45,22 @@ def _info(t: TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
+def _location(t: TensorProto):
+    """The ``location`` entry of an external tensor (to rewrite in place)."""
+    return next(e for e in t.external_data if e.key == "location")
+
+
+def mapped_array(values) -> np.ndarray | None:
+    """The mapped array behind a constant's values (lazy or loaded), None when they are not mapped."""
+    array = values.array if isinstance(values, MappedValues) else values
+    return array if getattr(array, MARK, None) is not None else None
+
+
+def as_reference(array: np.ndarray) -> MappedValues:
+    """Values that graphsurgeon exports as the array's reference, not its bytes."""
+    return MappedValues(getattr(array, MARK), array)
+
+
 def is_mapped(t: TensorProto) -> bool:
     """An external tensor whose location is absolute: a reference made by :func:`map_external`."""
     return t.data_location == TensorProto.EXTERNAL and os.path.isabs(_info(t).get("location", ""))
@@ -81,24 +97,35 @@ def map_external(model: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
     reference (location made absolute, in place) and return name -> mapped array. Other external tensors
     (unmappable dtypes, subgraph initializers, Constant node attributes) are read into the proto."""
     arrays: dict[str, np.ndarray] = {}
-    top = {id(t) for t in model.graph.initializer}
-    for t in all_tensors(model.graph):
+    for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
-        if id(t) not in top or not mappable(t):
-            onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
-            t.data_location = TensorProto.DEFAULT
-            del t.external_data[:]
+        if not mappable(t):
+            _read_into(t, base)
             continue
-        entry = next(e for e in t.external_data if e.key == "location")
+        entry = _location(t)
         entry.value = str((base / entry.value).resolve())
         arrays[t.name] = tensor_array(t)
+    for t in _nested_tensors(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            _read_into(t, base)
     return arrays
+
+
+def _read_into(t: TensorProto, base: Path) -> None:
+    onnx.external_data_helper.load_external_data_for_tensor(t, str(base))
+    t.data_location = TensorProto.DEFAULT
+    del t.external_data[:]
 
 
 def all_tensors(graph: onnx.GraphProto):
     """Every TensorProto of a graph: initializers, Constant-style attributes, and those of every subgraph."""
     yield from graph.initializer
+    yield from _nested_tensors(graph)
+
+
+def _nested_tensors(graph: onnx.GraphProto):
+    """The tensors of a graph's node attributes and subgraphs (not its own initializers)."""
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
@@ -112,13 +139,25 @@ def all_tensors(graph: onnx.GraphProto):
                     yield from all_tensors(g)
 
 
+def _subgraphs(graph):
+    """The graphsurgeon graphs nested in ``graph``'s node attributes (If/Loop/Scan bodies), recursively."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(sub, "tensors") and hasattr(sub, "nodes"):  # a graphsurgeon Graph
+                    yield sub
+                    yield from _subgraphs(sub)
+
+
 def attach(graph, arrays: dict[str, np.ndarray]) -> None:
-    """Give the graph's constants their mapped arrays (lazily: the reference is what export writes)."""
-    for tensor in graph.tensors().values():
-        array = arrays.get(tensor.name)
-        if array is not None and isinstance(getattr(tensor, "_values", None), LazyValues):
-            tensor._values = MappedValues(getattr(array, MARK), array)
-            tensor.data_location = None  # exported inline unless kept as a reference
+    """Give the graph's constants their mapped arrays (lazily: the reference is what export writes), also
+    where only an If/Loop/Scan body reads a top-level weight."""
+    for g in (graph, *_subgraphs(graph)):
+        for tensor in g.tensors().values():
+            array = arrays.get(tensor.name)
+            if array is not None and isinstance(getattr(tensor, "_values", None), LazyValues):
+                tensor._values = as_reference(array)
+                tensor.data_location = None  # exported inline unless kept as a reference
 
 
 def release(graph) -> int:
@@ -127,10 +166,7 @@ def release(graph) -> int:
     number of constants remapped."""
     count = 0
     for tensor in mapped_constants(graph):
-        values = tensor._values
-        array = values.array if isinstance(values, MappedValues) else values
-        reference = getattr(array, MARK)
-        tensor._values = MappedValues(reference, tensor_array(reference))
+        tensor._values = as_reference(tensor_array(getattr(mapped_array(tensor._values), MARK)))
         count += 1
     return count
 
@@ -138,25 +174,16 @@ def release(graph) -> int:
 def inline_subgraph_weights(graph) -> None:
     """Constants read inside If/Loop/Scan bodies export with their values: a reference there would reach a
     saved file (only top-level initializers are written file to file) or onnxruntime's subgraph checks."""
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if hasattr(sub, "tensors") and hasattr(sub, "nodes"):  # a graphsurgeon Graph
-                    for tensor in sub.tensors().values():
-                        values = getattr(tensor, "_values", None)
-                        if isinstance(values, MappedValues):
-                            tensor._values = values.array
-                    inline_subgraph_weights(sub)
+    for sub in _subgraphs(graph):
+        for tensor in sub.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if isinstance(values, MappedValues):
+                tensor._values = values.array
 
 
 def mapped_constants(graph) -> list:
     """Constants whose values are still an unchanged mapped array (loaded or not)."""
-    out = []
-    for tensor in graph.tensors().values():
-        values = getattr(tensor, "_values", None)
-        if isinstance(values, MappedValues) or getattr(values, MARK, None) is not None:
-            out.append(tensor)
-    return out
+    return [t for t in graph.tensors().values() if mapped_array(getattr(t, "_values", None)) is not None]
 
 
 def relative_references(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str] | None:
@@ -171,7 +198,7 @@ def relative_references(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str] |
     light.CopyFrom(model)
     for t in light.graph.initializer:
         if is_mapped(t):
-            entry = next(e for e in t.external_data if e.key == "location")
+            entry = _location(t)
             entry.value = os.path.relpath(entry.value, folder)
     return light, folder
 
@@ -179,8 +206,7 @@ def relative_references(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str] |
 def copy_bytes(t: TensorProto, out) -> int:
     """Append a mapped reference's bytes to the open file ``out``; returns the byte count."""
     info = _info(t)
-    length = int(info.get("length", 0)) or int(np.prod(t.dims)) * np.dtype(
-        onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    length = int(info.get("length", 0)) or nbytes(t)
     with open(info["location"], "rb") as src:
         src.seek(int(info.get("offset", 0)))
         left = length

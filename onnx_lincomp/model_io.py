@@ -215,9 +215,8 @@ def to_model_proto(graph: gs.Graph, ctx: ModelContext, infer_shapes: bool | None
     opsets = dict(ctx.opset_imports)
     mapped_data.inline_subgraph_weights(graph)
     for tensor in mapped_data.mapped_constants(graph):
-        values = tensor._values
-        array = values.array if isinstance(values, mapped_data.MappedValues) else values
-        tensor._values = mapped_data.MappedValues(getattr(array, mapped_data.MARK), array) if keep_mapped else array
+        array = mapped_data.mapped_array(tensor._values)
+        tensor._values = mapped_data.as_reference(array) if keep_mapped else array
     model = gs.export_onnx(graph, do_type_check=False)
     for imp in model.opset_import:  # domains a pass may have added, opsets a pass raised (quantizers)
         opsets[imp.domain] = max(opsets.get(imp.domain, 0), int(imp.version))

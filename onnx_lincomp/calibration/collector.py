@@ -245,9 +245,7 @@ def collect_with_capture(graph: gs.Graph, ctx: ModelContext, source: Calibration
     names = [n for s in sites for n in s.outputs]
     totals: dict[str, ReluStats] = {}
     done = 0
-    total = len(source) if stop is None else min(stop, len(source))
-    if capture is not None:
-        total += _count(capture)
+    total = _span(source, 0, stop) + (_span(capture.source, capture.start, capture.stop) if capture else 0)
     with SessionScope(prefix="lincomp-calib-") as scope:
         sess = scope.open(aug, SessionOptions(threads=options.threads))
         del aug, model  # onnxruntime holds its own copy of the weights
@@ -270,9 +268,10 @@ def collect_with_capture(graph: gs.Graph, ctx: ModelContext, source: Calibration
     return stats, runs
 
 
-def _count(capture: Capture) -> int:
-    end = len(capture.source) if capture.stop is None else min(capture.stop, len(capture.source))
-    return max(end - capture.start, 0)
+def _span(source: CalibrationSource, start: int, stop: int | None) -> int:
+    """Samples in ``[start, stop)`` of ``source``."""
+    end = len(source) if stop is None else min(stop, len(source))
+    return max(end - start, 0)
 
 
 def _captured(sess, graph: gs.Graph, capture: Capture, done: int, total: int, progress: Progress | None):

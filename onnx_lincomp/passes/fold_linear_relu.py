@@ -82,13 +82,6 @@ def skip_pays(threshold: LayerThreshold, k: int, width: int, n_in_total: int, n_
     return k / max(width, 1) > threshold
 
 
-def _rows(layer: LinearLayer, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of a layer's weight in float64, without a float64 copy of the whole matrix."""
-    if "weight" in layer.__dict__:  # already read
-        return layer.weight[idx]
-    return np.asarray(layer.stored[idx], dtype=np.float64)
-
-
 def dependent_units(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Split rows into a basis ``B`` and dependents ``D`` with ``rows[D] = K rows[B]`` (None if independent)."""
     n = rows.shape[0]
@@ -212,7 +205,7 @@ class FoldLinearRelu(Pass):
         if self.options.skip_paths and skip_pays(self.options.layer_threshold, len(l_idx), site.width, n_in_total,
                                                  c.out_features):
             wl = c.weight[:, l_idx]
-            book.add(c.output, p.input, wl @ _rows(p, l_idx))
+            book.add(c.output, p.input, wl @ p.weight_rows(l_idx))
             for u, s in incoming:
                 book.add(c.output, u, wl @ s[l_idx])
             write_linear_layer(graph, names, c, c.weight[:, k_idx], c.bias + wl @ p.bias[l_idx])
@@ -221,7 +214,7 @@ class FoldLinearRelu(Pass):
             return k_idx, len(l_idx), "skip"
         if not self.options.fold_dependent:
             return np.arange(site.width), 0, ""
-        rows = np.hstack([_rows(p, l_idx)] + [s[l_idx] for _, s in incoming])
+        rows = np.hstack([p.weight_rows(l_idx)] + [s[l_idx] for _, s in incoming])
         found = dependent_units(rows)
         if found is None:
             return np.arange(site.width), 0, ""
