@@ -64,6 +64,26 @@ def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict, rto
         np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * scale)
 
 
+def unit_square(n: int = 301) -> np.ndarray:
+    """An ``n x n`` grid of points of [0, 1]^2 (brute force for exact-mode claims on 2-input nets)."""
+    return np.stack(np.meshgrid(np.linspace(0, 1, n), np.linspace(0, 1, n)), -1).reshape(-1, 2)
+
+
+def check_claims(chain, out, zs: list[np.ndarray]) -> None:
+    """Every exact-mode claim holds on the pre-activations ``zs`` of a grid: proven units never flip there,
+    witnesses flip their unit, and the bounds a stage ends with (where it reports them) contain the grid."""
+    for k, i in out.proven_inactive:
+        assert zs[k][:, i].max() <= 1e-9, (k, i)
+    for k, i in out.proven_active:
+        assert zs[k][:, i].min() >= -1e-9, (k, i)
+    for (k, i), w in out.flipped_positive.items():
+        assert chain.forward(out.witnesses[w][None])[k][0, i] > 0
+    for (k, i), w in out.flipped_negative.items():
+        assert chain.forward(out.witnesses[w][None])[k][0, i] < 0
+    for z, b in zip(zs, out.bounds or (), strict=bool(out.bounds)):
+        assert np.all(z <= b.upper + 1e-9) and np.all(z >= b.lower - 1e-9)
+
+
 def mlp_model(rng: np.random.Generator, widths: list[int], *, kind: str = "gemm", dead: dict | None = None,
               linear: dict | None = None, input_name: str = "x") -> onnx.ModelProto:
     """Gemm/MatMul+Add + Relu chain. ``dead``/``linear``: layer index -> unit indices to plant.

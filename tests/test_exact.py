@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_same_outputs, mlp_model, read_idx, run, shared_path
+from conftest import assert_same_outputs, check_claims, mlp_model, read_idx, run, shared_path, unit_square
 from onnx_lincomp.calibration import input_specs
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.cli import main
@@ -67,16 +67,9 @@ def test_milp_agrees_with_brute_force_in_two_dimensions(seed):
     undecided = {(k, i) for k, b in enumerate(tight) for i in np.flatnonzero((b.lower < 0) & (b.upper > 0))}
     out = decide_candidates(chain, tight, lo, hi, set(undecided), set(undecided), time_limit=60)
     assert out.complete
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    grid = unit_square()
     zs = chain.forward(grid)
-    for k, i in out.proven_inactive:
-        assert zs[k][:, i].max() <= 1e-9
-    for k, i in out.proven_active:
-        assert zs[k][:, i].min() >= -1e-9
-    for (k, i), w in out.flipped_positive.items():
-        assert chain.forward(out.witnesses[w][None])[k][0, i] > 0
-    for (k, i), w in out.flipped_negative.items():
-        assert chain.forward(out.witnesses[w][None])[k][0, i] < 0
+    check_claims(chain, out, zs)
     # brute force finds no unit stable that the MILP left unstable (completeness on this grid)
     for k, i in undecided - out.proven_inactive:
         assert (k, i) in out.flipped_positive

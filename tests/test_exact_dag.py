@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from conftest import cnn_model, init, make_model, run, vinfo
+from conftest import check_claims, cnn_model, init, make_model, run, unit_square, vinfo
 from onnx_lincomp.calibration import input_specs
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
@@ -90,18 +90,9 @@ def test_units_on_a_residual_dag_agree_with_brute_force(seed, concat):
     _, tight = relaxed_bounds(chain, lo, hi)
     undecided = {(k, int(i)) for k, b in enumerate(tight) for i in np.flatnonzero((b.lower < 0) & (b.upper > 0))}
     out = decide_units(chain, tight, lo, hi, set(undecided), set(undecided), UnitStageOptions(time_limit=60))
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    grid = unit_square()
     zs = chain.forward(grid)
-    for k, i in out.proven_inactive:
-        assert zs[k][:, i].max() <= 1e-9
-    for k, i in out.proven_active:
-        assert zs[k][:, i].min() >= -1e-9
-    for (k, i), w in out.flipped_positive.items():
-        assert chain.forward(out.witnesses[w][None])[k][0, i] > 0
-    for (k, i), w in out.flipped_negative.items():
-        assert chain.forward(out.witnesses[w][None])[k][0, i] < 0
-    for z, b in zip(zs, out.bounds, strict=True):
-        assert np.all(z <= b.upper + 1e-9) and np.all(z >= b.lower - 1e-9)
+    check_claims(chain, out, zs)
     for k, i in undecided:
         if zs[k][:, i].max() < -1e-6:
             assert (k, i) in out.proven_inactive
@@ -195,7 +186,7 @@ def test_branch_and_bound_on_max_pool_selections_agrees_with_brute_force(seed, r
     model = pooled_model(rng, relu_first)
     _, chain = _chain(model, (2,))
     assert "max" in [layer.kind for layer in chain.layers] and not chain.uncovered
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    grid = unit_square()
     zs = chain.forward(grid)
     pool = [layer.kind for layer in chain.layers].index("max")
     after = [k for k in chain.relu_layers if k > pool]
@@ -210,7 +201,7 @@ def test_max_pool_branching_runs_in_onnxruntime_terms(rng):
     relus = [k for k, layer in enumerate(chain.layers) if layer.kind == "relu"]
     for k, ref in zip(relus, _pre_activations(model, ["z1", "z2"], {"x": x}), strict=True):
         np.testing.assert_allclose(chain.forward(x)[k], ref, rtol=1e-5, atol=1e-5)
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    grid = unit_square()
     assert _bab_against_grid(chain, chain.forward(grid), np.zeros(2), np.ones(2), relus) > 0
 
 
@@ -224,7 +215,7 @@ def test_stage_with_max_pool_programs_agrees_with_brute_force(rng, bab_pools):
     out = decide_units(chain, tight, lo, hi, set(undecided), set(undecided),
                        UnitStageOptions(time_limit=60, bab_pools=bab_pools))
     assert out.complete
-    zs = chain.forward(np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2))
+    zs = chain.forward(unit_square())
     for k, i in undecided:
         top, bottom = zs[k][:, i].max(), zs[k][:, i].min()
         assert (k, i) not in out.proven_inactive or top <= 1e-9

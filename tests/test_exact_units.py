@@ -4,7 +4,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import mlp_model
+from conftest import check_claims, mlp_model, unit_square
 from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact.bounds import relaxed_bounds
 from onnx_lincomp.exact.chain import extract_chain
@@ -27,19 +27,6 @@ def _undecided(tight):
     return {(k, int(i)) for k, b in enumerate(tight) for i in np.flatnonzero((b.lower < 0) & (b.upper > 0))}
 
 
-def _check_claims(chain, out, zs):
-    for k, i in out.proven_inactive:
-        assert zs[k][:, i].max() <= 1e-9, (k, i)
-    for k, i in out.proven_active:
-        assert zs[k][:, i].min() >= -1e-9, (k, i)
-    for (k, i), w in out.flipped_positive.items():
-        assert chain.forward(out.witnesses[w][None])[k][0, i] > 0
-    for (k, i), w in out.flipped_negative.items():
-        assert chain.forward(out.witnesses[w][None])[k][0, i] < 0
-    for z, b in zip(zs, out.bounds, strict=True):  # tightened bounds still hold
-        assert np.all(z <= b.upper + 1e-9) and np.all(z >= b.lower - 1e-9)
-
-
 @SETTINGS
 @given(st.integers(0, 10**6))
 def test_units_agree_with_brute_force_in_two_dimensions(seed):
@@ -49,9 +36,9 @@ def test_units_agree_with_brute_force_in_two_dimensions(seed):
     _, tight = relaxed_bounds(chain, lo, hi)
     undecided = _undecided(tight)
     out = decide_units(chain, tight, lo, hi, set(undecided), set(undecided), UnitStageOptions(time_limit=60))
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    grid = unit_square()
     zs = chain.forward(grid)
-    _check_claims(chain, out, zs)
+    check_claims(chain, out, zs)
     # completeness: every unit the grid shows stable is proven, every other one has a witness
     for k, i in undecided:
         top, bottom = zs[k][:, i].max(), zs[k][:, i].min()
@@ -75,7 +62,7 @@ def test_units_are_sound_against_sampling_on_a_wider_net(rng):
     out = decide_units(chain, tight, lo, hi, set(undecided), set(undecided), UnitStageOptions(time_limit=120))
     assert out.complete
     x = np.concatenate([rng.random((10000, widths[0])), rng.integers(0, 2, (2000, widths[0])).astype(float)])
-    _check_claims(chain, out, chain.forward(x))
+    check_claims(chain, out, chain.forward(x))
     assert {r.stage for r in out.records} <= {"lp", "milp"}
 
 
@@ -105,7 +92,7 @@ def test_a_timed_out_unit_stays_open_and_the_stage_goes_on(rng):
     opened = {(r.layer, r.unit) for r in out.records if r.status == "open"}
     assert opened == out.unproven_inactive and len(opened) >= 2 and not out.complete
     assert all(r.reason == "cpu time limit" for r in out.records if r.status == "open")
-    _check_claims(chain, out, chain.forward(rng.random((5000, 12))))
+    check_claims(chain, out, chain.forward(rng.random((5000, 12))))
 
 
 def _program(cost, lower, upper, integer, rows, rlo, rhi):
@@ -153,7 +140,7 @@ def test_branch_and_bound_agrees_with_brute_force_in_two_dimensions(seed):
     lo, hi = np.zeros(2), np.ones(2)
     _, tight = relaxed_bounds(chain, lo, hi)
     lower, upper = [b.lower for b in tight], [b.upper for b in tight]
-    grid = np.stack(np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301)), -1).reshape(-1, 2)
+    grid = unit_square()
     zs = chain.forward(grid)
     for k, i in sorted(_undecided(tight)):
         if k == 0:
