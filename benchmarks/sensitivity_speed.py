@@ -1,12 +1,15 @@
 """Wall time of the per-layer sensitivity scan (every channel group at 9 levels) with 1 and 2 processes.
 
     python benchmarks/sensitivity_speed.py [--model PATH] [--calib random:16] [--jobs 1,2] [--plain 3]
+        [--input-shape NAME=D0,D1,...] [--deep N]
 
 Default: the largest conv model in ../shared/models, UltraFace RFB-320 (BatchNorm folded; 52 Convs, 25
 prunable channel groups) on 16 random samples. The scan plans once per level (calibration moments of every
 group's consumers) and applies one group's match per candidate; ``--plain N`` also times N candidates built
 the plain way (the pass planned per candidate) to show what the plan reuse saves. Also checks that every
-process count gives the same rows. Prints a table and writes benchmarks/results/sensitivity_speed.json.
+process count gives the same rows. ``--deep N`` scans a built chain of N Conv-ReLU layers (32 channels, 3x3,
+32x32 input, random weights: a 50-layer model at 9 levels is the issue's size). Prints a table and writes
+benchmarks/results/sensitivity_speed[_<model>].json (the default model keeps the plain name).
 """
 from __future__ import annotations
 
@@ -15,11 +18,16 @@ import json
 import os
 import platform
 import resource
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from onnx_lincomp.optimize import compress
-from onnx_lincomp.recipe import Recipe
+from onnx_lincomp.recipe import CalibrationSettings, Recipe
 from onnx_lincomp.sensitivity import METHODS, ScanInput, ScanOptions, _pass, sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +42,28 @@ def plain_seconds(source: ScanInput, layers: tuple[str, ...], level: float, coun
     for layer in layers[:count]:
         compress(prep, None, Recipe((_pass(METHODS["channels"], {layer: level}),)))
     return (time.perf_counter() - start) / max(min(count, len(layers)), 1)
+
+
+def deep_chain(depth: int, channels: int = 32, side: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """``depth`` Conv(3x3, pad 1)-Relu layers on a 3-channel input, then global average pool and a Gemm."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev, cin = [], [], "x", 3
+    for i in range(depth):
+        w = rng.normal(0, np.sqrt(2.0 / (cin * 9)), (channels, cin, 3, 3)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.05, channels).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], f"relu{i}")]
+        prev, cin = f"r{i}", channels
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (channels, 10)).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(np.zeros(10, np.float32), "fc_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"], "gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], "flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], "fc")]
+    graph = helper.make_graph(nodes, f"deep{depth}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, side, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def cpu_seconds() -> float:
@@ -58,8 +88,14 @@ def main() -> None:
     ap.add_argument("--calib", default="random:16")
     ap.add_argument("--jobs", default="1,2")
     ap.add_argument("--plain", type=int, default=3, help="candidates to time the plain way (0: skip)")
+    ap.add_argument("--input-shape", action="append", default=[], help="NAME=D0,D1,... for dynamic inputs")
+    ap.add_argument("--deep", type=int, default=0, help="scan a built chain of N Conv-ReLU layers instead")
     args = ap.parse_args()
-    source = ScanInput(args.model, args.calib)
+    shapes = {k: tuple(int(d) for d in v.split(",")) for k, v in (a.split("=", 1) for a in args.input_shape)}
+    if args.deep:
+        args.model = str(Path(tempfile.mkdtemp(prefix="lincomp-deep-")) / f"deep_chain_{args.deep}.onnx")
+        onnx.save(deep_chain(args.deep), args.model)
+    source = ScanInput(args.model, args.calib, CalibrationSettings(input_shapes=shapes))
     runs, rows = [], None
     for jobs in (int(j) for j in args.jobs.split(",")):
         load, cpu = os.getloadavg()[0], cpu_seconds()
@@ -89,8 +125,10 @@ def main() -> None:
         print(f"plain pass per candidate: {plain:.2f} s wall, {plain_cpu:.2f} s CPU each (includes preparing once) "
               f"-> about {plain_cpu * runs[0]['candidates']:.0f} CPU s for the whole scan")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sensitivity_speed.json").write_text(json.dumps(
-        {"model": Path(args.model).name, "calib": args.calib, "cpus": os.cpu_count(), "machine": platform.machine(),
+    name = "" if args.model == str(DEFAULT_MODEL) else "_" + Path(args.model).stem
+    (RESULTS / f"sensitivity_speed{name}.json").write_text(json.dumps(
+        {"model": Path(args.model).name, "calib": args.calib, "input_shapes": shapes, "cpus": os.cpu_count(),
+         "machine": platform.machine(),
          "runs": runs, "plain_seconds_per_candidate": plain,
          "plain_cpu_seconds_per_candidate": plain_cpu, "rows": rows}, indent=2))
 

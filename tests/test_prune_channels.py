@@ -65,6 +65,29 @@ def test_conv_rows_reproduce_the_convolution(rng):
     np.testing.assert_allclose(rows @ w.reshape(5, -1).T + b, target_rows(y, pick), atol=1e-5)
 
 
+def test_layer_moments_do_not_depend_on_the_other_layers_collected(rng):
+    """A layer's sampled rows depend on its name and the seed only, and its own outputs as targets equal a
+    reference run of the same graph: prune-channels' first refit reuses the plan's moments on that basis."""
+    from onnx_lincomp.calibration.moments import collect_layer_moments
+    from onnx_lincomp.linear_layer import match_linear_layer
+    from onnx_lincomp.passes.base import node_named
+
+    loaded = model_from_proto(cnn_model(rng, pool=False))
+    canonicalize(loaded.graph)
+    x = rng.random((24, 1, 6, 6), dtype=np.float32)
+    data = CalibrationData(_array_source(loaded, x), loaded.ctx, len(x), batch_size=7)
+    names = [n.name for n in loaded.graph.nodes if n.op in ("Conv", "Gemm")]
+    layers = [match_linear_layer(loaded.graph, node_named(loaded.graph, n)) for n in names]
+    alone = collect_layer_moments(loaded.graph, data, layers[1:2], to_model_proto(loaded.graph, loaded.ctx))
+    together = collect_layer_moments(loaded.graph, data, layers[::-1], own_targets=True)
+    a, b = alone[names[1]], together[names[1]]
+    assert a.rows == b.rows > 0
+    np.testing.assert_array_equal(a.gram, b.gram)
+    np.testing.assert_allclose(a.cross, b.cross, rtol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        collect_layer_moments(loaded.graph, data, layers, to_model_proto(loaded.graph, loaded.ctx), own_targets=True)
+
+
 def test_refit_recovers_a_predictable_column(rng):
     x = rng.normal(size=(500, 4))
     x[:, 3] = 2 * x[:, 0] - x[:, 1] + 0.5  # column 3 is affine in the others

@@ -16,6 +16,7 @@ over a kept column set ``K`` from these sums alone (the bias is never penalised)
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,39 +209,44 @@ def moment_columns(layer: LinearLayer) -> int:
 
 
 def collect_layer_moments(graph, data, layers: list[LinearLayer], reference=None, seed: int = 0,
-                          positions: int = DEFAULT_POSITIONS, progress=None) -> dict[str, Moments]:
+                          positions: int = DEFAULT_POSITIONS, progress=None, own_targets: bool = False
+                          ) -> dict[str, Moments]:
     """:class:`Moments` of every layer's input on the calibration data, keyed by the layer's head node name.
 
     ``reference`` (a model whose tensors carry the same names): the target of each layer is its output
-    there (the cross moments ``C``), else there is none. Layers are taken in chunks whose matrices fit
-    :data:`MOMENT_BUDGET_BYTES`, one data pass per chunk. Grouped Convs are not supported (their rows
-    are per group): the caller leaves them out.
+    there (the cross moments ``C``); ``own_targets``: its output in ``graph`` itself, read in the same
+    run; else there is none. Layers are taken in chunks whose matrices fit :data:`MOMENT_BUDGET_BYTES`,
+    one data pass per chunk. A layer's sampled rows depend on ``seed`` and its name only, not on which
+    other layers share its chunk, so the same layer gets the same moments in any call. Grouped Convs
+    are not supported (their rows are per group): the caller leaves them out.
     """
+    if reference is not None and own_targets:
+        raise ValueError("collect_layer_moments: give a reference model or own_targets, not both")
     out: dict[str, Moments] = {}
     chunk: list[LinearLayer] = []
     size = 0
     for layer in layers:
         need = 8 * (moment_columns(layer) + 1) * (moment_columns(layer) + 1 + layer.out_features)
         if chunk and size + need > MOMENT_BUDGET_BYTES:
-            out.update(_collect_chunk(graph, data, chunk, reference, seed, positions, progress))
+            out.update(_collect_chunk(graph, data, chunk, reference, seed, positions, progress, own_targets))
             chunk, size = [], 0
         chunk.append(layer)
         size += need
     if chunk:
-        out.update(_collect_chunk(graph, data, chunk, reference, seed, positions, progress))
+        out.update(_collect_chunk(graph, data, chunk, reference, seed, positions, progress, own_targets))
     return out
 
 
 def _collect_chunk(graph, data, layers: list[LinearLayer], reference, seed: int, positions: int,
-                   progress) -> dict[str, Moments]:
+                   progress, own_targets: bool) -> dict[str, Moments]:
     inputs = [layer.input.name for layer in layers]
-    outs = [layer.output.name for layer in layers] if reference is not None else []
+    outs = [layer.output.name for layer in layers] if reference is not None or own_targets else []
     moments = {layer.nodes[0].name: Moments(moment_columns(layer)) for layer in layers}
-    rngs = {layer.nodes[0].name: np.random.default_rng([seed, i]) for i, layer in enumerate(layers)}
-    stream = data.stream(graph, inputs, progress)
-    targets = data.stream(reference, outs) if outs else None
+    rngs = {key: np.random.default_rng([seed, zlib.crc32(key.encode())]) for key in moments}
+    stream = data.stream(graph, inputs + outs if own_targets else inputs, progress)
+    targets = data.stream(reference, outs) if reference is not None and outs else None
     for values in stream:
-        ref = next(targets) if targets is not None else {}
+        ref = next(targets) if targets is not None else values
         for layer in layers:
             key = layer.nodes[0].name
             x = np.asarray(values[layer.input.name], dtype=np.float64)

@@ -198,9 +198,11 @@ class PruneChannels(Pass):
         groups = [g for g in found.groups if g.consumers and g.producers]
         overrides = self._overrides(groups, found)
         moments: dict[str, Moments] = {}
-        if o.importance in ("activation", "reconstruction"):
+        if o.importance in ("activation", "reconstruction") and ctx.data is not None:
+            # with the consumers' own outputs as targets when refitting: the first group apply rewrites sees
+            # the graph planned here, so its refit reuses these moments instead of another data pass
             links = [c.layer for g in groups for c in g.consumers if refittable(c)]
-            moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed) if ctx.data else {}
+            moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed, own_targets=o.reconstruct)
         candidates = [_Candidate(g, removal_order(g, o.importance, moments), overrides.get(group_key(g)))
                       for g in groups]
         masks = self._masks(graph, candidates)
@@ -218,7 +220,8 @@ class PruneChannels(Pass):
                                  {"remove": mask, "relus": cand.group.relus}))
         shared = {"data": ctx.data,
                   "reference": to_model_proto(graph, ctx.data.ctx, infer_shapes=False)
-                  if ctx.data is not None and o.reconstruct and matches else None}
+                  if ctx.data is not None and o.reconstruct and matches else None,
+                  "moments": moments if matches else {}}
         matches = [Match(m.site, m.action, m.units, m.params_saved, m.detail, dict(m.data, shared=shared))
                    for m in matches]
         return tally.plan(self.name, matches, approximate=bool(matches))
@@ -286,7 +289,7 @@ class PruneChannels(Pass):
                 tally.add("site changed since it was planned", match.site)
                 continue
             widths = {r: len(group.member_channels(r)) for r in group.relus}
-            params = self._consumer_params(graph, group, mask, match, rows)
+            params = self._consumer_params(graph, group, mask, match, rows, planned=rewritten == 0)
             result = remove_channels(graph, names, group, mask)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             for key, (w, b) in params.items():
@@ -314,8 +317,11 @@ class PruneChannels(Pass):
                           kept=kept)
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
-                         rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """New (weight without the removed columns, bias) of each consumer: refit, or mean folded into the bias."""
+                         rows: dict[str, np.ndarray], planned: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """New (weight without the removed columns, bias) of each consumer: refit, or mean folded into the bias.
+
+        ``planned``: the graph is still the one planned (no group rewritten yet), so the plan's moments of the
+        consumers, when it has them all, are what a new data pass would collect."""
         o, shared = self.options, match.data["shared"]
         idx = np.flatnonzero(mask)
         links = [c for c in group.consumers if refittable(c)]
@@ -325,8 +331,10 @@ class PruneChannels(Pass):
             return {}  # weights only: plain removal
         # on the current graph (an earlier group may have removed columns of the same consumer, a Concat reader);
         # the target, when refitting, is the unpruned graph's output
-        moments = collect_layer_moments(graph, shared["data"], [c.layer for c in links],
-                                        shared["reference"] if o.reconstruct else None, seed=o.seed)
+        moments = {c.layer.nodes[0].name: shared["moments"].get(c.layer.nodes[0].name) for c in links}
+        if not planned or any(m is None or (o.reconstruct and m.cross is None) for m in moments.values()):
+            moments = collect_layer_moments(graph, shared["data"], [c.layer for c in links],
+                                            shared["reference"] if o.reconstruct else None, seed=o.seed)
         out = {}
         for link in links:
             key = link.layer.nodes[0].name
