@@ -141,12 +141,17 @@ def main() -> None:
     ap.add_argument("--compare-backends", metavar="MODEL", help="also time jobs 1 / jobs 2 / ray on this model")
     ap.add_argument("--no-table", action="store_true", help="with --compare-backends: skip the variants table")
     ap.add_argument("--out", default="search.json", help="file name under benchmarks/results/")
+    ap.add_argument("--variants", help="comma-separated variant labels to run (default: all), e.g. "
+                                       "'combined,prune alone,low-rank alone,quantize alone'")
     args = ap.parse_args()
     rows, backends = [], []
     every = default_knobs("latency")
     layer = tuple(k for k in default_knobs("latency", per_layer=True) if k.name == "prune-layers")
     variants = ([("combined", every), ("combined + per-layer", every + layer)]
                 + [(f"{k.name} alone", (k,)) for k in every + layer])
+    if args.variants:
+        wanted = args.variants.split(",")
+        variants = [v for v in variants if v[0] in wanted]
     with tempfile.TemporaryDirectory() as tmp:
         for entry in models(Path(tmp), args.quick):
             name, model, calib, labels, cal, (kind, values) = entry

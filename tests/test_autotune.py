@@ -202,11 +202,25 @@ def test_back_off_is_layer_by_layer_and_bounded():
 
 def test_a_miss_trades_with_the_knob_that_used_most_budget():
     knobs = (_levels("a", (0.91, 0.81)), _levels("b", (0.92, 0.82)))
-    # the walk reaches a=1, b=0; a=1 with b=1 misses; a=0 with b=1 (a backed off) fits and saves more
-    table = [[(0.1, 100), (0.3, 200)], [(0.2, 50), (0.8, 500)]]
+    # alone, a=1 and b=1 each save 200 (a comes first); together the walk reaches a=1, b=0; a=1 with b=1
+    # misses; a=0 with b=1 (a backed off) fits and saves more
+    table = [[(0.1, 100), (0.3, 200)], [(0.2, 50), (0.8, 200)]]
     result, _ = _stub_search(knobs, table, lookahead=0)
     assert [s.move for s in result.scored if s.setting == (0, 1)] == ["trade"]
     assert result.chosen.setting == (0, 1) and result.chosen.within
+
+
+def test_the_combination_starts_from_the_best_single_knob():
+    """Each knob is walked alone first, so the combined answer is never worse than a single-knob search: here
+    the cheap first step of knob a (best gain per unit of budget) would lead the joint walk to a=1 + b=0,
+    while b alone goes further."""
+    knobs = (_levels("a", (0.91, 0.81)), _levels("b", (0.92, 0.82, 0.72)))
+    table = [[(0.01, 100), (0.02, 150)], [(0.4, 50), (0.5, 400), (0.6, 700)]]
+    result, _ = _stub_search(knobs, table, lookahead=0)
+    alone = [_stub_search((k,), [t], lookahead=0)[0].chosen.outcome.macs for k, t in zip(knobs, table)]
+    assert result.chosen.outcome.macs <= min(alone) and result.chosen.within
+    singles = [s.setting for s in result.scored if s.setting.count(None) == 1]
+    assert (None, 2) in singles and (1, None) in singles
 
 
 def test_the_candidate_limit_is_kept_and_reported():

@@ -260,51 +260,84 @@ def _score(knobs, calibration, options: SearchOptions, executor, moves: list[Mov
     return [seen[m.setting] for m in moves]
 
 
+@dataclass
+class _Run:
+    """What every phase of the walk shares: the scorer, the latency timer, the result, the candidates seen."""
+
+    knobs: tuple[Knob, ...]
+    calibration: CalibrationSettings
+    options: SearchOptions
+    executor: object
+    latency: _Latency | None
+    result: SearchResult
+    seen: dict[Setting, Scored]
+    start: float
+    progress: Progress | None
+
+    def score(self, moves: list[Move]) -> list[Scored]:
+        """Score ``moves`` (new settings only), time the ones inside the budget, keep the best seen."""
+        known = len(self.seen)
+        scored = _score(self.knobs, self.calibration, self.options, self.executor, moves, self.seen)
+        self.result.scored += list(self.seen.values())[known:]
+        ok = [s for s in scored if s.within]
+        if self.latency is not None:
+            for s in ok:
+                self.latency.measure(s)
+        for s in ok:
+            if self.result.chosen is None or _better(s, self.result.chosen, self.options.objective):
+                self.result.chosen = s
+        if self.progress is not None:
+            best = self.result.chosen.label if self.result.chosen is not None else "none yet"
+            self.progress(f"{len(self.result.scored)} candidates scored; best so far: {best}")
+        return scored
+
+    def out_of_time(self) -> bool:
+        return self.options.time_budget_s is not None and time.monotonic() - self.start > self.options.time_budget_s
+
+
 def _greedy(prep, knobs, calibration, options: SearchOptions, executor, start: float, progress) -> SearchResult:
+    """The exact passes alone, then each knob walked alone from there (the single-pass searches: the
+    combination is then never worse than any of them), then every knob walked together from the best
+    candidate so far."""
     latency = _Latency(prep, options, dict(calibration.input_shapes)) if options.objective == "latency" else None
-    result = SearchResult(None)
-    walk = _Walk(knobs, options)
-    moves = [Move((None,) * len(knobs), -1, "start")]
-    seen: dict[Setting, Scored] = {}
-    current: Scored | None = None
+    run = _Run(knobs, calibration, options, executor, latency, SearchResult(None), {}, start, progress)
+    origin = run.score([Move((None,) * len(knobs), -1, "start")])[0]
+    if not origin.within:
+        run.result.stopped = "the exact passes alone leave the budget"
+        return run.result
+    singles = [j for j, k in enumerate(knobs) if k.choices] if len(knobs) > 1 else []
+    for j in singles:
+        stopped = _walk(run, origin, _Walk(knobs, options), only=j)
+        if stopped.startswith(("time budget", "candidate limit")):
+            run.result.stopped = stopped
+            return run.result
+    run.result.stopped = _walk(run, run.result.chosen, _Walk(knobs, options), only=None)
+    return run.result
+
+
+def _walk(run: _Run, current: Scored, walk: _Walk, only: int | None) -> str:
+    """Walk from ``current`` until no move is left (``only``: moves of that knob alone, the others unset);
+    the reason it stopped."""
+    moves: list[Move] = []
+    scored: list[Scored] = []
     idle = 0  # rounds that scored nothing new and did not move (a guard: look-aheads and back-offs are bounded)
     while True:
-        moves = _within_limit(moves, seen, options.max_candidates - len(seen))
-        if not moves:
-            result.stopped = f"candidate limit of {options.max_candidates} reached"
-            break
-        known, before = len(seen), current
-        scored = _score(knobs, calibration, options, executor, moves, seen)
-        result.scored += list(seen.values())[known:]
-        ok = [s for s in scored if s.within]
-        if latency is not None:
-            for s in ok:
-                latency.measure(s)
-        for s in ok:
-            if result.chosen is None or _better(s, result.chosen, options.objective):
-                result.chosen = s
-        if progress is not None:
-            best = result.chosen.label if result.chosen is not None else "none yet"
-            progress(f"{len(result.scored)} candidates scored; best so far: {best}")
-        if current is None:
-            if not ok:
-                result.stopped = "the exact passes alone leave the budget"
-                break
-            current = ok[0]
-        else:
-            current = _advance(walk, current, moves, scored, options.objective)
-            idle = idle + 1 if len(seen) == known and current is before else 0
-        if result.stopped or idle > 1:
-            result.stopped = result.stopped or "no new candidate in two rounds"
-            break
-        if options.time_budget_s is not None and time.monotonic() - start > options.time_budget_s:
-            result.stopped = f"time budget of {options.time_budget_s:g} s reached"
-            break
         moves = walk.frontier(current.setting) + _trades(walk, current.setting, moves, scored)
+        if only is not None:
+            moves = [m for m in moves if all(i is None for k, i in enumerate(m.setting) if k != only)]
         if not moves:
-            result.stopped = "every knob is at its last level or frozen"
-            break
-    return result
+            return "every knob is at its last level or frozen"
+        moves = _within_limit(moves, run.seen, run.options.max_candidates - len(run.seen))
+        if not moves:
+            return f"candidate limit of {run.options.max_candidates} reached"
+        known, before = len(run.seen), current
+        scored = run.score(moves)
+        current = _advance(walk, current, moves, scored, run.options.objective)
+        idle = idle + 1 if len(run.seen) == known and current is before else 0
+        if idle > 1:
+            return "no new candidate in two rounds"
+        if run.out_of_time():
+            return f"time budget of {run.options.time_budget_s:g} s reached"
 
 
 def _within_limit(moves: list[Move], seen: dict[Setting, Scored], room: int) -> list[Move]:
