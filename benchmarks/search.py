@@ -85,6 +85,7 @@ def run_one(name, model, calib, labels, cal, kind, value, knobs, jobs, time_budg
             "scans": [r.as_dict() for r in found.scans],
             "search_seconds": sum(s.outcome.seconds for s in found.scored),
             "recipe": found.recipe.as_dict() if found.recipe else None,
+            "candidates_table": r.search,
             "seconds": time.perf_counter() - start}
 
 
