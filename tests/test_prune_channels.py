@@ -124,18 +124,6 @@ def test_refit_beats_plain_removal_and_keeps_shapes(rng):
     assert model_report(fitted).params < model_report(model).params
 
 
-def test_too_few_calibration_rows_fall_back_to_plain_removal(rng):
-    """20 samples cannot determine a refit over 16 kept columns (the least squares would fit the samples):
-    every consumer gets the plain removal instead, and the report says why."""
-    model = mlp_model(rng, [12, 32, 24, 5])
-    x = _correlated(rng, 20, 12)
-    plain, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "reconstruct": False}),))
-    fitted, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5}),))
-    np.testing.assert_array_equal(run(fitted, {"x": x})[0], run(plain, {"x": x})[0])
-    reason = next(k for k in records[0].result.skipped if k.startswith("too few calibration rows to refit"))
-    assert records[0].result.skipped[reason] == 2 and records[0].result.count("layers_refit") == 0
-
-
 def test_exactly_dead_channels_equal_remove_dead(rng):
     model = mlp_model(rng, [6, 12, 8, 3], dead={0: [0, 3, 7], 1: [2, 5]})
     x = rng.random((200, 6), dtype=np.float32)

@@ -289,16 +289,16 @@ class PruneChannels(Pass):
                 tally.add("site changed since it was planned", match.site)
                 continue
             widths = {r: len(group.member_channels(r)) for r in group.relus}
-            params = self._consumer_params(graph, group, mask, match, rows, tally, planned=rewritten == 0)
+            params = self._consumer_params(graph, group, mask, match, rows, planned=rewritten == 0)
             result = remove_channels(graph, names, group, mask)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            for key, (w, b, fitted) in params.items():
+            for key, (w, b) in params.items():
                 layer = match_linear_layer(graph, node_named(graph, key))
                 if not isinstance(layer, LinearLayer) or layer.size != w.size:
                     tally.add("consumer changed shape during the rewrite (not refit)", key)
                     continue
                 write_linear_layer(graph, names, layer, w.reshape(layer.shape), b)
-                refits += fitted == self.options.reconstruct
+                refits += 1
             for p in group.producers:
                 key = p.nodes[0].name
                 rows[key] = rows.get(key, np.arange(group.width))[result.kept]
@@ -317,14 +317,8 @@ class PruneChannels(Pass):
                           kept=kept)
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
-                         rows: dict[str, np.ndarray], tally: SkipTally, planned: bool
-                         ) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
-        """New (weight without the removed columns, bias, whether refit) of each consumer: refit, or mean folded
-        into the bias.
-
-        A consumer with fewer calibration rows than :data:`MIN_ROWS_PER_COLUMN` per kept column is not refit
-        (the least squares would fit the calibration samples, not the layer: a classifier after global pooling
-        has one row per sample) and gets the plain removal, with the reason in the report.
+                         rows: dict[str, np.ndarray], planned: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """New (weight without the removed columns, bias) of each consumer: refit, or mean folded into the bias.
 
         ``planned``: the graph is still the one planned (no group rewritten yet), so the plan's moments of the
         consumers, when it has them all, are what a new data pass would collect."""
@@ -351,20 +345,13 @@ class PruneChannels(Pass):
             gone = cols[np.isin(owner, idx)]
             keep = np.setdiff1d(np.arange(m.cols), gone)
             w = link.layer.weight.reshape(link.layer.out_features, -1)
-            if o.reconstruct and m.cross is not None and m.rows < MIN_ROWS_PER_COLUMN * (keep.size + 1):
-                tally.add(f"too few calibration rows to refit a consumer (fewer than {MIN_ROWS_PER_COLUMN} per "
-                          "column): its removed channels' mean folded into its bias instead", key)
-                out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone], False)
-            elif o.reconstruct and m.cross is not None:
+            if o.reconstruct and m.cross is not None:
                 if key in rows:
                     m.cross = m.cross[:, rows[key]]
-                out[key] = (*refit(m, keep, w, link.layer.bias, o.ridge), True)
+                out[key] = refit(m, keep, w, link.layer.bias, o.ridge)
             else:
-                out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone], False)
+                out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone])
         return out
-
-
-MIN_ROWS_PER_COLUMN = 4  # calibration rows per kept column below which a consumer is not refit
 
 
 def _fill(chosen: list[int], lighter: list[int], fits) -> list[int]:
