@@ -50,6 +50,11 @@ def test_space_recipes_put_exact_passes_first_and_quantizers_last():
     assert names.count("prune-channels") == 1  # one knob per family
     unresolved = [k for k in knobs if not k.choices]
     assert [k.name for k in unresolved] == ["prune-layers"]
+    # the latency objective keeps remove-dead's widths at the CPU's NCHWc block; the others remove every dead unit
+    from onnx_lincomp.analysis.layer_latency import nchwc_block
+    aligned = setting_recipe(knobs, full, CalibrationSettings(), "latency").passes[0]
+    assert aligned.name == "remove-dead" and aligned.options.channel_multiple == nchwc_block()
+    assert setting_recipe(knobs, full, CalibrationSettings(), "size").passes[0].options.channel_multiple == 1
     assert len(neighbours(knobs, (None,) * len(knobs))) == len(knobs) - 1
     with pytest.raises(OptionError):
         default_knobs("speed")

@@ -25,12 +25,11 @@ from ..analysis.unit_sets import UnitEvidence
 from ..calibration import StatsSet
 from ..errors import LincompError
 from ..optimize import compress
-from ..passes import DEFAULT_PASSES
 from ..prepared import Prepared
-from ..recipe import CalibrationSettings, PassSpec, Recipe
+from ..recipe import CalibrationSettings, Recipe
 from ..sensitivity import ScanInput, ScanOptions, SensitivityScan, Target, curves, scan
 from ..sensitivity import _Greedy as LayerGreedy
-from .space import Choice, Knob, Objective
+from .space import Choice, Knob, Objective, exact_specs
 
 logger = logging.getLogger(__name__)
 SCAN_LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8)
@@ -73,9 +72,10 @@ def scan_target(objective: Objective) -> Target:
     return "params" if objective == "size" else "macs"
 
 
-def exact_model_bytes(prep: Prepared, stats: StatsSet, calibration: CalibrationSettings) -> bytes:
+def exact_model_bytes(prep: Prepared, stats: StatsSet, calibration: CalibrationSettings,
+                      objective: Objective | None = None) -> bytes:
     """The model after the exact passes, as every candidate recipe builds it before its lossy passes."""
-    recipe = Recipe(tuple(PassSpec.of(n) for n in DEFAULT_PASSES), calibration)
+    recipe = Recipe(tuple(exact_specs(objective)), calibration)
     return compress(prep, UnitEvidence.from_stats(stats), recipe)[0].SerializeToString()
 
 
@@ -86,7 +86,7 @@ def build_layer_knob(knob: Knob, prep: Prepared, stats: StatsSet, calib: str, ca
     to prune or fails; the report says why)."""
     start = time.perf_counter()
     try:
-        source = ScanInput(exact_model_bytes(prep, stats, calibration), calib, calibration, labels)
+        source = ScanInput(exact_model_bytes(prep, stats, calibration, objective), calib, calibration, labels)
         scanned = scan(source.prepare(), source, ScanOptions("channels", SCAN_LEVELS, jobs=jobs, threads=threads))
     except LincompError as exc:
         logger.info("per-layer knob %s left out: %s", knob.name, exc)

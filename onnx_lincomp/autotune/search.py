@@ -252,7 +252,7 @@ def _score(knobs, calibration, options: SearchOptions, executor, moves: list[Mov
     kinds = {}
     for m in moves:
         kinds.setdefault(m.setting, m.kind)
-    recipes = [setting_recipe(knobs, st, calibration).as_dict() for st in new]
+    recipes = [setting_recipe(knobs, st, calibration, options.objective).as_dict() for st in new]
     for st, o in zip(new, executor.map(recipes), strict=True):
         v = o.verification
         seen[st] = Scored(st, describe(knobs, st), o, v is not None and options.budget.within(v),
