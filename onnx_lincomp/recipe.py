@@ -63,9 +63,12 @@ class CalibrationSettings:
 
     verify_split: float = 0.2
     max_samples: int | None = None
-    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # a {name: shape} mapping is taken too
 
     def __post_init__(self):
+        if isinstance(self.input_shapes, Mapping):  # the Python API's natural spelling: stored as pairs
+            object.__setattr__(self, "input_shapes",
+                               tuple((str(k), tuple(int(d) for d in v)) for k, v in self.input_shapes.items()))
         if not 0.0 <= self.verify_split < 1.0:
             raise OptionError(f"--verify-split must be in [0, 1), got {self.verify_split}")
         if self.max_samples is not None and self.max_samples < 1:

@@ -79,6 +79,8 @@ def test_recipe_toml_round_trip(tmp_path):
     path.write_text(recipe.to_toml().replace("dead_rate", "deadrate"))
     with pytest.raises(OptionError, match="unknown option 'deadrate'"):
         load_recipe(path)
+    # the Python API's {name: shape} spelling is stored as the same pairs
+    assert CalibrationSettings(0.25, 100, {"x": [1, 3]}) == recipe.calibration
 
 
 def test_report_recipe_reproduces_the_model_byte_for_byte(tmp_path):
