@@ -222,7 +222,7 @@ def test_the_combination_starts_from_the_best_single_knob():
     knobs = (_levels("a", (0.91, 0.81)), _levels("b", (0.92, 0.82, 0.72)))
     table = [[(0.01, 100), (0.02, 150)], [(0.4, 50), (0.5, 400), (0.6, 700)]]
     result, _ = _stub_search(knobs, table, lookahead=0)
-    alone = [_stub_search((k,), [t], lookahead=0)[0].chosen.outcome.macs for k, t in zip(knobs, table)]
+    alone = [_stub_search((k,), [t], lookahead=0)[0].chosen.outcome.macs for k, t in zip(knobs, table, strict=True)]
     assert result.chosen.outcome.macs <= min(alone) and result.chosen.within
     singles = [s.setting for s in result.scored if s.setting.count(None) == 1]
     assert (None, 2) in singles and (1, None) in singles

@@ -269,3 +269,61 @@ def test_consumer_of_two_pruned_groups_through_concat(rng):
         assert records[0].result.count("groups_pruned") == 2
         assert run(out, {"x": x})[0].shape == (60, 4, 5, 5)
         assert (4, 8, 1, 1) in {tuple(i.dims) for i in out.graph.initializer}
+
+
+def _se_model(rng):
+    """Conv a (4->16) - Relu - [squeeze-excitation: GAP - Conv b (16->12) - Relu - Conv c (12->16) - HardSigmoid]
+    - Mul - Conv d (16->8) - Relu - GAP - Flatten - Gemm fc (3), input (N, 4, 6, 6). Conv d reads the gated main
+    path, so pruning the gate branch (group b, after group a) changes d's input after d was refit."""
+    import onnx.helper as h
+
+    from conftest import init, make_model, vinfo
+    w = {"wa": (16, 4, 1, 1), "wb": (12, 16, 1, 1), "wc": (16, 12, 1, 1), "wd": (8, 16, 1, 1)}
+    inits = [init(k, rng.normal(0, 0.6, s).astype(np.float32)) for k, s in w.items()]
+    inits += [init("b" + k[1], rng.normal(0, 0.1, s[0]).astype(np.float32)) for k, s in w.items()]
+    inits += [init("wf", rng.normal(0, 0.5, (3, 8)).astype(np.float32)), init("bf", np.zeros(3, np.float32))]
+    nodes = [h.make_node("Conv", ["x", "wa", "ba"], ["ca"], name="a"), h.make_node("Relu", ["ca"], ["ra"], name="ra"),
+             h.make_node("GlobalAveragePool", ["ra"], ["ga"], name="ga"),
+             h.make_node("Conv", ["ga", "wb", "bb"], ["cb"], name="b"), h.make_node("Relu", ["cb"], ["rb"], name="rb"),
+             h.make_node("Conv", ["rb", "wc", "bc"], ["cc"], name="c"),
+             h.make_node("HardSigmoid", ["cc"], ["gate"], name="hs"),
+             h.make_node("Mul", ["ra", "gate"], ["m"], name="m"),
+             h.make_node("Conv", ["m", "wd", "bd"], ["cd"], name="d"), h.make_node("Relu", ["cd"], ["rd"], name="rd"),
+             h.make_node("GlobalAveragePool", ["rd"], ["gd"], name="gd"),
+             h.make_node("Flatten", ["gd"], ["f"], name="flatten"),
+             h.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    return make_model(nodes, [vinfo("x", ["N", 4, 6, 6])], [vinfo("y", None)], inits)
+
+
+def test_a_consumer_whose_input_a_later_group_changes_is_refit_again(rng):
+    from onnx_lincomp.calibration.moments import collect_layer_moments
+    from onnx_lincomp.linear_layer import match_linear_layer
+    from onnx_lincomp.passes.base import node_named
+
+    model = _se_model(rng)
+    x = rng.random((300, 4, 6, 6), dtype=np.float32)
+    # d keeps its outputs (its group at level 0), so its target is the original's whole output
+    out, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 1,
+                                                         "layers": {"d": 0.0}, "ridge": 0.0}),))
+    result = records[0].result
+    reason = "refit again after a later group changed its input (side branch)"
+    assert result.skipped.get(reason) == 1 and result.count("groups_pruned") == 2
+    # d's weights are the least-squares refit (no ridge) on what d reads in the final graph, against the
+    # original's output
+    loaded = model_from_proto(out)
+    d = match_linear_layer(loaded.graph, node_named(loaded.graph, "d"))
+    data = CalibrationData(_array_source(loaded, x), loaded.ctx, len(x))
+    m = collect_layer_moments(loaded.graph, data, [d], _canonical(model))["d"]
+    w, b = refit(m, np.arange(m.cols), d.weight.reshape(d.out_features, -1), d.bias, 0.0)
+    np.testing.assert_allclose(d.weight.reshape(d.out_features, -1), w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d.bias, b, rtol=1e-4, atol=1e-5)
+    # must not fire: a plain chain has no side branch
+    _, chain = _prune(mlp_model(rng, [6, 16, 12, 3]), rng.random((200, 6), dtype=np.float32),
+                      (("prune-channels", {"sparsity": 0.5, "channel_multiple": 1}),))
+    assert reason not in chain[0].result.skipped
+
+
+def _canonical(model: onnx.ModelProto) -> onnx.ModelProto:
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    return to_model_proto(loaded.graph, loaded.ctx)

@@ -280,6 +280,8 @@ class PruneChannels(Pass):
         kept: dict[str, np.ndarray] = {}
         rows: dict[str, np.ndarray] = {}  # layer -> indices of its original output rows still present
         removed = rewritten = refits = 0
+        fitted: dict[str, int] = {}  # consumer -> groups rewritten when it was last refit
+        pruned: list[list[str]] = []  # producers of each rewritten group, in order
         for match in plan.matches:
             # found again by any of its producers: a rewrite's toposort may reorder them
             group = next((g for g in find_channel_groups(graph).groups
@@ -299,6 +301,8 @@ class PruneChannels(Pass):
                     continue
                 write_linear_layer(graph, names, layer, w.reshape(layer.shape), b)
                 refits += 1
+                fitted[key] = rewritten + 1
+            pruned.append([p.nodes[0].name for p in group.producers])
             for p in group.producers:
                 key = p.nodes[0].name
                 rows[key] = rows.get(key, np.arange(group.width))[result.kept]
@@ -307,6 +311,8 @@ class PruneChannels(Pass):
             removed += result.removed
             rewritten += 1
             refresh_shapes(graph)
+        if self.options.reconstruct and plan.matches and plan.matches[0].data["shared"]["data"] is not None:
+            refits += self._refit_stale(graph, names, plan.matches[0].data["shared"], fitted, pruned, rows, tally)
         skipped = dict(plan.skipped)
         for why, n in tally.counts.items():
             skipped[why] = skipped.get(why, 0) + n
@@ -315,6 +321,35 @@ class PruneChannels(Pass):
                           counts={"units_removed": removed, "groups_pruned": rewritten,
                                   ("layers_refit" if self.options.reconstruct else "biases_shifted"): refits},
                           kept=kept)
+
+    def _refit_stale(self, graph: gs.Graph, names: NameSource, shared: dict, fitted: dict[str, int],
+                     pruned: list[list[str]], rows: dict[str, np.ndarray], tally: SkipTally) -> int:
+        """Refit again, on the final graph, each consumer whose input a group rewritten *after* its refit can
+        reach: a side branch pruned later (a squeeze-excitation gate multiplying the main path) changes what
+        the consumer reads after it was fit. In a plain chain no consumer is stale and nothing runs."""
+        order = {n.name: i for i, n in enumerate(graph.nodes)}
+        stale = sorted((k for k, at in fitted.items() if k in order and any(
+            _reaches(graph, producers, k) for producers in pruned[at:])), key=order.__getitem__)
+        count = 0
+        for key in stale:  # in graph order: each refit changes what the later ones read
+            layer = match_linear_layer(graph, node_named(graph, key))
+            if not isinstance(layer, LinearLayer):
+                continue
+            m = collect_layer_moments(graph, shared["data"], [layer], shared["reference"],
+                                      seed=self.options.seed).get(key)
+            if m is None or m.cross is None:
+                continue
+            if key in rows:
+                m.cross = m.cross[:, rows[key]]
+            w = layer.weight.reshape(layer.out_features, -1)
+            if m.cross.shape[1] != w.shape[0]:
+                tally.add("consumer changed shape since its refit (not refit again)", key)
+                continue
+            w2, b2 = refit(m, np.arange(m.cols), w, layer.bias, self.options.ridge)
+            write_linear_layer(graph, names, layer, w2.reshape(layer.shape), b2)
+            tally.add("refit again after a later group changed its input (side branch)", key)
+            count += 1
+        return count
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
                          rows: dict[str, np.ndarray], planned: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -352,6 +387,22 @@ class PruneChannels(Pass):
             else:
                 out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone])
         return out
+
+
+def _reaches(graph: gs.Graph, producers: list[str], target: str) -> bool:
+    """Whether a path leads from any of the nodes ``producers`` to the node ``target`` (by name)."""
+    by_name = {n.name: n for n in graph.nodes}
+    todo = [by_name[p] for p in producers if p in by_name]
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name == target and node.name not in producers:
+            return True
+        todo += [c for t in node.outputs for c in t.outputs]
+    return False
 
 
 def _fill(chosen: list[int], lighter: list[int], fits) -> list[int]:
