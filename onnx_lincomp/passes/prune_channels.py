@@ -328,8 +328,9 @@ class PruneChannels(Pass):
         reach: a side branch pruned later (a squeeze-excitation gate multiplying the main path) changes what
         the consumer reads after it was fit. In a plain chain no consumer is stale and nothing runs."""
         order = {n.name: i for i, n in enumerate(graph.nodes)}
-        stale = sorted((k for k, at in fitted.items() if k in order and any(
-            _reaches(graph, producers, k) for producers in pruned[at:])), key=order.__getitem__)
+        later = [_downstream(graph, producers) for producers in pruned]  # one forward walk per group
+        stale = sorted((k for k, at in fitted.items() if k in order and any(k in r for r in later[at:])),
+                       key=order.__getitem__)
         count = 0
         for key in stale:  # in graph order: each refit changes what the later ones read
             layer = match_linear_layer(graph, node_named(graph, key))
@@ -389,20 +390,21 @@ class PruneChannels(Pass):
         return out
 
 
-def _reaches(graph: gs.Graph, producers: list[str], target: str) -> bool:
-    """Whether a path leads from any of the nodes ``producers`` to the node ``target`` (by name)."""
-    by_name = {n.name: n for n in graph.nodes}
-    todo = [by_name[p] for p in producers if p in by_name]
+def _downstream(graph: gs.Graph, producers: list[str]) -> set[str]:
+    """Names of the nodes a path leads to from the nodes ``producers`` (not counting the producers themselves)."""
+    names = set(producers)
+    todo = [n for n in graph.nodes if n.name in names]
     seen: set[int] = set()
+    out: set[str] = set()
     while todo:
         node = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.name == target and node.name not in producers:
-            return True
-        todo += [c for t in node.outputs for c in t.outputs]
-    return False
+        for t in node.outputs:
+            for c in t.outputs:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    out.add(c.name)
+                    todo.append(c)
+    return out
 
 
 def _fill(chosen: list[int], lighter: list[int], fits) -> list[int]:
