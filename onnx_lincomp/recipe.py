@@ -66,9 +66,15 @@ class CalibrationSettings:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # a {name: shape} mapping is taken too
 
     def __post_init__(self):
-        if isinstance(self.input_shapes, Mapping):  # the Python API's natural spelling: stored as pairs
+        # stored as (name, shape) tuples whatever the spelling: a {name: shape} mapping, pairs, lists
+        shapes = self.input_shapes
+        pairs = shapes.items() if isinstance(shapes, Mapping) else shapes
+        try:
             object.__setattr__(self, "input_shapes",
-                               tuple((str(k), tuple(int(d) for d in v)) for k, v in self.input_shapes.items()))
+                               tuple((str(k), tuple(int(d) for d in dims)) for k, dims in pairs))
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"input_shapes: expected {{name: [d0, d1, ...]}} or [[name, [d0, ...]], ...], got "
+                              f"{shapes!r}") from exc
         if not 0.0 <= self.verify_split < 1.0:
             raise OptionError(f"--verify-split must be in [0, 1), got {self.verify_split}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -159,8 +165,6 @@ def _settings(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise OptionError(f"{where}: unknown {cls.__name__} key '{sorted(unknown)[0]}' (known: "
                           f"{', '.join(sorted(known))})")
     v = dict(values)
-    if "input_shapes" in v:
-        v["input_shapes"] = tuple((str(k), tuple(int(d) for d in s)) for k, s in v["input_shapes"])
     if "input_range" in v:
         v["input_range"] = tuple(v["input_range"])
     try:

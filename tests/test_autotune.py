@@ -228,6 +228,17 @@ def test_the_combination_starts_from_the_best_single_knob():
     assert (None, 2) in singles and (1, None) in singles
 
 
+def test_single_knob_walks_leave_room_and_time_is_checked_first():
+    knobs = (_levels("a", (0.9, 0.8, 0.7, 0.6, 0.5)), _levels("b", (0.91, 0.81, 0.71, 0.61, 0.51)))
+    table = [[(0.01 * i, 100 * i) for i in range(1, 6)], [(0.01 * i, 90 * i) for i in range(1, 6)]]
+    result, ex = _stub_search(knobs, table, lookahead=0, max_candidates=7)
+    assert ex.calls == len(result.scored) <= 7
+    assert any(None not in s.setting for s in result.scored)  # the joint walk still ran
+    # a spent time budget scores nothing after the exact passes (the stub's clock started long ago)
+    result, ex = _stub_search(knobs, table, time_budget_s=1.0)
+    assert ex.calls == 1 and "time budget" in result.stopped
+
+
 def test_the_candidate_limit_is_kept_and_reported():
     knobs = (_levels("prune", (0.9, 0.8, 0.7, 0.6, 0.5)),)
     table = [[(0.1, 100), (0.2, 200), (0.3, 300), (0.4, 400), (0.5, 500)]]

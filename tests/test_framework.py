@@ -79,8 +79,14 @@ def test_recipe_toml_round_trip(tmp_path):
     path.write_text(recipe.to_toml().replace("dead_rate", "deadrate"))
     with pytest.raises(OptionError, match="unknown option 'deadrate'"):
         load_recipe(path)
-    # the Python API's {name: shape} spelling is stored as the same pairs
+    # a {name: shape} mapping and pairs with list shapes are stored as the same tuples, from a recipe too
     assert CalibrationSettings(0.25, 100, {"x": [1, 3]}) == recipe.calibration
+    assert CalibrationSettings(0.25, 100, [["x", [1, 3]]]) == recipe.calibration
+    table = dict(recipe.as_dict(),
+                 calibration={"verify_split": 0.25, "max_samples": 100, "input_shapes": {"x": [1, 3]}})
+    assert Recipe.from_dict(table).calibration == recipe.calibration
+    with pytest.raises(OptionError, match="input_shapes"):
+        CalibrationSettings(input_shapes={"x": "a,b"})
 
 
 def test_report_recipe_reproduces_the_model_byte_for_byte(tmp_path):

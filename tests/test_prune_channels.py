@@ -317,6 +317,9 @@ def test_a_consumer_whose_input_a_later_group_changes_is_refit_again(rng):
     w, b = refit(m, np.arange(m.cols), d.weight.reshape(d.out_features, -1), d.bias, 0.0)
     np.testing.assert_allclose(d.weight.reshape(d.out_features, -1), w, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(d.bias, b, rtol=1e-4, atol=1e-5)
+    # with d pruned too, fc (fit on d's first refit) is refit again after d is
+    _, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 1}),))
+    assert records[0].result.skipped.get(reason) == 2 and records[0].result.count("layers_refit_again") == 2
     # must not fire: a plain chain has no side branch
     _, chain = _prune(mlp_model(rng, [6, 16, 12, 3]), rng.random((200, 6), dtype=np.float32),
                       (("prune-channels", {"sparsity": 0.5, "channel_multiple": 1}),))

@@ -306,38 +306,41 @@ def _greedy(prep, knobs, calibration, options: SearchOptions, executor, start: f
         run.result.stopped = "the exact passes alone leave the budget"
         return run.result
     singles = [j for j, k in enumerate(knobs) if k.choices] if len(knobs) > 1 else []
+    share = max(1, options.max_candidates // (len(singles) + 1))  # each single walk leaves room for the rest
     for j in singles:
-        stopped = _walk(run, origin, _Walk(knobs, options), only=j)
-        if stopped.startswith(("time budget", "candidate limit")):
+        stopped = _walk(run, origin, _Walk(knobs, options), only=j, limit=min(len(run.seen) + share,
+                                                                               options.max_candidates))
+        if stopped.startswith("time budget"):
             run.result.stopped = stopped
             return run.result
-    run.result.stopped = _walk(run, run.result.chosen, _Walk(knobs, options), only=None)
+    run.result.stopped = _walk(run, run.result.chosen, _Walk(knobs, options), only=None,
+                               limit=options.max_candidates)
     return run.result
 
 
-def _walk(run: _Run, current: Scored, walk: _Walk, only: int | None) -> str:
-    """Walk from ``current`` until no move is left (``only``: moves of that knob alone, the others unset);
-    the reason it stopped."""
+def _walk(run: _Run, current: Scored, walk: _Walk, only: int | None, limit: int) -> str:
+    """Walk from ``current`` until no move is left (``only``: moves of that knob alone, the others unset), the
+    time budget is spent or ``limit`` candidates are scored in all; the reason it stopped."""
     moves: list[Move] = []
     scored: list[Scored] = []
     idle = 0  # rounds that scored nothing new and did not move (a guard: look-aheads and back-offs are bounded)
     while True:
+        if run.out_of_time():
+            return f"time budget of {run.options.time_budget_s:g} s reached"
         moves = walk.frontier(current.setting) + _trades(walk, current.setting, moves, scored)
         if only is not None:
             moves = [m for m in moves if all(i is None for k, i in enumerate(m.setting) if k != only)]
         if not moves:
             return "every knob is at its last level or frozen"
-        moves = _within_limit(moves, run.seen, run.options.max_candidates - len(run.seen))
+        moves = _within_limit(moves, run.seen, limit - len(run.seen))
         if not moves:
-            return f"candidate limit of {run.options.max_candidates} reached"
+            return f"candidate limit of {limit} reached"
         known, before = len(run.seen), current
         scored = run.score(moves)
         current = _advance(walk, current, moves, scored, run.options.objective)
         idle = idle + 1 if len(run.seen) == known and current is before else 0
         if idle > 1:
             return "no new candidate in two rounds"
-        if run.out_of_time():
-            return f"time budget of {run.options.time_budget_s:g} s reached"
 
 
 def _within_limit(moves: list[Move], seen: dict[Setting, Scored], room: int) -> list[Move]:

@@ -20,6 +20,7 @@ The pass is approximate by design (``lossy``): its error is verified and reporte
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -311,28 +312,37 @@ class PruneChannels(Pass):
             removed += result.removed
             rewritten += 1
             refresh_shapes(graph)
+        again = 0
         if self.options.reconstruct and plan.matches and plan.matches[0].data["shared"]["data"] is not None:
-            refits += self._refit_stale(graph, names, plan.matches[0].data["shared"], fitted, pruned, rows, tally)
+            again = self._refit_stale(graph, names, plan.matches[0].data["shared"], fitted, pruned, rows, tally)
         skipped = dict(plan.skipped)
         for why, n in tally.counts.items():
             skipped[why] = skipped.get(why, 0) + n
         return PassResult(self.name, changed=rewritten > 0, matched=len(plan.matches), rewritten=rewritten,
                           approximate=rewritten > 0, skipped=skipped,
                           counts={"units_removed": removed, "groups_pruned": rewritten,
-                                  ("layers_refit" if self.options.reconstruct else "biases_shifted"): refits},
+                                  ("layers_refit" if self.options.reconstruct else "biases_shifted"): refits,
+                                  **({"layers_refit_again": again} if again else {})},
                           kept=kept)
 
     def _refit_stale(self, graph: gs.Graph, names: NameSource, shared: dict, fitted: dict[str, int],
                      pruned: list[list[str]], rows: dict[str, np.ndarray], tally: SkipTally) -> int:
         """Refit again, on the final graph, each consumer whose input a group rewritten *after* its refit can
         reach: a side branch pruned later (a squeeze-excitation gate multiplying the main path) changes what
-        the consumer reads after it was fit. In a plain chain no consumer is stale and nothing runs."""
+        the consumer reads after it was fit. A layer refit again changes what the fitted layers after it read,
+        so they join the list. In graph order; in a plain chain no consumer is stale and nothing runs. The
+        number of layers refit again."""
         order = {n.name: i for i, n in enumerate(graph.nodes)}
         later = [_downstream(graph, producers) for producers in pruned]  # one forward walk per group
-        stale = sorted((k for k, at in fitted.items() if k in order and any(k in r for r in later[at:])),
-                       key=order.__getitem__)
+        todo = [(order[k], k) for k, at in fitted.items() if k in order and any(k in r for r in later[at:])]
+        heapq.heapify(todo)
+        done: set[str] = set()
         count = 0
-        for key in stale:  # in graph order: each refit changes what the later ones read
+        while todo:  # in graph order: each refit changes what the later ones read
+            _, key = heapq.heappop(todo)
+            if key in done:
+                continue
+            done.add(key)
             layer = match_linear_layer(graph, node_named(graph, key))
             if not isinstance(layer, LinearLayer):
                 continue
@@ -350,6 +360,8 @@ class PruneChannels(Pass):
             write_linear_layer(graph, names, layer, w2.reshape(layer.shape), b2)
             tally.add("refit again after a later group changed its input (side branch)", key)
             count += 1
+            for k in _downstream(graph, [key]) & (fitted.keys() - done):
+                heapq.heappush(todo, (order[k], k))
         return count
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
