@@ -239,6 +239,14 @@ def test_single_knob_walks_leave_room_and_time_is_checked_first():
     assert ex.calls == 1 and "time budget" in result.stopped
 
 
+def test_a_step_to_the_same_model_moves_the_knob_on():
+    """Coarse widths map levels 1 and 2 to one model: the walk steps over it instead of freezing the knob."""
+    knobs = (_levels("prune", (0.9, 0.8, 0.7, 0.6)),)
+    table = [[(0.1, 100), (0.2, 300), (0.2, 300), (0.3, 500)]]
+    result, _ = _stub_search(knobs, table, lookahead=0)
+    assert result.chosen.setting == (3,) and result.chosen.outcome.macs == 500
+
+
 def test_the_candidate_limit_is_kept_and_reported():
     knobs = (_levels("prune", (0.9, 0.8, 0.7, 0.6, 0.5)),)
     table = [[(0.1, 100), (0.2, 200), (0.3, 300), (0.4, 400), (0.5, 500)]]

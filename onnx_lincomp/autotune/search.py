@@ -375,6 +375,8 @@ def _advance(walk: _Walk, current: Scored, moves: list[Move], scored: list[Score
     for m, s in zip(moves, scored, strict=True):
         walk.record(m, s)
     step = _step(current, [s for s in scored if s.within], objective)
+    if step is None:
+        step = _same_model_step(walk, current, moves, scored)
     for m, s in zip(moves, scored, strict=True):
         if s.within and s is not step and m.kind != "trade" and _gain(current, s, objective) <= 0 and \
                 s.outcome.macs >= current.outcome.macs:
@@ -386,6 +388,18 @@ def _advance(walk: _Walk, current: Scored, moves: list[Move], scored: list[Score
     if m.kind == "trade":
         walk.moved(m.milder, 0.0)
     return step
+
+
+def _same_model_step(walk: _Walk, current: Scored, moves: list[Move], scored: list[Scored]) -> Scored | None:
+    """A forward step that built the very model of ``current`` (same MACs and bytes) on a knob with choices
+    left: coarse widths (channel blocks) map neighbouring levels to one model, and freezing the knob there
+    would never reach the next distinct one. Taking it moves the knob on; the index only grows, so it ends."""
+    for m, s in zip(moves, scored, strict=True):
+        if s.within and m.kind in ("step", "look-ahead") and m.knob >= 0 and \
+                (s.outcome.macs, s.outcome.size_bytes) == (current.outcome.macs, current.outcome.size_bytes) and \
+                forward(walk.knobs[m.knob], m.setting[m.knob]) is not None:
+            return s
+    return None
 
 
 def _gain(current: Scored, s: Scored, objective: Objective) -> float:
