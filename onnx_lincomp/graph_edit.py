@@ -76,6 +76,31 @@ class ShapeRefresh:
     shapes: int = 0  # intermediate tensors that have a shape after the refresh
 
 
+def upstream_sites(graph: gs.Graph, sites: set[str]) -> dict[str, frozenset[str]]:
+    """For every tensor name, the nodes among ``sites`` on some path into it (the graph is acyclic)."""
+    producer = {t.name: n for n in graph.nodes for t in n.outputs}
+    memo: dict[str, frozenset[str]] = {}
+    for root in producer:
+        stack = [root]
+        while stack:
+            name = stack[-1]
+            if name in memo:
+                stack.pop()
+                continue
+            node = producer.get(name)
+            inputs = [] if node is None else [t.name for t in node.inputs if t.name]
+            waiting = [t for t in inputs if t not in memo]
+            if waiting:
+                stack.extend(waiting)
+                continue
+            found = set().union(*(memo[t] for t in inputs))
+            if node is not None and node.name in sites:
+                found.add(node.name)
+            memo[name] = frozenset(found)
+            stack.pop()
+    return memo
+
+
 def _constant_bytes(graph: gs.Graph) -> int:
     """Bytes of the graph's constant tensors, read without loading lazy values."""
     return sum(int(t._values.nbytes) for t in graph.tensors().values() if isinstance(t, gs.Constant))

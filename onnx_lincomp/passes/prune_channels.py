@@ -33,7 +33,7 @@ from ..analysis.channel_importance import consumer_owner, refittable, removal_or
 from ..analysis.layer_latency import LayerShape, layer_time, nchwc_block
 from ..calibration.moments import Moments, collect_layer_moments, refit
 from ..errors import OptionError
-from ..graph_edit import NameSource, refresh_shapes
+from ..graph_edit import NameSource, refresh_shapes, upstream_sites
 from ..linear_layer import LinearLayer, match_linear_layer, write_linear_layer
 from ..model_io import to_model_proto
 from ..rewrite.channels import relu_channels_kept, removal_problem, remove_channels
@@ -333,8 +333,11 @@ class PruneChannels(Pass):
         so they join the list. In graph order; in a plain chain no consumer is stale and nothing runs. The
         number of layers refit again."""
         order = {n.name: i for i, n in enumerate(graph.nodes)}
-        later = [_downstream(graph, producers) for producers in pruned]  # one forward walk per group
-        todo = [(order[k], k) for k, at in fitted.items() if k in order and any(k in r for r in later[at:])]
+        layers = {k: match_linear_layer(graph, node_named(graph, k)) for k in fitted if k in order}
+        layers = {k: v for k, v in layers.items() if isinstance(v, LinearLayer)}
+        above = upstream_sites(graph, {p for producers in pruned for p in producers} | set(layers))
+        feeds = {k: above.get(v.input.name, frozenset()) for k, v in layers.items()}  # sites upstream of k
+        todo = [(order[k], k) for k in layers if any(feeds[k] & set(ps) for ps in pruned[fitted[k]:])]
         heapq.heapify(todo)
         done: set[str] = set()
         count = 0
@@ -344,8 +347,6 @@ class PruneChannels(Pass):
                 continue
             done.add(key)
             layer = match_linear_layer(graph, node_named(graph, key))
-            if not isinstance(layer, LinearLayer):
-                continue
             m = collect_layer_moments(graph, shared["data"], [layer], shared["reference"],
                                       seed=self.options.seed).get(key)
             if m is None or m.cross is None:
@@ -360,8 +361,9 @@ class PruneChannels(Pass):
             write_linear_layer(graph, names, layer, w2.reshape(layer.shape), b2)
             tally.add("refit again after a later group changed its input (side branch)", key)
             count += 1
-            for k in _downstream(graph, [key]) & (fitted.keys() - done):
-                heapq.heappush(todo, (order[k], k))
+            for k in layers.keys() - done:
+                if key in feeds[k]:
+                    heapq.heappush(todo, (order[k], k))
         return count
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
@@ -400,23 +402,6 @@ class PruneChannels(Pass):
             else:
                 out[key] = (w[:, keep], link.layer.bias + w[:, gone] @ m.mean[gone])
         return out
-
-
-def _downstream(graph: gs.Graph, producers: list[str]) -> set[str]:
-    """Names of the nodes a path leads to from the nodes ``producers`` (not counting the producers themselves)."""
-    names = set(producers)
-    todo = [n for n in graph.nodes if n.name in names]
-    seen: set[int] = set()
-    out: set[str] = set()
-    while todo:
-        node = todo.pop()
-        for t in node.outputs:
-            for c in t.outputs:
-                if id(c) not in seen:
-                    seen.add(id(c))
-                    out.add(c.name)
-                    todo.append(c)
-    return out
 
 
 def _fill(chosen: list[int], lighter: list[int], fits) -> list[int]:

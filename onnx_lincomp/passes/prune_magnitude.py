@@ -58,6 +58,7 @@ import onnx_graphsurgeon as gs
 from ..calibration.activations import CalibrationData
 from ..calibration.moments import Moments, collect_layer_moments
 from ..errors import OptionError
+from ..graph_edit import upstream_sites
 from ..linear_layer import LinearLayer, Skip, match_linear_layer
 from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named, option
 
@@ -204,31 +205,6 @@ def write_weight(layer: LinearLayer, weight: np.ndarray) -> None:
     head.inputs[1] = gs.Constant(old.name, np.ascontiguousarray(stored.astype(dtype)))
 
 
-def upstream_sites(graph: gs.Graph, sites: set[str]) -> dict[str, frozenset[str]]:
-    """For every tensor name, the nodes among ``sites`` on some path into it (the graph is acyclic)."""
-    producer = {t.name: n for n in graph.nodes for t in n.outputs}
-    memo: dict[str, frozenset[str]] = {}
-    for root in producer:
-        stack = [root]
-        while stack:
-            name = stack[-1]
-            if name in memo:
-                stack.pop()
-                continue
-            node = producer.get(name)
-            inputs = [] if node is None else [t.name for t in node.inputs if t.name]
-            waiting = [t for t in inputs if t not in memo]
-            if waiting:
-                stack.extend(waiting)
-                continue
-            found = set().union(*(memo[t] for t in inputs))
-            if node is not None and node.name in sites:
-                found.add(node.name)
-            memo[name] = frozenset(found)
-            stack.pop()
-    return memo
-
-
 class PruneMagnitude(Pass):
     name = "prune-magnitude"
     Options = PruneMagnitudeOptions
@@ -373,4 +349,4 @@ class PruneMagnitude(Pass):
 
 
 __all__ = ["PruneMagnitude", "PruneMagnitudeOptions", "magnitude_prune", "sparsegpt", "refit_rows",
-           "inverse_hessian_factor", "prune_count", "write_weight", "upstream_sites"]
+           "inverse_hessian_factor", "prune_count", "write_weight"]
