@@ -2,9 +2,11 @@
 
 1. Calibrate once (the statistics every candidate's exact passes use), save them for the workers. Per-layer
    knobs get their choices from a sensitivity scan of the model after the exact passes (:mod:`.layer_knobs`).
-2. Score the exact passes alone, then repeatedly every setting one forward step more aggressive on one knob
-   (pruning level, per-layer pruning allocation, low-rank keep ratio, quantization); each candidate is the
-   *combined* recipe, so interactions are measured, never assumed.
+2. Score the exact passes alone, then walk each knob alone from there (the single-pass searches, each with a
+   share of ``max_candidates``), then all knobs together from the best candidate so far: repeatedly every
+   setting one forward step more aggressive on one knob (pruning level, per-layer pruning allocation,
+   low-rank keep ratio, quantization). Each candidate is the *combined* recipe, so interactions are
+   measured, never assumed, and the answer is never worse than a single knob's.
 3. A step that leaves the budget does not freeze its knob at once: accuracy against the level is noisy and
    not monotone on a small held-out split, so the next rounds also try
    - *look-ahead*: up to ``lookahead`` further forward steps beyond the missed one;
@@ -13,11 +15,13 @@
    - *back-off, knob by knob*: the missed step with another active knob one choice milder (the knob whose
      last step cost most budget), once per knob between moves.
    A knob is frozen when these are spent, or when a step inside the budget neither improves the objective
-   nor cuts MACs.
+   nor cuts MACs, unless it built the current model again (coarse widths map neighbouring levels to one
+   model): then the knob moves on.
 4. Among the candidates inside the budget take the one with the best objective gain per unit of budget
    used (latency: batch-1 ratio against the original in interleaved rounds, measured here one candidate
    at a time, never in parallel workers; size: file bytes; MACs), and go on from it.
-5. Stop when no move is left, at ``max_candidates`` scored candidates, or at the time budget: the answer is
+5. Stop when no move is left, at ``max_candidates`` scored candidates, or at the time budget (checked
+   before each round): the answer is
    the best verified candidate seen (ties inside the latency noise go to fewer MACs, then fewer bytes).
 
 Every scored candidate is a row (the Pareto table) with the move that proposed it; the chosen recipe
