@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import SHARED  # noqa: E402
 from onnx_lincomp.calibration.activations import with_outputs  # noqa: E402
-from onnx_lincomp.evaluate.evaluator import classifier_output, labels_as_classes, predictions, run_split  # noqa: E402
+from onnx_lincomp.evaluate.evaluator import model_correct  # noqa: E402
 from onnx_lincomp.evaluate.paired import drop_interval  # noqa: E402
 from onnx_lincomp.examples import example_paths  # noqa: E402
 from onnx_lincomp.linear_layer import LinearLayer, match_linear_layer  # noqa: E402
@@ -152,16 +152,10 @@ def heldout_layer_errors(prep: Prepared, factorised: onnx.ModelProto, sites: lis
 
 def heldout_correct(prep: Prepared, model: onnx.ModelProto, labels: str = "y") -> str | None:
     """Per held-out sample, whether ``model``'s top-1 is the label: packed bits, base64 (None without labels)."""
-    names = [o.name for o in model.graph.output]
-    correct = []
-    with SessionScope(prefix="lowrank-acc-") as scope:
-        session = scope.open(model, SessionOptions(threads=1))
-        for values, batch, _ in run_split(session, names, prep.loaded.graph, prep.source, 250, prep.n_calib, None):
-            cls = classifier_output(names, values)
-            if cls is None or labels not in batch:
-                return None
-            correct.append(predictions(values[cls]) == labels_as_classes(np.asarray(batch[labels])))
-    return base64.b64encode(np.packbits(np.concatenate(correct)).tobytes()).decode() if correct else None
+    correct = model_correct(model, prep.loaded.graph, prep.source, labels, prep.n_calib, None, 250, threads=1)
+    if correct is None or not correct.size:
+        return None
+    return base64.b64encode(np.packbits(correct).tobytes()).decode()
 
 
 def _bits(row: dict) -> np.ndarray | None:

@@ -62,7 +62,6 @@ DEFAULT_BITS = (8, 6, 4, 3, 2)
 METHODS = ("kmeans", "int")
 
 
-
 def parse_bits(text: str) -> tuple[int, ...]:
     """``"8,6,4"`` as widths from 8 down; anything else is a usage error."""
     try:

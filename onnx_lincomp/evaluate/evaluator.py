@@ -259,19 +259,26 @@ class Evaluator:
         return tuple(results)
 
 
-def model_accuracy(model: onnx.ModelProto, inputs: gs.Graph | Sequence[InputLike], source: CalibrationSource,
-                   labels: str, start: int = 0, stop: int | None = None, batch_size: int = 64) -> float | None:
-    """Accuracy of one model on ``[start, stop)`` (None when it has no classifier-shaped output)."""
+def model_correct(model: onnx.ModelProto, inputs: gs.Graph | Sequence[InputLike], source: CalibrationSource,
+                  labels: str, start: int = 0, stop: int | None = None, batch_size: int = 64,
+                  threads: int = 0) -> np.ndarray | None:
+    """Per sample of ``[start, stop)``, whether ``model``'s top-1 is the label (None when it has no
+    classifier-shaped output): what a paired comparison of two models needs."""
     names = [o.name for o in model.graph.output]
-    correct = total = 0
+    correct = []
     with SessionScope(prefix="lincomp-acc-") as scope:
-        session = scope.open(model, SessionOptions())
+        session = scope.open(model, SessionOptions(threads=threads))
         cls = None
         for values, batch, _ in run_split(session, names, inputs, source, batch_size, start, stop):
             cls = cls or classifier_output(names, values)
             if cls is None:
                 return None
-            truth = labels_as_classes(np.asarray(batch[labels]))
-            correct += int((predictions(values[cls]) == truth).sum())
-            total += len(truth)
-    return correct / total if total else None
+            correct.append(predictions(values[cls]) == labels_as_classes(np.asarray(batch[labels])))
+    return np.concatenate(correct) if correct else np.zeros(0, dtype=bool)
+
+
+def model_accuracy(model: onnx.ModelProto, inputs: gs.Graph | Sequence[InputLike], source: CalibrationSource,
+                   labels: str, start: int = 0, stop: int | None = None, batch_size: int = 64) -> float | None:
+    """Accuracy of one model on ``[start, stop)`` (None when it has no classifier-shaped output)."""
+    correct = model_correct(model, inputs, source, labels, start, stop, batch_size)
+    return float(correct.mean()) if correct is not None and correct.size else None
