@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lincomp.calibration.data_source import parse_input_shapes
 from onnx_lincomp.optimize import compress
 from onnx_lincomp.recipe import CalibrationSettings, Recipe
 from onnx_lincomp.sensitivity import METHODS, ScanInput, ScanOptions, _pass, sensitivity
@@ -91,10 +92,16 @@ def main() -> None:
     ap.add_argument("--input-shape", action="append", default=[], help="NAME=D0,D1,... for dynamic inputs")
     ap.add_argument("--deep", type=int, default=0, help="scan a built chain of N Conv-ReLU layers instead")
     args = ap.parse_args()
-    shapes = {k: tuple(int(d) for d in v.split(",")) for k, v in (a.split("=", 1) for a in args.input_shape)}
-    if args.deep:
-        args.model = str(Path(tempfile.mkdtemp(prefix="lincomp-deep-")) / f"deep_chain_{args.deep}.onnx")
-        onnx.save(deep_chain(args.deep), args.model)
+    shapes = parse_input_shapes(args.input_shape)
+    with tempfile.TemporaryDirectory(prefix="lincomp-deep-") as tmp:
+        if args.deep:
+            args.model = str(Path(tmp) / f"deep_chain_{args.deep}.onnx")
+            onnx.save(deep_chain(args.deep), args.model)
+        measure(args, shapes)
+
+
+def measure(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Scan with each process count, time the plain way, print the table and write the JSON."""
     source = ScanInput(args.model, args.calib, CalibrationSettings(input_shapes=shapes))
     runs, rows = [], None
     for jobs in (int(j) for j in args.jobs.split(",")):
