@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_same_outputs, check_claims, mlp_model, read_idx, run, shared_path, unit_square
@@ -58,6 +58,7 @@ def test_chain_matches_onnxruntime(rng):
 
 @SETTINGS
 @given(st.integers(0, 10**6))
+@example(178)  # a unit whose minimum over the box is -3.7e-5: below the first witness margin, still unstable
 def test_milp_agrees_with_brute_force_in_two_dimensions(seed):
     rng = np.random.default_rng(seed)
     model = mlp_model(rng, [2, 6, 5, 2])
