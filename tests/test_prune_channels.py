@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import onnx
+from onnx import helper
 import pytest
 from click.testing import CliRunner
 
-from conftest import cnn_model, mlp_model, run
+from conftest import cnn_model, init, make_model, mlp_model, run, vinfo
 from onnx_lincomp.analysis.channel_importance import greedy_order
 from onnx_lincomp.analysis.model_report import model_report
 from onnx_lincomp.calibration.activations import CalibrationData
@@ -181,6 +182,39 @@ def test_width_multiple_min_channels_and_targets(rng):
         out, _ = _prune(model, x, (("prune-channels", {"target_macs": target, "channel_multiple": 1}),))
         macs = model_report(out).macs
         assert macs <= target * before and macs > 0.6 * target * before
+
+
+def _transpose_head_model(rng) -> onnx.ModelProto:
+    """Conv(1->16)-Relu-Conv(16->16)-Relu-ConvTranspose(16->16, 3x3, stride 2): the head is no linear layer, so
+    its MACs (half of the model's) stay whatever is pruned."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("ConvTranspose", ["r2", "wt"], ["y"], name="up", strides=[2, 2])]
+    inits = [init("w1", rng.normal(0, 0.5, (16, 1, 3, 3)).astype(np.float32)),
+             init("b1", rng.normal(0, 0.1, 16).astype(np.float32)),
+             init("w2", rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32)),
+             init("b2", rng.normal(0, 0.1, 16).astype(np.float32)),
+             init("wt", rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32))]
+    return make_model(nodes, [vinfo("x", ["N", 1, 8, 8])], [vinfo("y", ["N", 16, 17, 17])], inits)
+
+
+def test_targets_count_the_layers_that_cannot_be_pruned(rng):
+    model = _transpose_head_model(rng)
+    x = rng.random((64, 1, 8, 8), dtype=np.float32)
+    before = model_report(model)
+    fixed = 64 * 16 * 16 * 9  # the ConvTranspose: every input position times its 16 x 16 x 3 x 3 weights
+    assert 0.45 * before.macs < fixed < 0.5 * before.macs
+    out, _ = _prune(model, x, (("prune-channels", {"target_macs": 0.6, "channel_multiple": 1}),))
+    after = model_report(out)
+    assert after.macs <= 0.6 * before.macs and after.macs > 0.5 * before.macs  # of the whole model's MACs
+    assert [i.dims[0] for i in out.graph.initializer if i.name.startswith("wt")] == [16]  # the head is whole
+    assert np.abs(run(out, {"x": x})[0] - run(model, {"x": x})[0]).max() < 10  # it runs on the same inputs
+    out, _ = _prune(model, x, (("prune-channels", {"target_params": 0.8, "channel_multiple": 1}),))
+    assert model_report(out).params <= 0.8 * before.params
+    with pytest.raises(PassError, match="cannot reach 0.4 of the MACs"):  # below the head's share: refused
+        _prune(model, x, (("prune-channels", {"target_macs": 0.4, "channel_multiple": 1}),))
 
 
 @pytest.mark.parametrize("values, words", [

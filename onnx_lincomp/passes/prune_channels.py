@@ -6,7 +6,8 @@ depthwise and grouped convolutions tied together), never a whole group and never
 ``min_channels`` (widths optionally kept at a multiple). Which channels go is decided by an importance
 score (:mod:`..analysis.channel_importance`); how many by ``sparsity`` (the fraction of each group's
 channels), by a per-layer override, or by a ``target_macs`` / ``target_params`` keep fraction (one
-uniform fraction found by bisection on the exact linear-layer cost of the masks).
+uniform fraction found by bisection on the cost of the masks: the linear layers exactly, the rest of the
+model at its full cost, so the fraction is of the MACs and parameters the report counts).
 
 **Least-squares reconstruction** (``reconstruct``, on by default): groups are pruned one at a time in
 graph order. For each, the consumers' input rows on the *current* (already partly pruned) graph and
@@ -31,6 +32,7 @@ import onnx_graphsurgeon as gs
 from ..analysis.channel_groups import ChannelGroup, find_channel_groups
 from ..analysis.channel_importance import consumer_owner, refittable, removal_order, stripe_of
 from ..analysis.layer_latency import LayerShape, layer_time, nchwc_block
+from ..analysis.model_report import graph_figures
 from ..calibration.moments import Moments, collect_layer_moments, refit
 from ..errors import OptionError
 from ..graph_edit import NameSource, refresh_shapes, upstream_sites
@@ -46,10 +48,11 @@ Importance = Literal["l1", "l2", "activation", "reconstruction"]
 class PruneChannelsOptions(PassOptions):
     sparsity: float = option(0.25, "Fraction of each channel group's channels to remove (0 <= s < 1).",
                              flag="--sparsity")
-    target_macs: float | None = option(None, "Keep this fraction of the linear layers' MACs (one uniform fraction "
-                                             "per group, found by bisection); replaces --sparsity.",
+    target_macs: float | None = option(None, "Keep this fraction of the model's MACs (one uniform fraction per "
+                                             "group, found by bisection; layers that cannot be pruned count at "
+                                             "their full cost); replaces --sparsity.",
                                        flag="--target-macs")
-    target_params: float | None = option(None, "Keep this fraction of the linear layers' parameters; replaces "
+    target_params: float | None = option(None, "Keep this fraction of the model's parameters; replaces "
                                                "--sparsity.", flag="--target-params")
     importance: Importance = option("reconstruction", "Channel importance: l1 / l2 (producer weight rows), activation "
                                                   "(E|x| times consumer column norm), reconstruction (greedy "
@@ -130,7 +133,10 @@ def removal_mask(cand: _Candidate, count: int) -> np.ndarray:
 
 
 class _Costs:
-    """Exact MACs and parameters of the linear layers, and their modelled time, for a choice of removal masks."""
+    """MACs and parameters of the whole model, and the modelled time of its linear layers, for a choice of
+    removal masks. The linear layers' MACs and parameters follow the masks exactly; the rest of the model
+    (a ConvTranspose head, normalisation weights, ...: :func:`graph_figures` less the linear layers) is a
+    fixed cost, so a ``target_macs`` of 0.5 keeps half of the MACs the report counts."""
 
     def __init__(self, graph: gs.Graph, candidates: list[_Candidate], block: int):
         self.layers: dict[str, tuple[float, float]] = {}  # head node -> (MACs, parameters)
@@ -140,6 +146,9 @@ class _Costs:
             if isinstance(layer, LinearLayer) and node is layer.nodes[0]:
                 self.layers[node.name] = (_layer_macs(layer), float(layer.param_count))
                 self.shapes[node.name] = LayerShape.of(layer, self.layers[node.name][0])
+        figures = graph_figures(graph)
+        self.fixed = (max(0.0, float(figures.macs) - sum(m for m, _ in self.layers.values())),
+                      max(0.0, float(figures.params) - sum(p for _, p in self.layers.values())))
         self.candidates = candidates
         self.block = block
 
@@ -160,8 +169,8 @@ class _Costs:
                 if layer is not None:
                     frac = 1.0 - t.map(idx).size / max(layer.out_features, 1)
                     rows[layer.nodes[0].name] *= frac
-        macs = sum(m * rows[k] * cols[k] for k, (m, _) in self.layers.items())
-        params = sum(p * rows[k] * cols[k] for k, (_, p) in self.layers.items())
+        macs = self.fixed[0] + sum(m * rows[k] * cols[k] for k, (m, _) in self.layers.items())
+        params = self.fixed[1] + sum(p * rows[k] * cols[k] for k, (_, p) in self.layers.items())
         time = sum(layer_time(s, rows[k] * s.out_channels, cols[k] * s.in_channels, self.block)
                    for k, s in self.shapes.items())
         return macs, params, time
