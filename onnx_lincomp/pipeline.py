@@ -77,26 +77,27 @@ def run_pipeline(graph: gs.Graph, specs: Sequence[PassSpec], ctx: PassContext, *
     passes = [s.build() for s in specs]
     repeatable = [p for p in passes if not p.runs_last]
     records: list[PassRecord] = []
-    figures = graph_figures(graph)
+    shapes = ctx.data.input_shapes() if ctx.data is not None else None  # MACs of a graph with dynamic sides
+    figures = graph_figures(graph, input_shapes=shapes)
     for round_no in range(max_rounds):
         changed = False
         for p in repeatable:
-            ctx, figures, did = _step(graph, p, ctx, records, figures, round_no, check)
+            ctx, figures, did = _step(graph, p, ctx, records, figures, round_no, check, shapes)
             changed |= did
         if not changed or not any(p.repeatable for p in repeatable):
             break
         repeatable = [p for p in repeatable if p.repeatable]
     for p in passes:
         if p.runs_last:
-            ctx, figures, _ = _step(graph, p, ctx, records, figures, 0, check)
+            ctx, figures, _ = _step(graph, p, ctx, records, figures, 0, check, shapes)
     return records
 
 
 def _step(graph: gs.Graph, p: Pass, ctx: PassContext, records: list[PassRecord], before: Figures, round_no: int,
-          check: Check | None) -> tuple[PassContext, Figures, bool]:
+          check: Check | None, input_shapes: dict | None = None) -> tuple[PassContext, Figures, bool]:
     start = time.perf_counter()
     result, shapes = _run_one(graph, p, ctx, records)
-    after = graph_figures(graph) if result.changed else before
+    after = graph_figures(graph, input_shapes=input_shapes) if result.changed else before
     seconds = time.perf_counter() - start
     summary = check(graph, p.name) if check is not None and result.changed else None
     if result.changed or round_no == 0:

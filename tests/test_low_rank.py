@@ -213,7 +213,17 @@ def test_mac_budget_is_met_on_a_cnn(rng):
     _bounded_change(model, out, x)
 
 
-def _two_conv_model(rng):
+def test_mac_budget_on_dynamic_sides_counts_macs_at_the_data_size(rng):
+    """Sides unknown in the graph: the MACs are counted at the calibration data's size, so the budget is met
+    exactly as on the static twin (with every side taken as 1 the model would seem to have no MACs)."""
+    x = rng.normal(size=(64, 8, 10, 10)).astype(np.float32)
+    static, _ = _low_rank(_two_conv_model(np.random.default_rng(5)), x, keep_macs=0.5)
+    dynamic, rec = _low_rank(_two_conv_model(np.random.default_rng(5), side="side"), x, keep_macs=0.5)
+    assert [tuple(i.dims) for i in static.graph.initializer] == [tuple(i.dims) for i in dynamic.graph.initializer]
+    assert rec.after.macs == graph_figures(model_from_proto(static).graph).macs > 0
+
+
+def _two_conv_model(rng, side: int | str = 10):
     w1 = rng.normal(0, 0.2, (24, 8, 3, 3)).astype(np.float32)
     w2 = rng.normal(0, 0.2, (16, 24, 3, 3)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -222,7 +232,7 @@ def _two_conv_model(rng):
              helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
     inits = [init("w1", w1), init("b1", np.zeros(24, np.float32)), init("w2", w2),
              init("b2", np.zeros(16, np.float32))]
-    return make_model(nodes, [vinfo("x", ["N", 8, 10, 10])], [vinfo("y", ["N", 16, 10, 10])], inits)
+    return make_model(nodes, [vinfo("x", ["N", 8, side, side])], [vinfo("y", ["N", 16, side, side])], inits)
 
 
 def _bounded_change(model, out, x):

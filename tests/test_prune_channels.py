@@ -184,7 +184,7 @@ def test_width_multiple_min_channels_and_targets(rng):
         assert macs <= target * before and macs > 0.6 * target * before
 
 
-def _transpose_head_model(rng) -> onnx.ModelProto:
+def _transpose_head_model(rng, side: int | str = 8) -> onnx.ModelProto:
     """Conv(1->16)-Relu-Conv(16->16)-Relu-ConvTranspose(16->16, 3x3, stride 2): the head is no linear layer, so
     its MACs (half of the model's) stay whatever is pruned."""
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -197,7 +197,8 @@ def _transpose_head_model(rng) -> onnx.ModelProto:
              init("w2", rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32)),
              init("b2", rng.normal(0, 0.1, 16).astype(np.float32)),
              init("wt", rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32))]
-    return make_model(nodes, [vinfo("x", ["N", 1, 8, 8])], [vinfo("y", ["N", 16, 17, 17])], inits)
+    out = 2 * side + 1 if isinstance(side, int) else "side_out"
+    return make_model(nodes, [vinfo("x", ["N", 1, side, side])], [vinfo("y", ["N", 16, out, out])], inits)
 
 
 def test_targets_count_the_layers_that_cannot_be_pruned(rng):
@@ -215,6 +216,19 @@ def test_targets_count_the_layers_that_cannot_be_pruned(rng):
     assert model_report(out).params <= 0.8 * before.params
     with pytest.raises(PassError, match="cannot reach 0.4 of the MACs"):  # below the head's share: refused
         _prune(model, x, (("prune-channels", {"target_macs": 0.4, "channel_multiple": 1}),))
+
+
+def test_targets_on_dynamic_sides_count_macs_at_the_data_size(rng):
+    """A model with dynamic sides has MACs only at an input size: the pass counts them at the calibration
+    data's, so it prunes exactly as its static twin does (not by parameters, which a MAC count with every
+    side taken as 1 would amount to) and the per-pass table knows the MACs."""
+    x = rng.random((64, 1, 8, 8), dtype=np.float32)
+    spec = (("prune-channels", {"target_macs": 0.6, "channel_multiple": 1}),)
+    static, _ = _prune(_transpose_head_model(np.random.default_rng(3)), x, spec)
+    dynamic, records = _prune(_transpose_head_model(np.random.default_rng(3), side="side"), x, spec)
+    widths = [[tuple(i.dims) for i in m.graph.initializer if i.name.startswith("w")] for m in (static, dynamic)]
+    assert widths[0] == widths[1]
+    assert records[-1].after.macs == model_report(static).macs > 0
 
 
 @pytest.mark.parametrize("values, words", [

@@ -638,10 +638,33 @@ def _gs_shapes(graph: gs.Graph) -> Callable[[str], Shape | None]:
     return shape
 
 
-def _inferred_shapes(graph: gs.Graph) -> Callable[[str], Shape | None]:
-    """Shapes from onnx inference on the exported graph at batch 1 (used where the graph's shapes are not static)."""
-    table = _shape_table(_with_static_batch(gs.export_onnx(graph, do_type_check=False), {}))
+def _inferred_shapes(graph: gs.Graph, input_shapes: Mapping[str, Shape] | None = None) -> Callable[[str], Shape | None]:
+    """Shapes from onnx inference on the exported graph at batch 1, or at ``input_shapes`` (used where the
+    graph's shapes are not static)."""
+    table = _shape_table(_with_static_batch(gs.export_onnx(graph, do_type_check=False), dict(input_shapes or {})))
     return lambda name: table.get(name)
+
+
+def graph_shapes(graph: gs.Graph, input_shapes: Mapping[str, Shape] | None = None) -> Callable[[str], Shape | None]:
+    """A lookup of static tensor shapes: the graph's own (a dynamic leading dimension taken as 1), else onnx
+    inference at ``input_shapes`` (each input's shape at one sample, e.g. the calibration data's), run once
+    on first need. A model with dynamic spatial sides has MACs only at some input size: this is the lookup
+    to count them with. Unknown shapes are None."""
+    own = _gs_shapes(graph)
+    inferred: list[Callable[[str], Shape | None]] = []
+
+    def shape(name: str) -> Shape | None:
+        found = own(name)
+        if found is not None or not input_shapes:
+            return found
+        if not inferred:
+            try:
+                inferred.append(_inferred_shapes(graph, input_shapes))
+            except Exception:  # shapes are best effort
+                inferred.append(lambda _: None)
+        return inferred[0](name)
+
+    return shape
 
 
 def _gs_macs(nodes: Iterable[gs.Node], shape: Callable[[str], Shape | None]) -> tuple[int, list[gs.Node]]:
@@ -658,20 +681,22 @@ def _gs_macs(nodes: Iterable[gs.Node], shape: Callable[[str], Shape | None]) -> 
     return macs, unknown
 
 
-def graph_figures(graph: gs.Graph, infer_missing: bool = True) -> Figures:
+def graph_figures(graph: gs.Graph, infer_missing: bool = True,
+                  input_shapes: Mapping[str, Shape] | None = None) -> Figures:
     """Parameter figures and per-sample MACs of a graph, by the same rule as :func:`model_report`.
 
     MACs come from the shapes the graph's tensors carry (a dynamic leading dimension taken as 1). When
     some MAC nodes have no static shapes there and ``infer_missing`` is set, onnx shape inference runs
-    once at batch 1 on the exported graph (skipped for graphs whose parameters reach a quarter of the
-    protobuf limit); there is no onnxruntime fallback, so nodes whose shapes stay unknown are counted in
-    ``nodes_without_shapes`` (``model_report`` can still resolve them by a run).
+    once at batch 1 (or at ``input_shapes``: each input's shape at one sample) on the exported graph (skipped
+    for graphs whose parameters reach a quarter of the protobuf limit); there is no onnxruntime fallback, so
+    nodes whose shapes stay unknown are counted in ``nodes_without_shapes`` (``model_report`` can still
+    resolve them by a run).
     """
     totals = _tally(_gs_view(graph))
     macs, unknown = _gs_macs(graph.nodes, _gs_shapes(graph))
     if unknown and infer_missing and totals.param_bytes < PROTO_LIMIT_BYTES // 4:
         try:
-            inferred = _inferred_shapes(graph)
+            inferred = _inferred_shapes(graph, input_shapes)
         except Exception:  # shapes are best effort; the nodes stay counted as unknown
             inferred = None
         if inferred is not None:

@@ -44,6 +44,13 @@ class CalibrationData:
     def samples(self) -> int:
         return min(self.stop, self.max_samples, len(self.source))
 
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each array's shape at one sample, read off the first calibration sample (a whole model input for
+        inputs fed one sample a run): the sizes a model with dynamic sides runs at, for counting its MACs."""
+        batch = next(iter(self.source.batches(1, 0, 1)), {})
+        return {name: tuple(int(d) for d in (a.shape[1:] if name in self.source.per_sample else a.shape))
+                for name, a in batch.items()}
+
     def with_samples(self, n: int) -> CalibrationData:
         return CalibrationData(self.source, self.ctx, self.stop, self.batch_size, self.threads, max(1, n),
                                self.description)

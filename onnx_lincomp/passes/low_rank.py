@@ -49,7 +49,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis.low_rank_alloc import Allocation, Allocator, Choices, Spectrum, choices, divisors, uniform_ranks
-from ..analysis.model_report import graph_figures
+from ..analysis.model_report import graph_figures, graph_shapes
 from ..calibration.activations import CalibrationData
 from ..calibration.moments import Moments, collect_layer_moments
 from ..errors import OptionError
@@ -179,13 +179,6 @@ def output_layer(graph: gs.Graph, layer: LinearLayer) -> bool:
     return False
 
 
-def _positions(layer: LinearLayer) -> int:
-    """Output positions per sample (Conv spatial size, MatMul leading axes): MACs per weight."""
-    shape = layer.output.shape
-    dims = (shape[2:] if layer.kind == "conv" else shape[1:-1]) if shape is not None and len(shape) > 2 else ()
-    return max(math.prod(int(d) for d in dims if isinstance(d, (int, np.integer))), 1)
-
-
 def _covariance(m: Moments, ridge: float) -> tuple[np.ndarray, np.ndarray]:
     mean = m.mean
     cov = m.gram[:-1, :-1] / max(m.rows, 1) - np.outer(mean, mean)
@@ -210,10 +203,11 @@ class LowRank(Pass):
         if o.data_aware and ctx.data is None:
             raise OptionError("low-rank with data_aware needs calibration data (--calib); use --no-data-aware for "
                               "a plain SVD of the weights")
-        sites = self._sites(graph, tally)
+        input_shapes = ctx.data.input_shapes() if ctx.data is not None and o.by_macs else None
+        sites = self._sites(graph, tally, input_shapes)
         if o.data_aware and sites:
             self._whiten(graph, ctx, sites)
-        total = self._total(graph) if o.keep is not None and sites else 0.0
+        total = self._total(graph, input_shapes) if o.keep is not None and sites else 0.0
         tables, relaxed = self._tables(total, sites)
         judge = None
         if o.choose_on_data and o.method == "alds" and o.keep is not None and ctx.data is not None and sites:
@@ -289,9 +283,12 @@ class LowRank(Pass):
             sites[i].slow = True
         return picks
 
-    def _sites(self, graph: gs.Graph, tally: SkipTally) -> list[_Site]:
+    def _sites(self, graph: gs.Graph, tally: SkipTally,
+               input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[_Site]:
+        """``input_shapes``: each input's shape at one sample, for the MACs of a graph with dynamic sides."""
         o = self.options
         sites, names = [], set()
+        shape = graph_shapes(graph, input_shapes)
         for node in graph.nodes:
             layer = match_linear_layer(graph, node)
             if layer is None or (isinstance(layer, LinearLayer) and node is not layer.nodes[0]):
@@ -307,7 +304,7 @@ class LowRank(Pass):
             is_out = output_layer(graph, layer)
             min_width = max(1, math.ceil(o.min_rank_out * layer.out_features - 1e-9)) if is_out else 1
             names.add(node.name)
-            sites.append(_Site(layer, Spectrum(weight, channels), _positions(layer), min_width,
+            sites.append(_Site(layer, Spectrum(weight, channels), layer.positions(shape), min_width,
                                o.layers.get(node.name)))
         unknown = sorted(set(o.layers) - names)
         if unknown:
@@ -367,8 +364,8 @@ class LowRank(Pass):
             self._infeasible(total, sites, allocator, keep)
         return list(zip(alloc.ks, alloc.index, strict=True))
 
-    def _total(self, graph: gs.Graph) -> float:
-        figures = graph_figures(graph)
+    def _total(self, graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None) -> float:
+        figures = graph_figures(graph, input_shapes=input_shapes)
         return float(figures.macs if self.options.by_macs else figures.params)
 
     def _dense(self, sites: list[_Site]) -> float:

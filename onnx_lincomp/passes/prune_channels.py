@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from ..analysis.channel_groups import ChannelGroup, find_channel_groups
 from ..analysis.channel_importance import consumer_owner, refittable, removal_order, stripe_of
 from ..analysis.layer_latency import LayerShape, layer_time, nchwc_block
-from ..analysis.model_report import graph_figures
+from ..analysis.model_report import graph_figures, graph_shapes
 from ..calibration.moments import Moments, collect_layer_moments, refit
 from ..errors import OptionError
 from ..graph_edit import NameSource, refresh_shapes, upstream_sites
@@ -138,15 +138,18 @@ class _Costs:
     (a ConvTranspose head, normalisation weights, ...: :func:`graph_figures` less the linear layers) is a
     fixed cost, so a ``target_macs`` of 0.5 keeps half of the MACs the report counts."""
 
-    def __init__(self, graph: gs.Graph, candidates: list[_Candidate], block: int):
+    def __init__(self, graph: gs.Graph, candidates: list[_Candidate], block: int,
+                 input_shapes: dict[str, tuple[int, ...]] | None = None):
+        """``input_shapes``: each input's shape at one sample, where the graph's sides are dynamic."""
         self.layers: dict[str, tuple[float, float]] = {}  # head node -> (MACs, parameters)
         self.shapes: dict[str, LayerShape] = {}
+        shape = graph_shapes(graph, input_shapes)
         for node in graph.nodes:
             layer = match_linear_layer(graph, node)
             if isinstance(layer, LinearLayer) and node is layer.nodes[0]:
-                self.layers[node.name] = (_layer_macs(layer), float(layer.param_count))
+                self.layers[node.name] = (float(layer.size * layer.positions(shape)), float(layer.param_count))
                 self.shapes[node.name] = LayerShape.of(layer, self.layers[node.name][0])
-        figures = graph_figures(graph)
+        figures = graph_figures(graph, input_shapes=input_shapes)
         self.fixed = (max(0.0, float(figures.macs) - sum(m for m, _ in self.layers.values())),
                       max(0.0, float(figures.params) - sum(p for _, p in self.layers.values())))
         self.candidates = candidates
@@ -174,16 +177,6 @@ class _Costs:
         time = sum(layer_time(s, rows[k] * s.out_channels, cols[k] * s.in_channels, self.block)
                    for k, s in self.shapes.items())
         return macs, params, time
-
-
-def _layer_macs(layer: LinearLayer) -> float:
-    shape = layer.output.shape
-    if layer.kind == "conv":
-        spatial = shape[2:] if shape is not None else ()
-        positions = math.prod(int(d) for d in spatial if isinstance(d, (int, np.integer)))
-        return float(layer.size) * max(positions, 1)
-    lead = shape[1:-1] if shape is not None and len(shape) > 2 else ()
-    return float(layer.size) * max(math.prod(int(d) for d in lead if isinstance(d, (int, np.integer))), 1)
 
 
 class PruneChannels(Pass):
@@ -215,7 +208,7 @@ class PruneChannels(Pass):
             moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed, own_targets=o.reconstruct)
         candidates = [_Candidate(g, removal_order(g, o.importance, moments), overrides.get(group_key(g)))
                       for g in groups]
-        masks = self._masks(graph, candidates)
+        masks = self._masks(graph, candidates, ctx.data.input_shapes() if ctx.data is not None else None)
         matches = []
         for cand, mask in zip(candidates, masks, strict=True):
             site = group_key(cand.group)
@@ -250,7 +243,8 @@ class PruneChannels(Pass):
             out[group_key(group)] = float(level)
         return out
 
-    def _masks(self, graph: gs.Graph, candidates: list[_Candidate]) -> list[np.ndarray]:
+    def _masks(self, graph: gs.Graph, candidates: list[_Candidate],
+               input_shapes: dict[str, tuple[int, ...]] | None) -> list[np.ndarray]:
         o = self.options
 
         def counts(level: float) -> list[int]:
@@ -264,7 +258,7 @@ class PruneChannels(Pass):
         which = next((i for i, t in enumerate(targets) if t is not None), None)
         if which is None:
             return masks(counts(o.sparsity))
-        costs = _Costs(graph, candidates, o.multiple)
+        costs = _Costs(graph, candidates, o.multiple, input_shapes)
         full, target = costs.total(None)[which], targets[which]
 
         def fits(n: list[int]) -> bool:
