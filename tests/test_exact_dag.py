@@ -13,6 +13,7 @@ from onnx_lincomp.canonicalize import canonicalize
 from onnx_lincomp.exact import CertifyOptions, certify, parse_domain
 from onnx_lincomp.exact.bounds import relaxed_bounds
 from onnx_lincomp.exact.chain import extract_chain
+from onnx_lincomp.exact.highs_model import solve_lp, threshold_search
 from onnx_lincomp.exact.unit_bab import branch_and_bound
 from onnx_lincomp.exact.unit_encoding import UnitQuery, encode_unit
 from onnx_lincomp.exact.unit_stage import UnitStageOptions, decide_units
@@ -191,6 +192,45 @@ def test_branch_and_bound_on_max_pool_selections_agrees_with_brute_force(seed, r
     pool = [layer.kind for layer in chain.layers].index("max")
     after = [k for k in chain.relu_layers if k > pool]
     _bab_against_grid(chain, zs, np.zeros(2), np.ones(2), after)
+
+
+@SETTINGS
+@given(st.integers(0, 10**6))
+def test_max_pools_over_relus_merged_agree_with_brute_force(seed):
+    """Relu -> MaxPool encoded as max(0, max of the pre-activations): fewer binaries, the same answers as the
+    grid (HiGHS's MILP and the LP relaxation both stay sound)."""
+    rng = np.random.default_rng(seed)
+    _, chain = _chain(pooled_model(rng, relu_first=True), (2,))
+    grid_z = chain.forward(unit_square())
+    lo, hi = np.zeros(2), np.ones(2)
+    _, tight = relaxed_bounds(chain, lo, hi)
+    lower, upper = [b.lower for b in tight], [b.upper for b in tight]
+    pool = [layer.kind for layer in chain.layers].index("max")
+    fewer = 0
+    for k in [k for k in chain.relu_layers if k > pool]:
+        for i in np.flatnonzero((lower[k] < 0) & (upper[k] > 0)):
+            for sign in (1.0, -1.0):
+                plain = encode_unit(chain, lower, upper, lo, hi, UnitQuery(k, int(i), sign))
+                unit = encode_unit(chain, lower, upper, lo, hi, UnitQuery(k, int(i), sign), merge_pools=True)
+                assert len(unit.relus) <= len(plain.relus)
+                fewer += len(unit.relus) < len(plain.relus)
+
+                def flips(v, k=k, i=i, sign=sign):
+                    return sign * chain.forward(v[None, :2])[k][0, i] > 1e-6
+
+                extreme = (sign * grid_z[k][:, i]).max()
+                lp = solve_lp(unit.program, 30.0)
+                assert unit.threshold - lp.value >= extreme - 1e-7  # the relaxation bounds the true maximum
+                res = threshold_search(unit.program, unit.threshold, 1e-6, flips, 30.0, 60.0)
+                if res.status == "no":
+                    assert extreme <= 1e-9, (k, i, sign)
+                elif res.status == "found":
+                    assert flips(res.point)
+                if abs(extreme) > 1e-4:
+                    assert res.status == ("found" if extreme > 0 else "no"), (k, i, sign, res.reason)
+    relu0_unstable = bool(((lower[0] < 0) & (upper[0] > 0)).any())
+    assert fewer > 0 or not relu0_unstable or not any(
+        ((lower[k] < 0) & (upper[k] > 0)).any() for k in chain.relu_layers if k > pool)
 
 
 def test_max_pool_branching_runs_in_onnxruntime_terms(rng):

@@ -13,6 +13,12 @@ Per encoded Relu unit ``j`` with bounds ``l < u`` (Serra et al. 2021 big-M form)
   ``h >= 0``, ``d`` binary.
 A max-pool output ``h = max_p z_p`` gets ``h >= z_p`` for the inputs that can be the max (the same
 push-down rule drops the rest), else also ``h <= z_p + (U - l_p)(1 - d_p)`` with ``sum_p d_p = 1``.
+A max pool over Relu units that nothing else in the program reads (Conv-Relu-MaxPool) is encoded, when
+``merge_pools``, as ``h = max(0, max_p z_p)`` on the Relu's pre-activations (``relu`` is monotone, so
+``max_p relu(z_p) = max(0, max_p z_p)``): a zero member with its own selection binary replaces a binary per
+Relu unit. On the residual digits CNN this cut the binaries of a deep unit from 395 to 154, and HiGHS proved
+in 83-113 CPU s units it left open after 120 s with the Relu binaries. The LP relaxation is slightly looser
+(bound +0.00444 against +0.00434 there), so the LP stage keeps the Relu binaries' triangle.
 Dropping the binaries gives the per-unit LP relaxation. Both are relaxations of the network on the box
 for the target's question, so "no point below the threshold" in either is a proof.
 """
@@ -221,17 +227,91 @@ def _encode_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, terms, zrow
     return h
 
 
+def _pool_selection(layer: ChainLayer) -> tuple[int, np.ndarray] | None:
+    """(source, source unit of every row of ``z``) when a max-pool layer only selects units of one layer
+    (weights 0/1, one 1 a row, no bias: a MaxPool reading a Relu, maybe through a Reshape)."""
+    if layer.kind != "max" or len(layer.inputs) != 1 or np.any(layer.bias != 0):
+        return None
+    src, w = layer.inputs[0]
+    if src < 0 or not (np.all((w == 0) | (w == 1)) and np.all(w.sum(axis=1) == 1)):
+        return None
+    return src, np.argmax(w, axis=1)
+
+
+def _merged_relus(chain: AffineChain, need: dict[int, np.ndarray], k: int) -> dict[int, tuple[int, np.ndarray]]:
+    """Relu layer -> (max-pool layer, selection) for the Relus that only a max pool over them reads here."""
+    out = {}
+    for j in need:
+        found = _pool_selection(chain.layers[j])
+        if found is None or chain.layers[found[0]].kind != "relu":
+            continue
+        r = found[0]
+        if not any(m != j and any(src == r for src, _ in chain.layers[m].inputs) for m in [*need, k]):
+            out[r] = (j, found[1])
+    return out
+
+
+def _encode_relu_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, sel: np.ndarray, z_cols: np.ndarray,
+                     z_units: np.ndarray, lower: np.ndarray, upper: np.ndarray, push_down: np.ndarray,
+                     pools: list, zero: list[int]) -> np.ndarray:
+    """Columns of max-pool outputs ``h = max(0, max_p z_p)`` over the pre-activations ``z`` of a Relu layer
+    (``z_cols``: the columns of its units ``z_units``; ``lower``/``upper``: its bounds; ``sel``: the Relu unit of
+    every pool row). ``h >= z_p``, ``h >= max(0, max_p l_p)``; when the objective may push ``h`` up, also
+    ``h <= z_p + (U - l_p)(1 - d_p)`` for every member and for a constant-zero member (``zero``: its column,
+    made on first need) unless a member is never negative, with one ``d_p`` set."""
+    where = np.full(lower.size, -1)
+    where[z_units] = np.arange(z_units.size)
+    h = np.zeros(outputs.size, int)
+    for t, o in enumerate(outputs):
+        units = np.unique(sel[np.unique(layer.pools[o])])
+        floor = max(0.0, float(lower[units].max()))
+        units = units[(upper[units] > 0) & (upper[units] >= floor)]  # the others are never above the max
+        if units.size == 0:  # every member <= 0: the output is 0
+            if not zero:
+                zero.append(int(b.cols(np.zeros(1), np.zeros(1))[0]))
+            h[t] = zero[0]
+            continue
+        zc = z_cols[where[units]]
+        lows, cap = lower[units], float(upper[units].max())
+        with_zero = bool(lows.max() < 0)
+        if units.size == 1 and not with_zero:  # an always-active unit alone: h = z
+            h[t] = zc[0]
+            continue
+        h[t] = b.cols(np.array([floor]), np.array([cap]))[0]
+        n, ones = units.size, np.ones(units.size)
+        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones)], np.zeros(n),
+               np.full(n, np.inf))  # h >= z_p
+        if push_down[t]:
+            continue
+        if with_zero:
+            if not zero:
+                zero.append(int(b.cols(np.zeros(1), np.zeros(1))[0]))
+            zc, lows, n = np.append(zc, zero[0]), np.append(lows, 0.0), n + 1
+            ones = np.ones(n)
+        d = b.cols(np.zeros(n), np.ones(n), integer=True)
+        big = cap - lows
+        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones), (np.arange(n), d, big)],
+               np.full(n, -np.inf), big)  # h <= z_p + (U - l_p)(1 - d_p)
+        b.rows([(np.zeros(n, int), d, ones)], np.ones(1), np.ones(1))  # one d_p set
+        pools.append((int(h[t]), zc, d))
+    return h
+
+
 def encode_unit(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndarray], lo: np.ndarray,
-                hi: np.ndarray, query: UnitQuery) -> UnitProgram:
-    """The per-unit MILP of ``query`` over the box ``[lo, hi]`` with pre-activation bounds ``lower``/``upper``."""
+                hi: np.ndarray, query: UnitQuery, merge_pools: bool = False) -> UnitProgram:
+    """The per-unit MILP of ``query`` over the box ``[lo, hi]`` with pre-activation bounds ``lower``/``upper``
+    (``merge_pools``: max pools over Relus as ``max(0, ...)``, see the module docstring)."""
     k, i, s = query.layer, query.unit, query.sign
     need, shared = cone(chain, lower, upper, k, i)
     target = chain.layers[k]
     direct = {src: w[i] for src, w in target.inputs}
+    merged = _merged_relus(chain, need, k) if merge_pools else {}
+    pooled = {j: (r, sel) for r, (j, sel) in merged.items()}
     b = _Builder()
     cols: dict[int, np.ndarray] = {-1: b.cols(lo, hi)}
     relus: list[np.ndarray] = []
     pools: list[tuple[int, np.ndarray, np.ndarray]] = []
+    zero: list[int] = []
     encoded = 0
     for j in sorted(need):
         outputs, layer = need[j], chain.layers[j]
@@ -240,9 +320,18 @@ def encode_unit(chain: AffineChain, lower: list[np.ndarray], upper: list[np.ndar
             continue
         c = -s * direct[j][outputs] if j in direct else np.zeros(outputs.size)
         push_down = (c > 0) & ~np.isin(outputs, shared[j])
+        if j in pooled:  # a max pool over a merged Relu: max(0, max of its pre-activations)
+            r, sel = pooled[j]
+            cols[j] = _encode_relu_max(b, layer, outputs, sel, cols[r], need[r], lower[r], upper[r], push_down,
+                                       pools, zero)
+            encoded += outputs.size
+            continue
         rows = _z_rows(layer, outputs, lower[j], upper[j])
         terms = _z_expression(b, layer, rows, cols, need)
-        if layer.kind == "relu":
+        if j in merged:  # only its max pool reads it: the pre-activations z = W h_prev + b, no binaries
+            cols[j] = b.cols(lower[j][rows], upper[j][rows])
+            b.rows([_one(cols[j]), *terms], layer.bias[rows], layer.bias[rows])
+        elif layer.kind == "relu":
             cols[j] = _encode_relu(b, layer, rows, terms, lower[j][rows], upper[j][rows], push_down, relus)
         else:
             cols[j] = _encode_max(b, layer, outputs, terms, rows, lower[j], upper[j], push_down, pools)

@@ -9,7 +9,8 @@ Layer by layer, shallow first. For the candidates of one layer:
 2. *LP stage*: the per-unit LP (:mod:`.unit_encoding` without binaries); an optimum at or above the
    threshold is a proof, an LP point that flips the unit is a witness;
 3. *MILP stage*, in rounds of growing CPU limits per unit over all layers, so the easy units are decided
-   first: HiGHS's MILP as a threshold search (:func:`.highs_model.threshold_search`) for 2 s, then the
+   first: HiGHS's MILP as a threshold search (:func:`.highs_model.threshold_search`; max pools over Relus
+   encoded as ``max(0, ...)``, :mod:`.unit_encoding`) for 2 s, then the
    gap-branching LP branch and bound (:mod:`.unit_bab`) for 10 s and for ``unit_time_limit``. A program with
    max-pool selection binaries stays with HiGHS unless ``bab_pools``: the branch and bound can branch on them,
    but measured on ``examples/digits_cnn.onnx`` it spent 70 CPU s without the witness HiGHS found in 4 s (the
@@ -158,6 +159,8 @@ def _solve(task: tuple) -> tuple[UnitRecord, np.ndarray | None, float | None]:
         best = None
     else:
         stage = "milp"
+        if any(layer.kind == "max" for layer in work.chain.layers):  # max pools over Relus as max(0, .)
+            unit = encode_unit(work.chain, lower, upper, work.lo, work.hi, query, merge_pools=True)
         wall = min(left, max(4.0 * cpu_limit, cpu_limit + 10.0))  # backstop: callbacks pause in the root cut loop
         res = threshold_search(unit.program, unit.threshold, margin, accept, cpu_limit, wall)
         best = None
