@@ -211,19 +211,30 @@ def _encode_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, terms, zrow
             h[t] = col_of[int(members[0])]
             continue
         zc = np.array([col_of[int(p)] for p in members])
-        cap, floor = upper[members].max(), lower[members].max()
-        h[t] = b.cols(np.array([floor]), np.array([cap]))[0]
-        n, ones = members.size, np.ones(members.size)
-        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones)], np.zeros(n),
-               np.full(n, np.inf))  # h >= z_p
-        if push_down[t]:
-            continue
-        d = b.cols(np.zeros(n), np.ones(n), integer=True)
-        big = cap - lower[members]
-        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones), (np.arange(n), d, big)],
-               np.full(n, -np.inf), big)  # h <= z_p + (U - l_p)(1 - d_p)
-        b.rows([(np.zeros(n, int), d, ones)], np.ones(1), np.ones(1))  # one d_p set
-        pools.append((int(h[t]), zc, d))
+        h[t] = _max_of(b, zc, lower[members], lower[members].max(), upper[members].max(), push_down[t], pools)
+    return h
+
+
+def _max_of(b: _Builder, zc: np.ndarray, lows: np.ndarray, floor: float, cap: float, push_down: bool, pools: list,
+            zero: int | None = None) -> int:
+    """The column of ``h = max_p v[zc_p]`` (bounds ``[floor, cap]``): ``h >= z_p``, and unless ``push_down``
+    also ``h <= z_p + (cap - l_p)(1 - d_p)`` with one ``d_p`` set, over the members and, when given, the
+    constant-zero column ``zero`` (then ``h = max(0, ...)``); its (h, z_p, d_p) columns go to ``pools``."""
+    h = int(b.cols(np.array([floor]), np.array([cap]))[0])
+    n, ones = zc.size, np.ones(zc.size)
+    b.rows([(np.arange(n), np.full(n, h), ones), (np.arange(n), zc, -ones)], np.zeros(n),
+           np.full(n, np.inf))  # h >= z_p
+    if push_down:
+        return h
+    if zero is not None:
+        zc, lows, n = np.append(zc, zero), np.append(lows, 0.0), n + 1
+        ones = np.ones(n)
+    d = b.cols(np.zeros(n), np.ones(n), integer=True)
+    big = cap - lows
+    b.rows([(np.arange(n), np.full(n, h), ones), (np.arange(n), zc, -ones), (np.arange(n), d, big)],
+           np.full(n, -np.inf), big)  # h <= z_p + (U - l_p)(1 - d_p)
+    b.rows([(np.zeros(n, int), d, ones)], np.ones(1), np.ones(1))  # one d_p set
+    pools.append((h, zc, d))
     return h
 
 
@@ -272,28 +283,14 @@ def _encode_relu_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, sel: n
             h[t] = zero[0]
             continue
         zc = z_cols[where[units]]
-        lows, cap = lower[units], float(upper[units].max())
-        with_zero = bool(lows.max() < 0)
+        with_zero = bool(lower[units].max() < 0)
         if units.size == 1 and not with_zero:  # an always-active unit alone: h = z
             h[t] = zc[0]
             continue
-        h[t] = b.cols(np.array([floor]), np.array([cap]))[0]
-        n, ones = units.size, np.ones(units.size)
-        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones)], np.zeros(n),
-               np.full(n, np.inf))  # h >= z_p
-        if push_down[t]:
-            continue
-        if with_zero:
-            if not zero:
-                zero.append(int(b.cols(np.zeros(1), np.zeros(1))[0]))
-            zc, lows, n = np.append(zc, zero[0]), np.append(lows, 0.0), n + 1
-            ones = np.ones(n)
-        d = b.cols(np.zeros(n), np.ones(n), integer=True)
-        big = cap - lows
-        b.rows([(np.arange(n), np.full(n, h[t]), ones), (np.arange(n), zc, -ones), (np.arange(n), d, big)],
-               np.full(n, -np.inf), big)  # h <= z_p + (U - l_p)(1 - d_p)
-        b.rows([(np.zeros(n, int), d, ones)], np.ones(1), np.ones(1))  # one d_p set
-        pools.append((int(h[t]), zc, d))
+        if with_zero and not push_down[t] and not zero:
+            zero.append(int(b.cols(np.zeros(1), np.zeros(1))[0]))
+        h[t] = _max_of(b, zc, lower[units], floor, float(upper[units].max()), push_down[t], pools,
+                       zero[0] if with_zero and not push_down[t] else None)
     return h
 
 
