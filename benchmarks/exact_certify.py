@@ -299,7 +299,9 @@ def ours(path: Path, method: str, time_limit: float, unit_limit: float, jobs: in
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     worker_cpu = sum(r.cpu_seconds for r in cert.unit_records) if jobs > 1 else 0.0
     before_wall = cert.seconds["total"] - cert.seconds["milp"]
-    row = {"method": method, "seconds": wall, "cpu_seconds": cpu + worker_cpu, "complete": cert.complete,
+    # the network-wide MILP reads chains only: on a DAG (residual, pool) certify runs the per-unit stage instead
+    ran = method if cert.method == method else f"{method}->{cert.method}"
+    row = {"method": ran, "seconds": wall, "cpu_seconds": cpu + worker_cpu, "complete": cert.complete,
            "stage_seconds": cert.seconds, "milp_solves": cert.milp_solves, "lp_solves": cert.lp_solves,
            "bounds_tightened": cert.tightened, "layers": [], "claims": _claims_hold(loaded, cert),
            "timeline": _timeline(cert, extract_chain(loaded.graph, domain.shapes, loaded.ctx.default_opset).relu_layers,
@@ -373,26 +375,26 @@ def theirs(path: Path) -> dict | None:
 
 def _print(name: str, rows: list[dict], other: dict | None) -> None:
     print(f"\n{name}" + ("" if other is None else f"  (onnxsim {other['seconds']:.2f} s)"))
-    print(f"  {'method':<8} {'relu':<10} {'units':>5} {'active':>6} {'inact':>6} {'unstab':>6} {'open':>5} "
+    print(f"  {'method':<14} {'relu':<10} {'units':>5} {'active':>6} {'inact':>6} {'unstab':>6} {'open':>5} "
           f"{'onnxsim a/i':>11} {'wall s':>7} {'cpu s':>7} {'claims ok':>10} {'witness':>9}")
     for row in rows:
         for k, layer in enumerate(row["layers"]):
             theirs_layer = next((t for t in (other or {}).get("layers", []) if t["relu"] == layer["relu"]), None)
             theirs_s = "-" if theirs_layer is None else f"{theirs_layer['on']}/{theirs_layer['dead']}"
             first = k == 0
-            print(f"  {row['method'] if first else '':<8} {layer['relu'][:10]:<10} {layer['units']:>5} "
+            print(f"  {row['method'] if first else '':<14} {layer['relu'][:10]:<10} {layer['units']:>5} "
                   f"{layer['active']:>6} {layer['inactive']:>6} {layer['unstable']:>6} {layer['open']:>5} "
                   f"{theirs_s:>11} " + (f"{row['seconds']:>7.1f} {row['cpu_seconds']:>7.1f} "
                                         f"{row['claims']['claimed'] - row['claims']['broken']:>4}/"
                                         f"{row['claims']['claimed']:<5} {row['witnesses']['confirmed']:>4}/"
                                         f"{row['witnesses']['claimed_unstable']:<4}" if first else ""))
         if "params_before" in row:
-            print(f"  {'':<8} params {row['params_before']:,} -> {row['params_after']:,}; 10,000 box points max abs "
+            print(f"  {'':<14} params {row['params_before']:,} -> {row['params_after']:,}; 10,000 box points max abs "
                   f"err {row['box_check_max_abs']:.2g} (within 1e-5: {row['box_check_within_1e-5']})")
         if row.get("timeline"):
             marks = ", ".join(f"{c['at']} s: {c['inactive']} inactive / {c['open']} open"
                               for c in row["timeline"]["cpu"])
-            print(f"  {'':<8} deepest solved layer by CPU time: {marks}")
+            print(f"  {'':<14} deepest solved layer by CPU time: {marks}")
 
 
 def main() -> None:
