@@ -8,10 +8,10 @@ when ``d = 0``. The program maximises ``sum p + sum q`` subject to ``sum p + sum
 is an input of the box that flips candidates (each gets that input as its witness, checked by a
 forward pass), they leave the objective, and the program is solved again. When it is infeasible no
 remaining candidate can flip: all are proven. The witness rounds use a small margin ``eps`` so the
-witnesses flip robustly in float32; when no input flips by that margin it shrinks tenfold down to
-``1e-7`` (a unit whose smallest value over the box is ``-3.7e-5`` is shown unstable, not left open), and
-the final proof round uses ``eps = 0``, which is what makes the proof sound (a unit that can reach
-``z = 0`` exactly is not claimed stable).
+witnesses flip robustly in float32; the final proof round uses ``eps = 0``, which is what makes the
+proof sound (a unit that can reach ``z = 0`` exactly is not claimed stable). When that round meets only
+boundary points, up to three tenfold smaller margins below the last infeasible one are tried (a unit whose
+smallest value over the box is ``-3.7e-5`` is shown unstable, not left open); a proof still costs two solves.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .chain import AffineChain
 
 logger = logging.getLogger(__name__)
 
-_MIN_MARGIN = 1e-7  # the smallest witness margin tried before the proof round
+_SHRINKS = 3  # tenfold smaller witness margins tried after a proof round that met only boundary points
 
 
 @dataclass
@@ -185,6 +185,7 @@ def _flip_rounds(program: _Program, chain: AffineChain, pc: set, qc: set, out: M
     """Witness rounds with margin ``eps``, then a proof round with 0; returns the candidates left open."""
     margin = eps
     ceiling = np.inf  # the smallest margin found infeasible: raising the margin again stops below it
+    shrinks = 0  # margins tried below it after the proof round met only boundary points
     while pc or qc:
         left = time_limit - (time.perf_counter() - start)
         if left <= 0:
@@ -198,8 +199,8 @@ def _flip_rounds(program: _Program, chain: AffineChain, pc: set, qc: set, out: M
                 out.proven_inactive |= pc
                 out.proven_active |= qc
                 return set(), set()
-            ceiling = margin  # a flip smaller than the margin may still exist: shrink it before the proof round
-            margin = margin / 10.0 if margin > _MIN_MARGIN else 0.0
+            ceiling = margin
+            margin = 0.0
             continue
         if x is None:  # time limit without a solution: these stay open
             break
@@ -207,10 +208,15 @@ def _flip_rounds(program: _Program, chain: AffineChain, pc: set, qc: set, out: M
         flipped_p = {(k, i) for (k, i) in pc if zs[k][0, i] > 0}
         flipped_q = {(k, i) for (k, i) in qc if zs[k][0, i] < 0}
         if not flipped_p and not flipped_q:
-            if margin == 0.0 or margin * 10.0 >= ceiling:
-                break  # only boundary points (or flips below float32's reach): those stay open, not claimed
-            margin *= 10.0
-            continue
+            if margin > 0.0 and margin * 10.0 < ceiling:
+                margin *= 10.0
+                continue
+            if margin == 0.0 and shrinks < _SHRINKS and np.isfinite(ceiling):
+                # only boundary points at 0: a flip smaller than the last infeasible margin may exist
+                shrinks += 1
+                margin = ceiling / 10.0
+                continue
+            break  # only boundary points (or flips below float32's reach): those stay open, not claimed
         out.witnesses.append(x)
         for cand in flipped_p:
             out.flipped_positive[cand] = len(out.witnesses) - 1
