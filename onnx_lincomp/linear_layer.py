@@ -98,17 +98,17 @@ class LinearLayer:
         return int(np.prod(self.shape[2:], dtype=np.int64)) if self.kind == "conv" else 1
 
     def positions(self, shape: Callable[[str], tuple[int, ...] | None] | None = None) -> int:
-        """Output positions per sample (a Conv's spatial size, a MatMul's leading axes): the MACs of one
-        weight. From ``shape`` (a tensor-name lookup such as :func:`.analysis.model_report.graph_shapes` at
-        the data's input shapes) when it knows the output, else from the graph's static dims (dynamic ones
-        count 1)."""
+        """Output positions of one run (every axis but the channel one: a fixed batch, a Conv's spatial size,
+        a MatMul's leading axes): the MACs of one weight, by the rule of :func:`.analysis.model_report.
+        graph_figures`. From ``shape`` (a tensor-name lookup such as ``model_report.graph_shapes`` at the data's
+        input shapes) when it knows the output, else from the graph's static dims (dynamic ones count 1)."""
         dims = shape(self.output.name) if shape is not None else None
         if dims is None:
             dims = self.output.shape
-        if dims is None or len(dims) <= 2:
+        if not dims:
             return 1
-        lead = dims[2:] if self.kind == "conv" else dims[1:-1]
-        return max(math.prod(int(d) for d in lead if isinstance(d, (int, np.integer))), 1)
+        lead = [dims[0], *dims[2:]] if self.kind == "conv" else dims[:-1]
+        return max(math.prod(int(d) for d in lead if isinstance(d, (int, np.integer)) and d > 0), 1)
 
     @property
     def param_count(self) -> int:

@@ -77,7 +77,7 @@ def run_pipeline(graph: gs.Graph, specs: Sequence[PassSpec], ctx: PassContext, *
     passes = [s.build() for s in specs]
     repeatable = [p for p in passes if not p.runs_last]
     records: list[PassRecord] = []
-    shapes = ctx.data.input_shapes() if ctx.data is not None else None  # MACs of a graph with dynamic sides
+    shapes = ctx.data.input_shapes(graph) if ctx.data is not None else None  # MACs of a graph with dynamic sides
     figures = graph_figures(graph, input_shapes=shapes)
     for round_no in range(max_rounds):
         changed = False

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import onnx
-from onnx import helper
 import pytest
 from click.testing import CliRunner
+from onnx import helper
 
 from conftest import cnn_model, init, make_model, mlp_model, run, vinfo
 from onnx_lincomp.analysis.channel_importance import greedy_order
@@ -229,6 +229,10 @@ def test_targets_on_dynamic_sides_count_macs_at_the_data_size(rng):
     widths = [[tuple(i.dims) for i in m.graph.initializer if i.name.startswith("w")] for m in (static, dynamic)]
     assert widths[0] == widths[1]
     assert records[-1].after.macs == model_report(static).macs > 0
+    fixed = _transpose_head_model(np.random.default_rng(3))  # a fixed batch of 4: counted per run, four samples
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    batch4, _ = _prune(fixed, x, spec)
+    assert [tuple(i.dims) for i in batch4.graph.initializer if i.name.startswith("w")] == widths[0]
 
 
 @pytest.mark.parametrize("values, words", [

@@ -659,6 +659,8 @@ def graph_shapes(graph: gs.Graph, input_shapes: Mapping[str, Shape] | None = Non
             return found
         if not inferred:
             try:
+                if _tally(_gs_view(graph)).param_bytes >= PROTO_LIMIT_BYTES // 4:
+                    raise ValueError("too large to export for inference")  # as graph_figures: no export
                 inferred.append(_inferred_shapes(graph, input_shapes))
             except Exception:  # shapes are best effort
                 inferred.append(lambda _: None)

@@ -22,7 +22,7 @@ from onnx import helper
 
 from ..errors import CalibrationDataError
 from ..model_io import ModelContext, to_model_proto
-from ..runtime.feeds import BatchSource, feeds_samples, iterate_feeds
+from ..runtime.feeds import BatchSource, feeds_samples, iterate_feeds, model_feeds
 from ..runtime.session import SessionOptions, SessionScope, ort_message
 
 Progress = Callable[[int, int], None]
@@ -44,12 +44,14 @@ class CalibrationData:
     def samples(self) -> int:
         return min(self.stop, self.max_samples, len(self.source))
 
-    def input_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each array's shape at one sample, read off the first calibration sample (a whole model input for
-        inputs fed one sample a run): the sizes a model with dynamic sides runs at, for counting its MACs."""
-        batch = next(iter(self.source.batches(1, 0, 1)), {})
-        return {name: tuple(int(d) for d in (a.shape[1:] if name in self.source.per_sample else a.shape))
-                for name, a in batch.items()}
+    def input_shapes(self, graph: gs.Graph) -> dict[str, tuple[int, ...]]:
+        """Each input of ``graph`` as it is fed one calibration sample (batch axis where the model has it,
+        per-sample inputs whole): the sizes a model with dynamic sides runs at, for counting its MACs."""
+        batch = next(iter(self.source.batches(1, 0, 1)), None)
+        if batch is None:
+            return {}
+        feeds = model_feeds(graph, batch, self.source.per_sample)
+        return {name: tuple(int(d) for d in np.shape(a)) for name, a in feeds.items()}
 
     def with_samples(self, n: int) -> CalibrationData:
         return CalibrationData(self.source, self.ctx, self.stop, self.batch_size, self.threads, max(1, n),

@@ -203,7 +203,7 @@ class LowRank(Pass):
         if o.data_aware and ctx.data is None:
             raise OptionError("low-rank with data_aware needs calibration data (--calib); use --no-data-aware for "
                               "a plain SVD of the weights")
-        input_shapes = ctx.data.input_shapes() if ctx.data is not None and o.by_macs else None
+        input_shapes = ctx.data.input_shapes(graph) if ctx.data is not None and o.by_macs else None
         sites = self._sites(graph, tally, input_shapes)
         if o.data_aware and sites:
             self._whiten(graph, ctx, sites)

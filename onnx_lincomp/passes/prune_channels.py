@@ -208,7 +208,7 @@ class PruneChannels(Pass):
             moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed, own_targets=o.reconstruct)
         candidates = [_Candidate(g, removal_order(g, o.importance, moments), overrides.get(group_key(g)))
                       for g in groups]
-        masks = self._masks(graph, candidates, ctx.data.input_shapes() if ctx.data is not None else None)
+        masks = self._masks(graph, candidates, ctx.data.input_shapes(graph) if ctx.data is not None else None)
         matches = []
         for cand, mask in zip(candidates, masks, strict=True):
             site = group_key(cand.group)
