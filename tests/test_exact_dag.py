@@ -194,6 +194,55 @@ def test_branch_and_bound_on_max_pool_selections_agrees_with_brute_force(seed, r
     _bab_against_grid(chain, zs, np.zeros(2), np.ones(2), after)
 
 
+def _optimum(program) -> float:
+    """The exact optimum of a small per-unit MILP (SciPy's HiGHS, no gap)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    res = milp(program.cost, integrality=program.integer.astype(int),
+               bounds=Bounds(program.col_lower, program.col_upper),
+               constraints=[LinearConstraint(program.rows, program.row_lower, program.row_upper)],
+               options={"mip_rel_gap": 0.0})
+    assert res.status == 0, res.message
+    return float(res.fun)
+
+
+def pool_and_skip_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x (N,2) -> fc0 (8) -> Relu h0 -> Reshape (2,2,2) -> MaxPool -> Flatten -> fc1, plus fc_skip(h0), Add ->
+    Relu -> fc2: the Relu after the Add reads h0 itself, so its pool must keep the Relu binaries."""
+    def w(a, b):
+        return rng.normal(0, 1.2 / np.sqrt(b), (a, b)).astype(np.float32)
+
+    inits = [init("w0", w(8, 2)), init("b0", rng.normal(0, 0.3, 8).astype(np.float32)),
+             init("shape", np.array([-1, 2, 2, 2], np.int64)), init("w1", w(3, 2)),
+             init("b1", rng.normal(0, 0.3, 3).astype(np.float32)), init("ws", w(3, 8)),
+             init("bs", np.zeros(3, np.float32)), init("w2", w(2, 3)), init("b2", np.zeros(2, np.float32))]
+    nodes = [helper.make_node("Gemm", ["x", "w0", "b0"], ["z0"], name="fc0", transB=1),
+             helper.make_node("Relu", ["z0"], ["h0"], name="relu0"),
+             helper.make_node("Reshape", ["h0", "shape"], ["r"], name="reshape"),
+             helper.make_node("MaxPool", ["r"], ["m"], name="pool", kernel_shape=[2, 2]),
+             helper.make_node("Flatten", ["m"], ["f"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["a"], name="fc1", transB=1),
+             helper.make_node("Gemm", ["h0", "ws", "bs"], ["b"], name="fc_skip", transB=1),
+             helper.make_node("Add", ["a", "b"], ["z1"], name="add"),
+             helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+             helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    return make_model(nodes, [vinfo("x", ["N", 2])], [vinfo("y", ["N", 2])], inits)
+
+
+def test_a_relu_read_past_its_pool_is_not_merged(rng):
+    _, chain = _chain(pool_and_skip_model(rng), (2,))
+    assert [layer.kind for layer in chain.layers] == ["relu", "max", "relu"]
+    lo, hi = np.zeros(2), np.ones(2)
+    _, tight = relaxed_bounds(chain, lo, hi)
+    lower, upper = [b.lower for b in tight], [b.upper for b in tight]
+    for i in range(3):
+        for sign in (1.0, -1.0):
+            plain = encode_unit(chain, lower, upper, lo, hi, UnitQuery(2, i, sign))
+            merged = encode_unit(chain, lower, upper, lo, hi, UnitQuery(2, i, sign), merge_pools=True)
+            assert merged.program.binaries == plain.program.binaries and len(merged.relus) == len(plain.relus)
+            assert abs(_optimum(merged.program) - _optimum(plain.program)) < 1e-9
+
+
 @SETTINGS
 @given(st.integers(0, 10**6))
 def test_max_pools_over_relus_merged_agree_with_brute_force(seed):
@@ -221,6 +270,7 @@ def test_max_pools_over_relus_merged_agree_with_brute_force(seed):
                 extreme = (sign * grid_z[k][:, i]).max()
                 lp = solve_lp(unit.program, 30.0)
                 assert unit.threshold - lp.value >= extreme - 1e-7  # the relaxation bounds the true maximum
+                assert abs(_optimum(unit.program) - _optimum(plain.program)) < 1e-6  # the same network
                 res = threshold_search(unit.program, unit.threshold, 1e-6, flips, 30.0, 60.0)
                 if res.status == "no":
                     assert extreme <= 1e-9, (k, i, sign)

@@ -276,7 +276,8 @@ def _encode_relu_max(b: _Builder, layer: ChainLayer, outputs: np.ndarray, sel: n
     for t, o in enumerate(outputs):
         units = np.unique(sel[np.unique(layer.pools[o])])
         floor = max(0.0, float(lower[units].max()))
-        units = units[(upper[units] > 0) & (upper[units] >= floor)]  # the others are never above the max
+        # the others are never above the max (nor those the cone left out by the pool's own bounds)
+        units = units[(upper[units] > 0) & (upper[units] >= floor) & (where[units] >= 0)]
         if units.size == 0:  # every member <= 0: the output is 0
             if not zero:
                 zero.append(int(b.cols(np.zeros(1), np.zeros(1))[0]))
