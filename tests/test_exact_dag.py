@@ -272,8 +272,8 @@ def test_max_pools_over_relus_merged_agree_with_brute_force(seed):
                 assert unit.threshold - lp.value >= extreme - 1e-7  # the relaxation bounds the true maximum
                 best = unit.threshold - _optimum(unit.program)  # the MILP's exact maximum of s z
                 assert best >= extreme - 1e-6  # never below a point the network reaches
-                # the same network as the plain encoding, up to HiGHS's tolerances (seed 329: the plain optimum
-                # came back 5e-4 short, though fixing the input at the merged optimum reaches it)
+                # the same network as the plain encoding, up to the solver's tolerances (seed 329: SciPy's milp gave
+                # the plain optimum 5e-4 short; the stage's threshold search on that program finds the true one)
                 assert abs(best - (plain.threshold - _optimum(plain.program))) < 1e-3
                 res = threshold_search(unit.program, unit.threshold, 1e-6, flips, 30.0, 60.0)
                 if res.status == "no":
