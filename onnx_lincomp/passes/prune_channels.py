@@ -21,7 +21,6 @@ The pass is approximate by design (``lossy``): its error is verified and reporte
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -333,40 +332,42 @@ class PruneChannels(Pass):
         """Refit again, on the final graph, each consumer whose input a group rewritten *after* its refit can
         reach: a side branch pruned later (a squeeze-excitation gate multiplying the main path) changes what
         the consumer reads after it was fit. A layer refit again changes what the fitted layers after it read,
-        so they join the list. In graph order; in a plain chain no consumer is stale and nothing runs. The
-        number of layers refit again."""
+        so they join the list. In waves: each wave is the stale layers no other stale layer feeds, refit from one
+        data pass (the same result as one layer at a time in graph order); in a plain chain no consumer is stale
+        and nothing runs. The number of layers refit again."""
         order = {n.name: i for i, n in enumerate(graph.nodes)}
         layers = {k: match_linear_layer(graph, node_named(graph, k)) for k in fitted if k in order}
         layers = {k: v for k, v in layers.items() if isinstance(v, LinearLayer)}
         above = upstream_sites(graph, {p for producers in pruned for p in producers} | set(layers))
         feeds = {k: above.get(v.input.name, frozenset()) for k, v in layers.items()}  # sites upstream of k
-        todo = [(order[k], k) for k in layers if any(feeds[k] & set(ps) for ps in pruned[fitted[k]:])]
-        heapq.heapify(todo)
+        pending = {k for k in layers if any(feeds[k] & set(ps) for ps in pruned[fitted[k]:])}
         done: set[str] = set()
         count = 0
-        while todo:  # in graph order: each refit changes what the later ones read
-            _, key = heapq.heappop(todo)
-            if key in done:
-                continue
-            done.add(key)
-            layer = match_linear_layer(graph, node_named(graph, key))
-            m = collect_layer_moments(graph, shared["data"], [layer], shared["reference"],
-                                      seed=self.options.seed).get(key)
-            if m is None or m.cross is None:
-                continue
-            if key in rows:
-                m.cross = m.cross[:, rows[key]]
-            w = layer.weight.reshape(layer.out_features, -1)
-            if m.cross.shape[1] != w.shape[0]:
-                tally.add("consumer changed shape since its refit (not refit again)", key)
-                continue
-            w2, b2 = refit(m, np.arange(m.cols), w, layer.bias, self.options.ridge)
-            write_linear_layer(graph, names, layer, w2.reshape(layer.shape), b2)
-            tally.add("refit again after a later group changed its input (side branch)", key)
-            count += 1
-            for k in layers.keys() - done:
-                if key in feeds[k]:
-                    heapq.heappush(todo, (order[k], k))
+        while pending:
+            # the pending layers that no other pending layer feeds: their inputs are final (the graph order
+            # would reach every layer upstream of them first), so one data pass collects all their moments
+            ready = sorted((k for k in pending if not feeds[k] & (pending - {k})), key=order.__getitem__)
+            pending -= set(ready)
+            done |= set(ready)
+            moments = collect_layer_moments(graph, shared["data"],
+                                            [match_linear_layer(graph, node_named(graph, k)) for k in ready],
+                                            shared["reference"], seed=self.options.seed)
+            for key in ready:
+                m = moments.get(key)
+                if m is None or m.cross is None:
+                    continue
+                layer = match_linear_layer(graph, node_named(graph, key))
+                if key in rows:
+                    m.cross = m.cross[:, rows[key]]
+                w = layer.weight.reshape(layer.out_features, -1)
+                if m.cross.shape[1] != w.shape[0]:
+                    tally.add("consumer changed shape since its refit (not refit again)", key)
+                    continue
+                w2, b2 = refit(m, np.arange(m.cols), w, layer.bias, self.options.ridge)
+                write_linear_layer(graph, names, layer, w2.reshape(layer.shape), b2)
+                tally.add("refit again after a later group changed its input (side branch)", key)
+                count += 1
+                pending |= {k for k in layers.keys() - done if key in feeds[k]}  # what it feeds reads anew
         return count
 
     def _consumer_params(self, graph: gs.Graph, group: ChannelGroup, mask: np.ndarray, match: Match,
