@@ -11,7 +11,7 @@ from onnx_lincomp.autotune import Budget
 from onnx_lincomp.autotune.judge import Outcome
 from onnx_lincomp.autotune.layer_knobs import resolve_knobs
 from onnx_lincomp.autotune.pareto import pareto_flags
-from onnx_lincomp.autotune.search import Move, SearchOptions, _greedy, _Walk, run_search
+from onnx_lincomp.autotune.search import Move, SearchOptions, _greedy, _Latency, _Walk, run_search
 from onnx_lincomp.autotune.space import Choice, Knob, default_knobs, neighbours, setting_recipe
 from onnx_lincomp.cli import main
 from onnx_lincomp.errors import OptionError
@@ -58,6 +58,21 @@ def test_space_recipes_put_exact_passes_first_and_quantizers_last():
     assert len(neighbours(knobs, (None,) * len(knobs))) == len(knobs) - 1
     with pytest.raises(OptionError):
         default_knobs("speed")
+
+
+def test_the_latency_objective_at_a_serving_batch():
+    """--latency-batch N: candidates are timed at N samples a run, and INT8 judges its own speed-up there too
+    (a model INT8 slows at batch 1 may still gain at the batch it is served at)."""
+    quantize = next(k for k in default_knobs("latency", latency_batch=32) if k.name == "quantize")
+    assert dict(quantize.choices[0].options) == {"latency_batch": 32}
+    assert dict(next(k for k in default_knobs("latency") if k.name == "quantize").choices[0].options) == {}
+    with pytest.raises(OptionError, match="latency-batch"):
+        SearchOptions("latency", AGREEMENT, latency_batch=0)
+    model, calib = (str(p) for p in example_paths("digits-cnn"))
+    prep = prepare(model, calib, Recipe(calibration=CalibrationSettings(verify_split=0.3)), "y")
+    for batch in (1, 8):
+        timer = _Latency(prep, SearchOptions("latency", AGREEMENT, latency_batch=batch), {})
+        assert timer.batch == batch and all(len(v) == batch for v in timer.feeds.values())
 
 
 def test_search_keeps_the_budget_and_picks_the_cheapest():
@@ -111,6 +126,9 @@ def test_cli_search_writes_a_recipe_that_replays(tmp_path):
     (["--jobs", "2"], 2, "add --objective"),
     (["--objective", "macs", "--min-agreement", "0.9", "--time-budget", "soon"], 2, "duration"),
     (["--objective", "macs", "--max-accuracy-drop", "1"], 4, "cannot support a 1-point budget"),
+    (["--latency-batch", "4"], 2, "add --objective"),
+    (["--objective", "macs", "--min-agreement", "0.9", "--latency-batch", "4"], 2, "--latency-batch applies"),
+    (["--objective", "latency", "--min-agreement", "0.9", "--latency-batch", "0"], 2, "--latency-batch"),
 ])
 def test_bad_search_input_writes_nothing(tmp_path, args, code, words):
     out = tmp_path / "x.onnx"

@@ -18,7 +18,8 @@
    nor cuts MACs, unless it built the current model again (coarse widths map neighbouring levels to one
    model): then the knob moves on.
 4. Among the candidates inside the budget take the one with the best objective gain per unit of budget
-   used (latency: batch-1 ratio against the original in interleaved rounds, measured here one candidate
+   used (latency: ratio against the original at ``latency_batch`` samples a run, 1 by default, in
+   interleaved rounds, measured here one candidate
    at a time, never in parallel workers; size: file bytes; MACs), and go on from it.
 5. Stop when no move is left, at ``max_candidates`` scored candidates, or at the time budget (checked
    before each round): the answer is
@@ -67,10 +68,13 @@ class SearchOptions:
     backoffs: int = 2  # finer choices tried back from a missed step on a per-layer knob
     max_candidates: int = 60  # scored candidates at most (the scan of a per-layer knob not counted)
     per_layer: bool = False  # add the per-layer pruning knob (a sensitivity scan first)
+    latency_batch: int = 1  # samples per run at which the latency objective is measured (the serving batch)
 
     def __post_init__(self):
         if self.lookahead < 0 or self.backoffs < 0 or self.max_candidates < 1:
             raise OptionError("the search needs lookahead >= 0, backoffs >= 0 and max_candidates >= 1")
+        if self.latency_batch < 1:
+            raise OptionError(f"--latency-batch must be at least 1, got {self.latency_batch}")
 
 
 MoveKind = Literal["start", "step", "look-ahead", "back-off", "trade"]
@@ -142,17 +146,20 @@ class SearchResult:
 
 
 class _Latency:
-    """Batch-1 latency of candidates against the original (interleaved rounds, pinned threads), cached."""
+    """Latency of candidates against the original at ``latency_batch`` samples a run (a model that takes one
+    batch shape: that one), in interleaved rounds with pinned threads; cached on the candidate."""
 
     def __init__(self, prep: Prepared, options: SearchOptions, shapes: dict):
         self.prep, self.threads = prep, options.threads
-        self.feeds = latency_feeds(prep, options.batch_size, shapes)[0]
+        one, many, fixed = latency_feeds(prep, options.latency_batch, shapes)
+        self.feeds = one if options.latency_batch == 1 or fixed else many
+        self.batch = 1 if options.latency_batch == 1 or fixed else options.latency_batch
 
     def measure(self, s: Scored) -> None:
         if s.latency_ratio is not None or s.outcome.model is None:
             return
         model = onnx.load_from_string(s.outcome.model)
-        est = compare_two(self.prep.original, model, self.feeds, self.threads).ratios[1]
+        est = compare_two(self.prep.original, model, self.feeds, self.threads, self.batch).ratios[1]
         s.latency_ratio, s.latency_change = est.ratio, est.change
 
 
@@ -171,7 +178,8 @@ def run_search(prep: Prepared, stats: StatsSet, model_path: str, calib: str, cal
                progress: Progress | None = None) -> SearchResult:
     """Search from ``prep`` (the model at ``model_path`` prepared with ``calibration``) using the statistics
     ``stats`` of its calibration part; workers rebuild candidates from the same files."""
-    knobs = knobs if knobs is not None else default_knobs(options.objective, per_layer=options.per_layer)
+    knobs = knobs if knobs is not None else default_knobs(options.objective, per_layer=options.per_layer,
+                                                           latency_batch=options.latency_batch)
     knobs, scans = resolve_knobs(knobs, prep, stats, calib, calibration, labels, options.objective,
                                  options.jobs if options.backend == "local" else 1, options.threads)
     start = time.monotonic()  # the time budget is the walk's: the scans are bounded (layers x levels) and reported

@@ -75,12 +75,13 @@ def _levels(pass_name: str, option: str, values) -> tuple[Choice, ...]:
 
 
 def default_knobs(objective: Objective, available: Mapping[str, type] = PASSES,
-                  per_layer: bool = False) -> tuple[Knob, ...]:
+                  per_layer: bool = False, latency_batch: int = 1) -> tuple[Knob, ...]:
     """The knobs that can improve ``objective``, restricted to the passes this installation has.
 
     ``per_layer`` adds per-layer pruning from a sensitivity scan. It is off by default: it shares the
     pruning family with uniform pruning, so the walk uses one or the other, and on the Fashion-MNIST CNN at
-    one point its coarse steps ended below uniform pruning alone (benchmarks/search.py)."""
+    one point its coarse steps ended below uniform pruning alone (benchmarks/search.py). ``latency_batch``:
+    the batch the latency objective is measured at, which quantize-int8 also judges its own speed-up at."""
     if objective not in OBJECTIVES:
         raise OptionError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     # latency: widths at the pass's default, this CPU's NCHWc block (16 with AVX-512). Other widths run slower
@@ -93,7 +94,8 @@ def default_knobs(objective: Objective, available: Mapping[str, type] = PASSES,
                             for v in (0.85, 0.7, 0.55, 0.45, 0.35, 0.25, 0.18, 0.12)), frozenset(OBJECTIVES)),
         *((Knob("prune-layers", (), frozenset(OBJECTIVES), family="prune", scan="channels"),) if per_layer else ()),
         Knob("low-rank", _levels("low-rank", "keep_params", (0.8, 0.6, 0.45, 0.3)), frozenset(OBJECTIVES)),
-        Knob("quantize", (Choice("quantize-int8"),), frozenset({"latency"})),
+        Knob("quantize", (Choice("quantize-int8", {"latency_batch": latency_batch} if latency_batch > 1 else {}),),
+             frozenset({"latency"})),
         Knob("quantize", _levels("share-weights", "bits", (8, 6, 5, 4, 3)), frozenset({"size"})),
     ]
     out = []

@@ -61,11 +61,13 @@ search_options = [
     click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                  help="With --objective: score candidates locally or on a Ray cluster (extra 'ray')."),
     click.option("--address", help="With --backend ray: the cluster address (default: a local cluster)."),
+    click.option("--latency-batch", type=click.IntRange(1), default=1, show_default=True,
+                 help="With --objective latency: measure latency at this many samples a run (the batch you serve).",),
     click.option("--search-per-layer", is_flag=True,
                  help="With --objective: also try per-layer pruning levels from a sensitivity scan (slower)."),
 ]
 SEARCH_ONLY = ("--pareto", "--plot", "--time-budget", "--jobs", "--backend", "--address", "--max-output-error",
-               "--search-per-layer")
+               "--search-per-layer", "--latency-batch")
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -187,7 +189,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
              allow_larger, check_each_pass, explain,
              json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
              check_points, unit_time_limit, milp_method, objective, min_agreement, max_output_error, pareto_out,
-             plot_out, time_budget, jobs, backend, address, search_per_layer, **pass_values):
+             plot_out, time_budget, jobs, backend, address, search_per_layer, latency_batch, **pass_values):
     """Remove dead units, fold linear ones, merge layers; verify in onnxruntime and save.
 
     With --exact the dead and linear sets are proven over the --input-range box instead of observed.
@@ -213,7 +215,7 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
     if objective is not None:
         return _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out,
                        time_budget, jobs, backend, address, json_out, overwrite, explain or exact or stats_file,
-                       search_per_layer)
+                       search_per_layer, latency_batch)
     stray = _given(ctx, SEARCH_ONLY)
     if stray:
         raise OptionError(f"{stray[0]} applies to the search only: add --objective latency|size|macs")
@@ -264,7 +266,7 @@ def _explain(model, calib, options, stats) -> None:
 
 
 def _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out, time_budget, jobs,
-            backend, address, json_out, overwrite, conflicting, per_layer=False) -> None:
+            backend, address, json_out, overwrite, conflicting, per_layer=False, latency_batch=1) -> None:
     """``--objective``: the search across passes; the chosen model is written like any optimize output."""
     from ..autotune import Budget
     from ..autotune.executors import require_ray
@@ -286,8 +288,10 @@ def _search(ctx, model, calib, output, options, objective, max_output_error, par
                           "or --max-output-error")
     if backend == "ray":
         require_ray()
+    if latency_batch > 1 and objective != "latency":
+        raise OptionError(f"--latency-batch applies to --objective latency, not {objective}")
     search = SearchOptions(objective, Budget(*budgets[0]), jobs, backend, address, parse_duration(time_budget),
-                           options.threads, options.batch_size, per_layer=per_layer)
+                           options.threads, options.batch_size, per_layer=per_layer, latency_batch=latency_batch)
     plan = OutputPlan({"MODEL": model, "--calib": calib}, overwrite=overwrite)
     plan.add("-o", output, model=True)
     plan.add("--json", json_out)
