@@ -63,10 +63,11 @@ def models(tmp: Path, quick: bool):
     return out
 
 
-def run_one(name, model, calib, labels, cal, kind, value, knobs, jobs, time_budget=None, backend="local"):
+def run_one(name, model, calib, labels, cal, kind, value, knobs, jobs, time_budget=None, backend="local",
+            latency_batch=1):
     options = OptimizeOptions(Recipe(calibration=cal), labels=labels, threads=1, batch_size=32)
     search = SearchOptions("latency", Budget(kind, value), jobs=jobs, backend=backend, threads=1, batch_size=32,
-                           time_budget_s=time_budget)
+                           time_budget_s=time_budget, latency_batch=latency_batch)
     start = time.perf_counter()
     try:
         result, found = optimize_within_budget(model, calib, options, replace(search), knobs=knobs)
@@ -144,9 +145,11 @@ def main() -> None:
     ap.add_argument("--out", default="search.json", help="file name under benchmarks/results/")
     ap.add_argument("--variants", help="comma-separated variant labels to run (default: all), e.g. "
                                        "'combined,prune alone,low-rank alone,quantize alone'")
+    ap.add_argument("--latency-batch", type=int, default=1,
+                    help="the batch the search's latency objective is measured at (the tables show b1 and b32)")
     args = ap.parse_args()
     rows, backends = [], []
-    every = default_knobs("latency")
+    every = default_knobs("latency", latency_batch=args.latency_batch)
     layer = tuple(k for k in default_knobs("latency", per_layer=True) if k.name == "prune-layers")
     variants = ([("combined", every), ("combined + per-layer", every + layer)]
                 + [(f"{k.name} alone", (k,)) for k in every + layer])
@@ -165,7 +168,7 @@ def main() -> None:
                 for label, knobs in variants:
                     row = {"model": name, "budget": f"{kind} {value:g}", "search": label,
                            **run_one(name, model, calib, labels, cal, kind, value, knobs, args.jobs,
-                                     args.time_budget)}
+                                     args.time_budget, latency_batch=args.latency_batch)}
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
                     write(args.out, rows, backends, partial=True)
