@@ -270,7 +270,7 @@ def test_max_pools_over_relus_merged_agree_with_brute_force(seed):
                 assert unit.threshold - lp.value >= extreme - 1e-7  # the relaxation bounds the true maximum
                 best = unit.threshold - _optimum(unit.program)  # the MILP's exact maximum of s z
                 assert best >= extreme - 1e-6  # never below a point the network reaches
-                assert abs(best - (plain.threshold - _optimum(plain.program))) < 1e-6  # the same network
+                assert abs(best - (plain.threshold - _optimum(plain.program))) < 1e-5  # the same network (tolerances)
                 res = threshold_search(unit.program, unit.threshold, 1e-6, flips, 30.0, 60.0)
                 if res.status == "no":
                     assert extreme <= 1e-9, (k, i, sign)
