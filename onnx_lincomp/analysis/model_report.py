@@ -647,15 +647,16 @@ def _inferred_shapes(graph: gs.Graph, input_shapes: Mapping[str, Shape] | None =
 
 def graph_shapes(graph: gs.Graph, input_shapes: Mapping[str, Shape] | None = None) -> Callable[[str], Shape | None]:
     """A lookup of static tensor shapes: the graph's own (a dynamic leading dimension taken as 1), else onnx
-    inference at ``input_shapes`` (each input's shape at one sample, e.g. the calibration data's), run once
-    on first need. A model with dynamic spatial sides has MACs only at some input size: this is the lookup
-    to count them with. Unknown shapes are None."""
+    inference on the exported graph at batch 1 or at ``input_shapes`` (each input's shape at one sample, e.g.
+    the calibration data's), run once on first need and skipped for graphs whose parameters reach a quarter of
+    the protobuf limit. A model with dynamic spatial sides has MACs only at some input size: this is the
+    lookup to count them with. Unknown shapes are None."""
     own = _gs_shapes(graph)
     inferred: list[Callable[[str], Shape | None]] = []
 
     def shape(name: str) -> Shape | None:
         found = own(name)
-        if found is not None or not input_shapes:
+        if found is not None:
             return found
         if not inferred:
             try:
@@ -683,26 +684,19 @@ def _gs_macs(nodes: Iterable[gs.Node], shape: Callable[[str], Shape | None]) -> 
     return macs, unknown
 
 
-def graph_figures(graph: gs.Graph, infer_missing: bool = True,
-                  input_shapes: Mapping[str, Shape] | None = None) -> Figures:
+def graph_figures(graph: gs.Graph, infer_missing: bool = True, input_shapes: Mapping[str, Shape] | None = None,
+                  shapes: Callable[[str], Shape | None] | None = None) -> Figures:
     """Parameter figures and per-sample MACs of a graph, by the same rule as :func:`model_report`.
 
     MACs come from the shapes the graph's tensors carry (a dynamic leading dimension taken as 1). When
     some MAC nodes have no static shapes there and ``infer_missing`` is set, onnx shape inference runs
-    once at batch 1 (or at ``input_shapes``: each input's shape at one sample) on the exported graph (skipped
-    for graphs whose parameters reach a quarter of the protobuf limit); there is no onnxruntime fallback, so
+    once (:func:`graph_shapes`, at batch 1 or at ``input_shapes``); a caller that already holds such a
+    lookup passes it as ``shapes``, so the graph is not inferred twice. There is no onnxruntime fallback, so
     nodes whose shapes stay unknown are counted in ``nodes_without_shapes`` (``model_report`` can still
     resolve them by a run).
     """
     totals = _tally(_gs_view(graph))
-    macs, unknown = _gs_macs(graph.nodes, _gs_shapes(graph))
-    if unknown and infer_missing and totals.param_bytes < PROTO_LIMIT_BYTES // 4:
-        try:
-            inferred = _inferred_shapes(graph, input_shapes)
-        except Exception:  # shapes are best effort; the nodes stay counted as unknown
-            inferred = None
-        if inferred is not None:
-            extra, unknown = _gs_macs(unknown, inferred)
-            macs += extra
+    lookup = shapes or (graph_shapes(graph, input_shapes) if infer_missing else _gs_shapes(graph))
+    macs, unknown = _gs_macs(graph.nodes, lookup)
     return Figures(sum(totals.by_dtype.values()), totals.by_dtype, totals.quant_params, totals.nonzeros,
                    totals.param_bytes, macs, len(unknown))

@@ -42,6 +42,7 @@ with a reason. Grouped and depthwise Convs are skipped. The pass is approximate 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,7 +50,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis.low_rank_alloc import Allocation, Allocator, Choices, Spectrum, choices, divisors, uniform_ranks
-from ..analysis.model_report import graph_figures, graph_shapes
+from ..analysis.model_report import Shape, graph_figures, graph_shapes
 from ..calibration.activations import CalibrationData
 from ..calibration.moments import Moments, collect_layer_moments
 from ..errors import OptionError
@@ -144,6 +145,7 @@ class LowRankOptions(PassOptions):
         return None if self.rank_ratio is not None or self.energy is not None else DEFAULT_KEEP
 
 
+
 @dataclass(eq=False)
 class _Site:
     """A layer that may be factorised: its view, folded spectrum, cost weight and allowed choices."""
@@ -203,11 +205,13 @@ class LowRank(Pass):
         if o.data_aware and ctx.data is None:
             raise OptionError("low-rank with data_aware needs calibration data (--calib); use --no-data-aware for "
                               "a plain SVD of the weights")
-        input_shapes = ctx.data.input_shapes(graph) if ctx.data is not None and o.by_macs else None
-        sites = self._sites(graph, tally, input_shapes)
+        # a MAC budget counts MACs at the data's input size (a graph with dynamic sides); one lookup serves both
+        shape = graph_shapes(graph, ctx.data.input_shapes(graph) if ctx.data is not None else None) \
+            if o.by_macs else None
+        sites = self._sites(graph, tally, shape)
         if o.data_aware and sites:
             self._whiten(graph, ctx, sites)
-        total = self._total(graph, input_shapes) if o.keep is not None and sites else 0.0
+        total = self._total(graph, shape) if o.keep is not None and sites else 0.0
         tables, relaxed = self._tables(total, sites)
         judge = None
         if o.choose_on_data and o.method == "alds" and o.keep is not None and ctx.data is not None and sites:
@@ -284,11 +288,10 @@ class LowRank(Pass):
         return picks
 
     def _sites(self, graph: gs.Graph, tally: SkipTally,
-               input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[_Site]:
-        """``input_shapes``: each input's shape at one sample, for the MACs of a graph with dynamic sides."""
+               shape: Callable[[str], Shape | None] | None = None) -> list[_Site]:
+        """``shape``: the tensor shapes MACs are counted with (:func:`graph_shapes`; None: the graph's own)."""
         o = self.options
         sites, names = [], set()
-        shape = graph_shapes(graph, input_shapes)
         for node in graph.nodes:
             layer = match_linear_layer(graph, node)
             if layer is None or (isinstance(layer, LinearLayer) and node is not layer.nodes[0]):
@@ -364,8 +367,8 @@ class LowRank(Pass):
             self._infeasible(total, sites, allocator, keep)
         return list(zip(alloc.ks, alloc.index, strict=True))
 
-    def _total(self, graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None) -> float:
-        figures = graph_figures(graph, input_shapes=input_shapes)
+    def _total(self, graph: gs.Graph, shape: Callable[[str], Shape | None] | None = None) -> float:
+        figures = graph_figures(graph, shapes=shape)
         return float(figures.macs if self.options.by_macs else figures.params)
 
     def _dense(self, sites: list[_Site]) -> float:

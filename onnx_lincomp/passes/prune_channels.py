@@ -148,7 +148,7 @@ class _Costs:
             if isinstance(layer, LinearLayer) and node is layer.nodes[0]:
                 self.layers[node.name] = (float(layer.size * layer.positions(shape)), float(layer.param_count))
                 self.shapes[node.name] = LayerShape.of(layer, self.layers[node.name][0])
-        figures = graph_figures(graph, input_shapes=input_shapes)
+        figures = graph_figures(graph, shapes=shape)
         self.fixed = (max(0.0, float(figures.macs) - sum(m for m, _ in self.layers.values())),
                       max(0.0, float(figures.params) - sum(p for _, p in self.layers.values())))
         self.candidates = candidates
