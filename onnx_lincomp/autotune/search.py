@@ -151,9 +151,8 @@ class _Latency:
 
     def __init__(self, prep: Prepared, options: SearchOptions, shapes: dict):
         self.prep, self.threads = prep, options.threads
-        one, many, fixed = latency_feeds(prep, options.latency_batch, shapes)
-        self.feeds = one if options.latency_batch == 1 or fixed else many
-        self.batch = 1 if options.latency_batch == 1 or fixed else options.latency_batch
+        _, self.feeds, fixed = latency_feeds(prep, options.latency_batch, shapes)  # latency_batch samples
+        self.batch = 1 if fixed else options.latency_batch
 
     def measure(self, s: Scored) -> None:
         if s.latency_ratio is not None or s.outcome.model is None:
