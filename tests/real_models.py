@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import SHARED, read_idx
+from conftest import read_idx, shared_path
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ def calibration_file(model: RealModel, out_dir: Path, start: int = 0) -> str:
     n = model.samples
     if model.data.startswith("mnist") or model.data.startswith("fmnist"):
         folder = "mnist" if model.data.startswith("mnist") else "fashion-mnist"
-        images = read_idx(SHARED / "data" / folder / "t10k-images-idx3-ubyte.gz")[start:start + n]
-        labels = read_idx(SHARED / "data" / folder / "t10k-labels-idx1-ubyte.gz")[start:start + n].astype(np.int64)
+        images = read_idx(shared_path("data", folder, "t10k-images-idx3-ubyte.gz"))[start:start + n]
+        labels = read_idx(shared_path("data", folder, "t10k-labels-idx1-ubyte.gz"))[start:start + n].astype(np.int64)
         x = images.astype(np.float32)
         name = {"mnist-flat": "input", "mnist-raw": "Input3", "fmnist": "input", "fmnist-4d": "input"}[model.data]
         if model.data == "mnist-flat":
@@ -56,7 +56,7 @@ def calibration_file(model: RealModel, out_dir: Path, start: int = 0) -> str:
             x = x / 255.0
         arrays = {name: x.astype(np.float32), "y": labels}
     elif model.data == "crepe":
-        d = np.load(SHARED / "data" / "crepe_sine_eval.npz")
+        d = np.load(shared_path("data", "crepe_sine_eval.npz"))
         arrays = {"frames": d["X"][start:start + n].astype(np.float32)}
     elif model.data == "digits":
         from sklearn.datasets import load_digits
