@@ -6,7 +6,11 @@
 Models: the bundled digits MLP and CNN (their 540 labelled samples, half calibration, half held out),
 ``trained/own_fmnist_cnn_bn.onnx`` and ``trained/own_fmnist_mlp_l1.onnx`` (Fashion-MNIST test set:
 calibration on the first 2,000 images, held out the other 8,000) and ``real/onnxzoo_mnist-8.onnx``
-(MNIST test set, same split). For every keep ratio of the parameters, method and data-awareness one
+(MNIST test set, same split); the unlabelled conv models UltraFace RFB-320 (BN folded), PP-OCR cls (1x3x48x192)
+and PP-OCRv4 det (1x3x160x160) on random data (64 / 64 / 32 samples calibrate, as many fresh ones are held
+out), judged by the relative output error per held-out sample (``||y' - y|| / ||y - mean y||`` over every
+float output, the mean over samples of the denominator) and, for PP-OCR cls, top-1 agreement. For every keep
+ratio of the parameters, method and data-awareness one
 ``optimize`` run with the ``low-rank`` pass only: parameters and MACs after / before, onnxruntime latency
 ratio at batch 1 and 32 (interleaved rounds, pinned threads; mnist-8 takes batch 1 only), held-out
 accuracy, and the per-layer choices (k, rank). Per factorised layer it also reports the error on the
@@ -55,17 +59,25 @@ OUT = HERE / "results" / "low_rank.json"
 LAYER_SAMPLES = 2000  # held-out samples the per-layer errors read
 
 
-def models(tmp: Path) -> list[tuple[str, str, str, CalibrationSettings]]:
-    """(label, model path, calibration path, calibration settings)."""
+UNLABELLED = (("ultraface_RFB-320_bnfolded", "real/ortexamples_ultraface_RFB-320_bnfolded.onnx", 64, ()),
+              ("ppocr_mobile_v2.0_cls", "real/ch_ppocr_mobile_v2.0_cls_infer.onnx", 64, (("x", (1, 3, 48, 192)),)),
+              ("PP-OCRv4_det 160x160", "real/ch_PP-OCRv4_det_infer.onnx", 32, (("x", (1, 3, 160, 160)),)))
+
+
+def models(tmp: Path) -> list[tuple[str, str, str, CalibrationSettings, str | None]]:
+    """(label, model path, calibration path, calibration settings, labels key or None)."""
     out = []
     for name in ("digits-mlp", "digits-cnn"):
         model, calib = example_paths(name)
-        out.append((name, str(model), str(calib), CalibrationSettings(verify_split=0.5)))
+        out.append((name, str(model), str(calib), CalibrationSettings(verify_split=0.5), "y"))
     split = CalibrationSettings(verify_split=0.8, max_samples=10000)
     for path, data in (("trained/own_fmnist_cnn_bn.onnx", "fmnist-4d"), ("trained/own_fmnist_mlp_l1.onnx", "fmnist"),
                        ("real/onnxzoo_mnist-8.onnx", "mnist-raw")):
         calib = calibration_file(RealModel(path, data, 10000), tmp)
-        out.append((Path(path).stem, str(SHARED / "models" / path), calib, split))
+        out.append((Path(path).stem, str(SHARED / "models" / path), calib, split, "y"))
+    for label, path, samples, shapes in UNLABELLED:
+        out.append((label, str(SHARED / "models" / path), f"random:{samples}",
+                    CalibrationSettings(verify_split=0.0, input_shapes=shapes), None))
     return out
 
 
@@ -129,8 +141,9 @@ def heldout_layer_errors(prep: Prepared, factorised: onnx.ModelProto, sites: lis
         before, after = scope.open(original, options), scope.open(changed, options)
         alone = {name: scope.open(_layer_alone(factorised, v.input.name, v.output.name), options)
                  for name, v in layers.items()}
-        stop = min(len(prep.source), prep.n_calib + LAYER_SAMPLES)
-        for feeds, _ in iterate_feeds(graph, prep.source, 250, prep.n_calib, stop):
+        held = prep.heldout_split()
+        stop = min(len(held.source), held.start + LAYER_SAMPLES)
+        for feeds, _ in iterate_feeds(graph, held.source, 250, held.start, stop):
             ref = dict(zip(ins + outs, before.run(ins + outs, feeds), strict=True))
             got = dict(zip(outs, after.run(outs, feeds), strict=True))
             samples += len(ref[outs[0]])
@@ -150,6 +163,27 @@ def heldout_layer_errors(prep: Prepared, factorised: onnx.ModelProto, sites: lis
     return out
 
 
+def heldout_output_errors(prep: Prepared, model: onnx.ModelProto) -> list[float]:
+    """Per held-out sample, the relative output error ``sqrt(sum_o ||y'_o - y_o||^2 / mean_s sum_o ||y_o - mean
+    y_o||^2)`` of ``model`` against the original over every float output (the models without labels)."""
+    held = prep.heldout_split()
+    names = [o.name for o in prep.original.graph.output]
+    errs, spread, refs = [], [], []
+    options = SessionOptions(threads=1, optimize=False)
+    with SessionScope(prefix="lowrank-bench-") as scope:
+        before, after = scope.open(prep.original, options), scope.open(model, options)
+        for feeds, _ in iterate_feeds(prep.loaded.graph, held.source, 64, held.start, held.stop):
+            ref, got = before.run(names, feeds), after.run(names, feeds)
+            floats = [i for i, v in enumerate(ref) if np.issubdtype(v.dtype, np.floating)]
+            n = len(ref[floats[0]])
+            errs.append(sum(((got[i].astype(np.float64) - ref[i]) ** 2).reshape(n, -1).sum(axis=1) for i in floats))
+            refs.append([ref[i].astype(np.float64).reshape(n, -1) for i in floats])
+    for j in range(len(refs[0])):
+        values = np.concatenate([r[j] for r in refs])
+        spread.append(float(((values - values.mean(axis=0)) ** 2).sum(axis=1).mean()))
+    return [float(v) for v in np.sqrt(np.concatenate(errs) / max(sum(spread), 1e-300))]
+
+
 def heldout_correct(prep: Prepared, model: onnx.ModelProto, labels: str = "y") -> str | None:
     """Per held-out sample, whether ``model``'s top-1 is the label: packed bits, base64 (None without labels)."""
     correct = model_correct(model, prep.loaded.graph, prep.source, labels, prep.n_calib, None, 250, threads=1)
@@ -166,20 +200,22 @@ def _bits(row: dict) -> np.ndarray | None:
 
 
 def one_run(model: str, calib: str, settings: CalibrationSettings, keep: float, method: str, aware: bool,
-            latency: bool, check_latency: bool = False) -> dict:
+            latency: bool, check_latency: bool = False, labels: str | None = "y") -> dict:
     options = {"keep_params": keep, "method": method, "data_aware": aware, "check_latency": check_latency}
     recipe = Recipe((PassSpec.of("low-rank", options),), settings)
     start = time.perf_counter()
-    result = optimize(model, calib, OptimizeOptions(recipe, labels="y", latency=latency, batch_size=32,
-                                                     max_output_change=None, allow_larger=True))
+    # min_samples 1: low-rank reads no Relu statistics, and the random sets of the unlabelled models are small
+    result = optimize(model, calib, OptimizeOptions(recipe, labels=labels, latency=latency, batch_size=32,
+                                                     max_output_change=None, allow_larger=True, min_samples=1))
     seconds = time.perf_counter() - start
     rep = result.report
     held = rep.on_heldout
     record = rep.passes[0]
     sites = [n.split(": ")[0] for n in record.result.notes if not n.startswith("allocation: ")]
-    prep = prepare(model, calib, recipe, labels="y")
+    prep = prepare(model, calib, recipe, labels=labels)
     layer_errors = heldout_layer_errors(prep, result.model, sites) if sites and prep.heldout_count else {}
-    correct = heldout_correct(prep, result.model) if prep.heldout_count else None
+    correct = heldout_correct(prep, result.model) if prep.heldout_count and labels else None
+    sample_errors = heldout_output_errors(prep, result.model) if prep.heldout_count and not labels else None
     b1, b32 = rep.after.change_b1, rep.after.change_batch
     return {"keep": keep, "method": method, "data_aware": aware,
             "params_ratio": rep.after.params / rep.before.params,
@@ -189,7 +225,9 @@ def one_run(model: str, calib: str, settings: CalibrationSettings, keep: float, 
             "accuracy_before": held.accuracy_before, "accuracy_after": held.accuracy_after,
             "agreement": held.agreement, "heldout_samples": held.samples, "seconds": seconds,
             "pass_seconds": record.seconds, "layers": list(record.result.notes),
-            "layer_errors": layer_errors, "skipped": dict(record.result.skipped), "heldout_correct": correct}
+            "layer_errors": layer_errors, "skipped": dict(record.result.skipped), "heldout_correct": correct,
+            "output_errors": sample_errors,
+            "mean_output_error": float(np.mean(sample_errors)) if sample_errors else None}
 
 
 def _pct(v: float | None) -> str:
@@ -206,15 +244,22 @@ def _chosen(r: dict) -> str:
     return note.removeprefix("allocation: ").split(" chosen")[0] if note else "-"
 
 
+def _quality(r: dict) -> str:
+    """Held-out accuracy before -> after, or the mean relative output error (models without labels)."""
+    if r.get("mean_output_error") is not None:
+        return f"output error {r['mean_output_error']:.4f}"
+    return f"{_pct(r['accuracy_before'])} -> {_pct(r['accuracy_after'])}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | keep | method | data-aware | params | MACs | latency b1 | latency b32 | accuracy | "
+    lines = ["| model | keep | method | data-aware | params | MACs | latency b1 | latency b32 | accuracy / error | "
              "agreement | choices (k/rank) | allocation kept |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         picks = ", ".join(n.split(": ")[1].split(":")[0].replace(" rank ", "/").replace("k=", "")
                           for n in r["layers"] if not n.startswith("allocation: ")) or "none"
         lines.append(f"| {r['model']} | {r['keep']} | {r['method']} | {'yes' if r['data_aware'] else 'no'} | "
                      f"{r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | {_ratio(r['latency_b1'])} | "
-                     f"{_ratio(r['latency_b32'])} | {_pct(r['accuracy_before'])} -> {_pct(r['accuracy_after'])} | "
+                     f"{_ratio(r['latency_b32'])} | {_quality(r)} | "
                      f"{_pct(r['agreement'])} | {picks} | {_chosen(r)} |")
     return "\n".join(lines)
 
@@ -242,6 +287,17 @@ def layer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_error(a: dict, b: dict) -> tuple[float, float, float] | None:
+    """Mean relative output error of row ``a`` minus row ``b`` per held-out sample (the same samples), with its
+    95 % normal interval, or None when a row has no per-sample errors."""
+    x, y = a.get("output_errors"), b.get("output_errors")
+    if not x or not y or len(x) != len(y):
+        return None
+    d = np.asarray(x) - np.asarray(y)
+    half = 1.96 * float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else float("inf")
+    return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half
+
+
 def paired(a: dict, b: dict) -> tuple[float, float, float] | None:
     """Accuracy of row ``a`` minus row ``b`` on the same held-out samples, with its 95 % paired interval
     (points), or None when a row has no per-sample record."""
@@ -252,42 +308,62 @@ def paired(a: dict, b: dict) -> tuple[float, float, float] | None:
     return -100 * iv.estimate, -100 * iv.upper, -100 * iv.lower
 
 
+def gain(a: dict, b: dict) -> tuple[float, float, float] | None:
+    """How much better row ``a`` is than row ``b`` on the same held-out samples, with its paired 95 % interval:
+    accuracy points with labels, the reduction of the mean relative output error without. None without
+    per-sample records."""
+    if a.get("output_errors"):
+        d = paired_error(a, b)
+        return None if d is None else (-d[0], -d[2], -d[1])
+    return paired(a, b)
+
+
+def _cell(a: dict, b: dict) -> str:
+    d = gain(a, b)
+    if a.get("output_errors"):
+        text = f"error {a['mean_output_error']:.4f} vs {b['mean_output_error']:.4f}"
+        return text if d is None else f"{text}, reduction {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+    text = f"{100 * a['accuracy_after']:.2f} vs {100 * b['accuracy_after']:.2f}"
+    return text if d is None else f"{text}, diff {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
+
+
+def _better(a: dict, b: dict) -> float:
+    """Point estimate of how much better ``a`` is than ``b`` (where no per-sample record exists)."""
+    if a.get("mean_output_error") is not None:
+        return b["mean_output_error"] - a["mean_output_error"]
+    return a["accuracy_after"] - b["accuracy_after"]
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """The issue's targets, judged on paired 95 % intervals of the held-out accuracy difference (the same
-    samples under both models): ALDS at least as accurate as uniform at every budget (no interval wholly
-    below 0) and more accurate at one (an interval wholly above 0); data-aware above weight space at 0.4.
-    Point estimates alone are also shown: differences of a few tenths on 270 samples are one sample."""
+    """The issue's targets, judged on paired 95 % intervals of the held-out difference (the same samples under
+    both models; accuracy with labels, the relative output error without): ALDS at least as accurate as
+    uniform at every budget (no interval wholly on the worse side) and more accurate at one (an interval wholly
+    on the better side); data-aware above weight space at 0.4. Point estimates alone are also shown:
+    differences of a few tenths on 270 samples are one sample."""
     out = []
     by = {(r["model"], r["keep"], r["method"], r["data_aware"]): r for r in rows}
-
-    def cell(a: dict, b: dict) -> str:
-        d = paired(a, b)
-        diff = f"{100 * a['accuracy_after']:.2f} vs {100 * b['accuracy_after']:.2f}"
-        return diff if d is None else f"{diff}, diff {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
-
     for model in dict.fromkeys(r["model"] for r in rows):
         for aware in (False, True):
             pairs = [(k, by.get((model, k, "alds", aware)), by.get((model, k, "uniform", aware))) for k in KEEPS]
             pairs = [(k, a, u) for k, a, u in pairs if a is not None and u is not None]
             if not pairs:
                 continue
-            diffs = [paired(a, u) for _, a, u in pairs]
+            diffs = [gain(a, u) for _, a, u in pairs]
             if all(d is not None for d in diffs):
                 ok = all(d[2] >= 0 for d in diffs) and any(d[1] > 0 for d in diffs)
                 rule = "paired"
             else:
-                ok = all(a["accuracy_after"] >= u["accuracy_after"] for _, a, u in pairs) and \
-                    any(a["accuracy_after"] > u["accuracy_after"] for _, a, u in pairs)
+                ok = all(_better(a, u) >= 0 for _, a, u in pairs) and any(_better(a, u) > 0 for _, a, u in pairs)
                 rule = "point estimates"
-            detail = "; ".join(f"{k}: {cell(a, u)}" for k, a, u in pairs)
+            detail = "; ".join(f"{k}: {_cell(a, u)}" for k, a, u in pairs)
             out.append(f"{model} ({'data-aware' if aware else 'weight space'}): ALDS vs uniform "
                        f"{'MET' if ok else 'MISSED'} ({rule}; {detail})")
         a, w = by.get((model, 0.4, "alds", True)), by.get((model, 0.4, "alds", False))
         if a is not None and w is not None:
-            d = paired(a, w)
-            ok = d[1] > 0 if d is not None else a["accuracy_after"] > w["accuracy_after"]
+            d = gain(a, w)
+            ok = d[1] > 0 if d is not None else _better(a, w) > 0
             out.append(f"{model}: data-aware ALDS vs weight-space ALDS at 0.4 {'MET' if ok else 'MISSED'} "
-                       f"({cell(a, w)})")
+                       f"({_cell(a, w)})")
     return out
 
 
@@ -337,14 +413,14 @@ def main() -> None:
     def key(r: dict) -> tuple:
         return r["model"], r["keep"], r["method"], r["data_aware"]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, model, calib, settings in models(Path(tmp)):
+        for label, model, calib, settings, labels in models(Path(tmp)):
             if args.only not in label:
                 continue
             for keep in keeps:
                 for method in args.methods.split(","):
                     for aware in (False, True):
                         row = {"model": label, **one_run(model, calib, settings, keep, method, aware,
-                                                         not args.no_latency, args.latency_check)}
+                                                         not args.no_latency, args.latency_check, labels)}
                         rows.append(row)
                         print(table([row]).splitlines()[-1], f"({row['seconds']:.0f}s)", flush=True)
                         fresh = {key(r) for r in rows}

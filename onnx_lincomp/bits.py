@@ -293,7 +293,7 @@ def bits_analysis(model: str | Path, calib: str, calibration: CalibrationSetting
     if prep.source is None:
         raise OptionError("give --calib DATA")
     if options.max_accuracy_drop is not None:
-        require_budget_support(prep, options.max_accuracy_drop, "heldout")
+        require_budget_support(prep, options.max_accuracy_drop, None)
     if options.method == "int":
         return BitsResult(scan_bits(prep, _IntRounder(prep), options, progress))
     sharer = _Sharer(prep, options, calibration)

@@ -20,16 +20,20 @@ from .runtime.feeds import benchmark_feeds, fixed_batch
 from .runtime.latency import CompareOptions, compare_models_latency
 
 
-def require_budget_support(prep: Prepared, budget: float, gate_on: GateOn, confidence: float = 0.95) -> BudgetSupport:
-    """Refuse (before any work) a budget the gate split cannot certify even for an unchanged model."""
-    n = prep.gate_count(gate_on)
+def require_budget_support(prep: Prepared, budget: float, gate_on: GateOn | None,
+                           confidence: float = 0.95) -> BudgetSupport:
+    """Refuse (before any work) a budget the gate split cannot certify even for an unchanged model.
+    ``gate_on`` None: the command gates on the held-out split and has no ``--gate-on`` to suggest."""
+    n = prep.gate_count(gate_on or "heldout")
     if n <= 0:
-        raise VerificationGateError("--max-accuracy-drop needs held-out samples (--verify-split > 0, or --gate-on all)")
+        raise VerificationGateError("--max-accuracy-drop needs held-out samples (--verify-split > 0"
+                                    + (", or --gate-on all)" if gate_on else ")"))
     support = budget_supportable(n, budget, confidence)
     if not support:
-        message = support.message if gate_on == "heldout" else support.message.replace("held-out samples", "samples")
-        hint = " (try --gate-on all: the statistics stay on the calibration part)" if gate_on == "heldout" else ""
-        raise VerificationGateError(f"{message}{hint}; nothing written")
+        message = support.message if gate_on != "all" else support.message.replace("held-out samples", "samples")
+        hint = {"heldout": " (try --gate-on all: the statistics stay on the calibration part)",
+                None: " (hold out more samples: more data or a larger --verify-split; or a larger budget)"}
+        raise VerificationGateError(f"{message}{hint.get(gate_on, '')}; nothing written")
     return support
 
 

@@ -167,16 +167,21 @@ def _before_figures(prep: Prepared, options: OptimizeOptions, lat, messages: lis
     """The input's figures. Weights the input computes at run time (ConstantOfShape, Cast/Transpose of
     constants) count once folded, so that the passes' savings are compared like with like; its file size
     stays the input file's."""
-    original = model_report(prep.original, options.input_shapes)
+    shapes = prep.figure_shapes(options.input_shapes)
+    original = model_report(prep.original, shapes)
     if not prep.canon.folding.nodes_folded:
         return SizeFigures.of(original, *lat)
-    # the canonical graph counted where it is (no export, no second inference) unless --input-shape fixes
+    # the canonical graph counted where it is (no export, no second inference) unless input shapes fix
     # dimensions the graph leaves dynamic, which only the exported model's inference applies
-    folded = (model_report(to_model_proto(prep.loaded.graph, prep.loaded.ctx), options.input_shapes)
-              if options.input_shapes else graph_figures(prep.loaded.graph))
-    if folded.params != original.params:
+    folded = (model_report(to_model_proto(prep.loaded.graph, prep.loaded.ctx), shapes)
+              if shapes else graph_figures(prep.loaded.graph))
+    if folded.params > original.params:
         messages.append(f"constant folding stored {folded.params - original.params:,} parameters that the input "
                         f"computes at run time; 'before' counts {folded.params:,} (the file holds {original.params:,})")
+    elif folded.params < original.params:
+        fewer = original.params - folded.params
+        messages.append(f"canonicalisation (BatchNorm folding, constant folding) left {fewer:,} fewer parameters; "
+                        f"'before' counts {folded.params:,} (the file holds {original.params:,})")
     return SizeFigures(folded.params, folded.macs, original.size_bytes, folded.nonzeros,
                        tuple(sorted(folded.params_by_dtype.items())), *lat)
 
@@ -305,7 +310,7 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
         calibration_samples=prep.n_calib if exact is None else 0,
         heldout_samples=on_held.samples if on_held else 0, canonicalize=prep.canon, passes=tuple(records),
         before=_before_figures(prep, options, lat[0], messages),
-        after=SizeFigures.of(model_report(optimized, options.input_shapes), *lat[1]),
+        after=SizeFigures.of(model_report(optimized, prep.figure_shapes(options.input_shapes)), *lat[1]),
         on_calibration=on_cal, on_heldout=on_held, recipe=recipe,
         exact_on_evidence=not any(r.result.approximate for r in records), messages=tuple(messages),
         not_analysed=evidence.not_analysed, search=tuple(search_rows),
@@ -357,6 +362,7 @@ def _threshold_candidates(prep: Prepared, evidence: UnitEvidence, options: Optim
     """One candidate per linear rate, scored on the gate split (the original ran once for all of them)."""
     split = "all" if options.gate_on == "all" and not prep.source.is_random else "heldout"
     judge = prep.evaluator(split, options.threads) or prep.evaluator("calibration", options.threads)
+    shapes = prep.figure_shapes(options.input_shapes)
 
     def build(rate: float):
         recipe = with_linear_rate(options.recipe, rate)
@@ -364,7 +370,7 @@ def _threshold_candidates(prep: Prepared, evidence: UnitEvidence, options: Optim
         return recipe, model, records
 
     def measure(model):
-        rep = model_report(model, options.input_shapes)
+        rep = model_report(model, shapes)
         return rep.params, rep.macs
 
     def score(model) -> CandidateScore:

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from . import mapped_data
 from .calibration import CollectOptions, StatsSet, input_specs, open_calibration
-from .calibration.activations import CalibrationData
+from .calibration.activations import CalibrationData, sample_shapes
 from .calibration.collector import Capture, Progress, collect_with_capture
 from .calibration.data_source import CalibrationSource
 from .canonicalize import CanonicalizeReport, canonicalize
@@ -58,6 +58,15 @@ class Prepared:
         if self.source is None:
             return 0
         return len(self.source) if self.source.is_random else len(self.source) - self.n_calib
+
+    def figure_shapes(self, given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The input shapes to count MACs at: ``given`` (``--input-shape``), else, where an input has a dynamic
+        side, its shape at one calibration sample (a model with dynamic sides has MACs only at some size)."""
+        if given or self.source is None:
+            return given
+        dynamic = any(t.shape is None or any(not (isinstance(d, (int, np.integer)) and d >= 0) for d in t.shape[1:])
+                      for t in self.loaded.graph.inputs)
+        return sample_shapes(self.loaded.graph, self.source) if dynamic else {}
 
     def gate_count(self, gate_on: GateOn) -> int:
         if self.source is None or self.source.is_random:

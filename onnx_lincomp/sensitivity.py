@@ -682,7 +682,7 @@ def check_allocation(prep: Prepared, base: Verification, labels: str | None, opt
                 "the model's output is not a class score, so agreement with the original cannot stand in; give "
                 "--labels KEY")
         raise OptionError(f"--max-accuracy-drop: {need}")
-    require_budget_support(prep, options.max_accuracy_drop, "heldout")
+    require_budget_support(prep, options.max_accuracy_drop, None)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,19 @@ def test_bench_and_report(runner, tmp_path):
     assert rep["op_histogram"]["Conv"] == 2
 
 
+def test_report_takes_input_shapes_for_negative_dims(runner, tmp_path):
+    """A Paddle-style input (every dim -1) is dynamic: --input-shape sets it, at any batch, MACs per sample."""
+    from test_model_report import _paddle_style_conv
+
+    path = tmp_path / "paddle.onnx"
+    onnx.save(_paddle_style_conv(np.random.default_rng(0)), path)
+    plain = invoke(runner, "report", path)
+    assert "1 nodes without static shapes not counted: give --input-shape" in plain.output
+    for shape in ("x=1,3,8,8", "x=16,3,8,8"):
+        rep = json.loads(invoke(runner, "report", path, "--input-shape", shape, "--json", "-").stdout)
+        assert rep["macs"] == 4 * 3 * 9 * 64 and rep["nodes_without_shapes"] == 0
+
+
 def test_sweep_csv_and_plot(runner, tmp_path):
     pytest.importorskip("matplotlib")
     result = invoke(runner, "sweep", "--example", "digits-mlp", "--csv", tmp_path / "s.csv", "--plot",
@@ -141,3 +154,38 @@ def test_no_relu_model_message(runner, tmp_path, rng):
                     "--no-latency")
     assert result.exit_code == 0 and "no Relu" in result.output
     assert_same_outputs(model, onnx.load(tmp_path / "o.onnx"), {"x": rng.random((2, 3), dtype=np.float32)})
+
+
+def _help_examples() -> list[tuple[str, list[list[str]]]]:
+    """Per command, the example command lines its --help shows that run on the bundled examples (in order: a
+    later one may replay an earlier one's report)."""
+    import shlex
+
+    out = []
+    for name, command in sorted(main.commands.items()):
+        lines = [shlex.split(line[line.index("onnx-lincomp "):])[1:] for line in (command.epilog or "").splitlines()
+                 if "onnx-lincomp " in line]
+        lines = [a for a in lines if "--example" in a]
+        if lines:
+            out.append((name, lines))
+    return out
+
+
+@pytest.mark.parametrize(("name", "lines"), _help_examples(), ids=[n for n, _ in _help_examples()])
+def test_help_examples_run(runner, tmp_path, monkeypatch, name, lines):
+    """Every example a command's --help shows on the bundled models runs and exits 0 (a user copies them)."""
+    monkeypatch.chdir(tmp_path)
+    for args in lines:
+        if "--plot" in args:
+            pytest.importorskip("matplotlib")
+        args = [*args, "--no-latency"] if args[0] in ("optimize", "sweep") and "--recipe" not in args else args
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, (args, result.output)
+
+
+def test_budget_refusal_hints_what_the_command_has(runner, tmp_path):
+    """bits has no --gate-on: its refusal of a budget the held-out split cannot support says what it can do."""
+    result = invoke(runner, "bits", "--example", "digits-mlp", "--max-accuracy-drop", "1", "-o", tmp_path / "b.onnx")
+    assert result.exit_code == 4
+    assert "cannot support a 1-point budget" in result.output and "--verify-split" in result.output
+    assert "--gate-on" not in result.output and not (tmp_path / "b.onnx").exists()

@@ -202,3 +202,27 @@ def test_real_models_one_counter(name, float_params):
     figures = graph_figures(graph)
     assert time.perf_counter() - start < 2.0
     same_params(rep, figures)
+
+
+def _paddle_style_conv(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv 3->4 (3x3, pad 1) on an input written as Paddle exports a dynamic shape: dim_value -1."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vinfo("x", [1, 3, 1, 1])], [vinfo("y", None)],
+                       [init("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32))])
+    for d in model.graph.input[0].type.tensor_type.shape.dim:
+        d.Clear()
+        d.dim_value = -1
+    return model
+
+
+def test_negative_dims_are_dynamic_and_macs_are_per_sample():
+    model = _paddle_style_conv(np.random.default_rng(0))
+    run(model, {"x": np.ones((2, 3, 8, 8), np.float32)})  # onnxruntime runs it at any size
+    # no size given: the Conv is not counted (no MACs at an invented 1x1 side), and it says so
+    rep = model_report(model)
+    assert rep.macs == 0 and rep.nodes_without_shapes == 1
+    per_conv = 4 * 3 * 9 * 8 * 8
+    assert model_report(model, {"x": (1, 3, 8, 8)}).macs == per_conv
+    # a batch in the given shape is not multiplied in: the figure is per sample
+    assert model_report(model, {"x": (16, 3, 8, 8)}).macs == per_conv
+    assert model_report(model, {"x": (1, 3, 16, 16)}).macs == 4 * per_conv

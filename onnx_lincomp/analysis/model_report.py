@@ -518,12 +518,15 @@ def _with_static_batch(model: onnx.ModelProto, input_shapes: dict[str, tuple[int
         dims = inp.type.tensor_type.shape.dim
         override = input_shapes.get(inp.name)
         for i, d in enumerate(dims):
+            fixed = d.HasField("dim_value") and d.dim_value >= 0  # exporters such as Paddle's write -1 for dynamic
             if override is not None and i < len(override):
                 d.Clear()
                 d.dim_value = int(override[i])
-            elif i == 0 and not d.HasField("dim_value"):
+            elif i == 0 and not fixed:
                 d.Clear()
                 d.dim_value = 1
+            elif d.HasField("dim_value") and not fixed:
+                d.Clear()
     del m.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
@@ -538,11 +541,25 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
         if not tt.HasField("shape"):
             table[vi.name] = None
             continue
-        dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")]
+        dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value") and d.dim_value >= 0]
         table[vi.name] = tuple(dims) if len(dims) == len(tt.shape.dim) else None
     for t in model.graph.initializer:
         table[t.name] = tuple(t.dims)
     return table
+
+
+def _one_sample(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``input_shapes`` at one sample: a batch given for an input whose batch axis is dynamic becomes 1, so the
+    MACs counted are per sample whatever batch the user's ``--input-shape`` names."""
+    out = dict(input_shapes)
+    for inp in model.graph.input:
+        dims = out.get(inp.name)
+        if not dims:
+            continue
+        shape = inp.type.tensor_type.shape.dim if inp.type.tensor_type.HasField("shape") else []
+        if not shape or not (shape[0].HasField("dim_value") and shape[0].dim_value >= 0):
+            out[inp.name] = (1, *tuple(dims)[1:])
+    return out
 
 
 def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict) -> dict[str, tuple[int, ...]]:
@@ -560,7 +577,10 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict
         if inp.name in init_names:
             continue
         tt = inp.type.tensor_type
-        dims = list(input_shapes.get(inp.name, [d.dim_value if d.dim_value > 0 else 1 for d in tt.shape.dim]))
+        dims = list(input_shapes.get(inp.name, [d.dim_value if d.dim_value > 0 else (1 if i == 0 else 0)
+                                                for i, d in enumerate(tt.shape.dim)]))
+        if 0 in dims:  # a dynamic side: MACs at an invented size would be wrong, so they stay uncounted
+            return {}
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[inp.name] = rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
     try:
@@ -592,7 +612,8 @@ def model_report(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     ``size_bytes`` overrides the serialized size (callers pass the on-disk size, external data included).
     """
     big = tensor_bytes(model) >= PROTO_LIMIT_BYTES // 4
-    inferred = _with_static_batch(model, input_shapes or {})
+    input_shapes = _one_sample(model, input_shapes or {})
+    inferred = _with_static_batch(model, input_shapes)
     shapes = _shape_table(inferred)
     init_shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     unknown_names = _unknown_mac_names(inferred, shapes, set(init_shapes))

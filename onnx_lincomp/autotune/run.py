@@ -30,7 +30,7 @@ def optimize_within_budget(model: str, calib: str, options: OptimizeOptions, sea
                           "--max-output-error)")
     prep = prepare(model, calib, options.recipe, options.labels, options.batch_size)
     if search.budget.kind == "accuracy_drop":
-        require_budget_support(prep, search.budget.value, "heldout")
+        require_budget_support(prep, search.budget.value, None)
     require_samples(prep.n_calib, options.min_samples, "the statistics would")
     stats = calibrate(prep, options.batch_size, options.threads)
     found = run_search(prep, stats, model, calib, options.recipe.calibration, options.labels, search, knobs,

@@ -28,6 +28,16 @@ from ..runtime.session import SessionOptions, SessionScope, ort_message
 Progress = Callable[[int, int], None]
 
 
+def sample_shapes(graph: gs.Graph, source: BatchSource) -> dict[str, tuple[int, ...]]:
+    """Each input of ``graph`` as it is fed one sample of ``source`` (batch axis where the model has it,
+    per-sample inputs whole): the sizes a model with dynamic sides runs at, for counting its MACs."""
+    batch = next(iter(source.batches(1, 0, 1)), None)
+    if batch is None:
+        return {}
+    feeds = model_feeds(graph, batch, source.per_sample)
+    return {name: tuple(int(d) for d in np.shape(a)) for name, a in feeds.items()}
+
+
 @dataclass(frozen=True, eq=False)
 class CalibrationData:
     """The calibration samples a data-aware pass may read, and how to run a graph over them."""
@@ -45,13 +55,8 @@ class CalibrationData:
         return min(self.stop, self.max_samples, len(self.source))
 
     def input_shapes(self, graph: gs.Graph) -> dict[str, tuple[int, ...]]:
-        """Each input of ``graph`` as it is fed one calibration sample (batch axis where the model has it,
-        per-sample inputs whole): the sizes a model with dynamic sides runs at, for counting its MACs."""
-        batch = next(iter(self.source.batches(1, 0, 1)), None)
-        if batch is None:
-            return {}
-        feeds = model_feeds(graph, batch, self.source.per_sample)
-        return {name: tuple(int(d) for d in np.shape(a)) for name, a in feeds.items()}
+        """Each input of ``graph`` as it is fed one calibration sample: see :func:`sample_shapes`."""
+        return sample_shapes(graph, self.source)
 
     def with_samples(self, n: int) -> CalibrationData:
         return CalibrationData(self.source, self.ctx, self.stop, self.batch_size, self.threads, max(1, n),

@@ -11,7 +11,7 @@ from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes,
 
 EXAMPLE = ("Examples:\n\n  onnx-lincomp bits --example digits-mlp --bits 8,4,3,2 --csv bits.csv --plot bits.png\n\n"
            "  onnx-lincomp bits --example digits-mlp --method int --bits 8,4,2 --csv int.csv\n\n"
-           "  onnx-lincomp bits --example digits-mlp --max-accuracy-drop 2 -o shared.onnx --json report.json\n\n"
+           "  onnx-lincomp bits --example digits-mlp --max-accuracy-drop 5 -o shared.onnx --json report.json\n\n"
            "  onnx-lincomp optimize --example digits-mlp --recipe report.json -o again.onnx\n\n")
 
 

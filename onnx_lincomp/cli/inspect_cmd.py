@@ -162,7 +162,9 @@ def _proto_specs(proto):
             continue
         t = vi.type.tensor_type
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else None
-        shape = (tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+        # a negative dim_value (Paddle's -1) is a dynamic dimension, as in input_specs
+        shape = (tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                       for d in t.shape.dim)
                  if t.HasField("shape") else None)
         specs.append(InputSpec(vi.name, dtype, shape))
     return specs

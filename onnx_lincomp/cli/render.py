@@ -63,15 +63,20 @@ def _lat(lat) -> str:
 def _print_passes(r) -> None:
     click.echo(f"{'pass':<14} {'removed':>8} {'folded':>7} {'params before':>14} {'after':>12} {'MACs after':>12} "
                f"{'time':>8}")
+    partial = False
     for p in r.passes:
         res = p.result
+        macs = fmt_int(p.after.macs) + ("+" if p.after.nodes_without_shapes else "")
+        partial |= bool(p.after.nodes_without_shapes)
         click.echo(f"{res.name:<14} {res.neurons_removed:>8} {res.neurons_folded:>7} {p.params_before:>14,} "
-                   f"{p.params_after:>12,} {fmt_int(None if p.after.nodes_without_shapes else p.after.macs):>12} "
-                   f"{p.seconds * 1000:>6.1f}ms")
+                   f"{p.params_after:>12,} {macs:>12} {p.seconds * 1000:>6.1f}ms")
         for why, n in res.skipped.items():
             click.echo(f"{'':<14} skipped {n}x: {why}")
         for note in res.notes + tuple(x for x in (p.shapes, p.check) if x):
             click.echo(f"{'':<14} {note}")
+    if partial:
+        click.echo(f"{'':<14} MACs after ending in +: nodes without static shapes in the rewritten graph are not "
+                   "counted there (the totals below count them by a run)")
 
 
 def _print_sizes(r) -> None:
@@ -134,7 +139,8 @@ def print_optimize(r, output: str) -> None:
     _print_verification(r)
     approx = [p.result.name for p in r.passes if p.result.approximate]
     click.echo("exact on the evidence (no approximate rewrite)" if r.exact_on_evidence
-               else f"approximate rewrites by {', '.join(dict.fromkeys(approx))} (see the errors above)")
+               else f"approximate rewrites by {', '.join(dict.fromkeys(approx))} (their output errors: the "
+                    "verification lines above)")
     for m in r.messages:
         click.echo(m)
     for name, why in r.not_analysed:
@@ -150,8 +156,8 @@ def print_bench(comparison, names: list[str], batch_size: int) -> None:
 
 
 def print_report(model: str, rep, per_node: bool) -> None:
-    unknown = (f" ({rep.nodes_without_shapes} nodes without static shapes not counted)" if rep.nodes_without_shapes
-               else "")
+    unknown = (f" ({rep.nodes_without_shapes} nodes without static shapes not counted: give --input-shape "
+               "NAME=D1,D2,... for the dynamic sides)" if rep.nodes_without_shapes else "")
     by_dtype = getattr(rep, "params_by_dtype", None)
     dtypes = (" (" + ", ".join(f"{k} {v:,}" for k, v in by_dtype.items()) + ")") if by_dtype else ""
     click.echo(f"{model}\nparameters {rep.params:,}{dtypes}\nMACs/sample {rep.macs:,}{unknown}"

@@ -8,7 +8,7 @@ from .app import EXIT_CODES_HELP, common_calib, main, progress, resolve, shapes,
 
 EXAMPLE = ("Examples:\n\n  onnx-lincomp sensitivity --example digits-cnn --levels 0.2,0.5,0.8 --csv s.csv "
            "--plot s.png\n\n"
-           "  onnx-lincomp sensitivity --example digits-cnn --target-macs 0.5 --max-accuracy-drop 5 -o small.onnx "
+           "  onnx-lincomp sensitivity --example digits-cnn --target-macs 0.6 --max-accuracy-drop 5 -o small.onnx "
            "--json report.json\n\n  onnx-lincomp optimize --example digits-cnn --recipe report.json -o again.onnx\n\n")
 
 

@@ -365,7 +365,6 @@ class PruneChannels(Pass):
                     continue
                 w2, b2 = refit(m, np.arange(m.cols), w, layer.bias, self.options.ridge)
                 write_linear_layer(graph, names, layer, w2.reshape(layer.shape), b2)
-                tally.add("refit again after a later group changed its input (side branch)", key)
                 count += 1
                 pending |= {k for k in layers.keys() - done if key in feeds[k]}  # what it feeds reads anew
         return count
