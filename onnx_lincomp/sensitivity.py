@@ -163,6 +163,7 @@ class SensitivityRow:
     params: int  # non-zero parameters for methods that zero weights in place
     macs: int
     latency: float | None = None  # batch-1 median ms
+    unchanged: str = ""  # why the pass left the model as it was at this level ("" when it changed it)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -244,6 +245,16 @@ class _Candidates:
         model, records = compress(self.prep, _NO_EVIDENCE, Recipe((_pass(self.method, {layer: level}),)))
         return model if any(r.result.changed for r in records) else None
 
+    def why_unchanged(self, layer: str, level: float) -> str:
+        """Why :meth:`build` left the model unchanged for ``layer`` at ``level``: the pass's skip reason for
+        the layer where its plan names one."""
+        if level > 0 and self.method.pass_name in _SUBPLAN_PASSES:
+            plan = self._level_plan(level)[1]
+            found = next((why for why, names in plan.examples.items() if layer in names), None)
+            if found is not None:
+                return found
+        return f"{self.method.pass_name} removes nothing from this layer at level {level:g}"
+
     def _level_plan(self, level: float) -> tuple[Pass, Plan]:
         if self._plan is None or self._plan[0] != level:
             self._plan = None  # release the previous plan's moments first
@@ -312,7 +323,8 @@ class _Scanner:
         out = []
         for layer in layers:
             model = self.candidates.build(layer, level)
-            out.append(replace(self.base, layer=layer, level=level) if model is None
+            out.append(replace(self.base, layer=layer, level=level,
+                               unchanged=self.candidates.why_unchanged(layer, level)) if model is None
                        else self.row(layer, level, model, self.evaluator.score(model)))
         return out
 

@@ -192,6 +192,18 @@ def test_data_aware_beats_weight_space_on_correlated_inputs(rng):
     assert errs[True] < 0.5 * errs[False]
 
 
+def test_whitening_from_fewer_rows_than_inputs_is_said(rng):
+    """A covariance estimated from fewer calibration rows than the layer has inputs is rank-deficient: each such
+    layer's note says so; with enough rows it must not."""
+    model = mlp_model(rng, [16, 24, 6])
+    for n, said in ((10, True), (400, False)):
+        _, rec = _low_rank(model, _correlated(rng, n, 16), method="uniform", rank_ratio=0.3, min_rank_out=0.0)
+        notes = [x for x in rec.result.notes if not x.startswith("allocation: ")]
+        assert notes and all(("rank-deficient" in x) == said for x in notes)
+        if said:
+            assert "whitened from 10 calibration rows for 16 inputs" in notes[0]
+
+
 @pytest.mark.parametrize("method", ["alds", "uniform", "energy"])
 @pytest.mark.parametrize("keep", [0.7, 0.4])
 def test_parameter_budget_is_met(rng, method, keep):

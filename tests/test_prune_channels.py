@@ -177,6 +177,13 @@ def test_width_multiple_min_channels_and_targets(rng):
     assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 5, 5]
     out, _ = _prune(model, x, (("prune-channels", {"sparsity": 0.9, "channel_multiple": 16}),))
     assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 16, 16]  # 2 kept -> 16
+    # a group one block wide cannot lose channels at that multiple: kept whole, and the report says why
+    out, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 20}),))
+    assert sorted(i.dims[0] for i in out.graph.initializer if len(i.dims) == 2) == [4, 20, 20]  # 40 -> 20 only
+    assert any(w.startswith("kept whole: widths stay at multiples of 20") for w in records[0].result.skipped)
+    # must not fire where the multiple lets the group shrink
+    _, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 8}),))
+    assert not any(w.startswith("kept whole") for w in records[0].result.skipped)
     before = model_report(model).macs
     for target in (0.75, 0.5, 0.25):
         out, _ = _prune(model, x, (("prune-channels", {"target_macs": target, "channel_multiple": 1}),))

@@ -80,6 +80,26 @@ def test_level_plan_candidate_is_the_single_layer_pass(layer, level):
         assert fast.SerializeToString() == plain.SerializeToString()
 
 
+def test_unchanged_rows_say_why(cnn_scan):
+    """A row whose model the pass left as it was carries the reason; a pruned row none."""
+    for r in cnn_scan.rows:
+        if r.level > 0:
+            assert (r.unchanged != "") == (r.params == cnn_scan.base.params), r
+
+
+def test_a_group_one_block_wide_is_unchanged_with_the_reason(monkeypatch):
+    import onnx_lincomp.passes.prune_channels as pc
+
+    monkeypatch.setattr(pc, "nchwc_block", lambda: 16)  # the AVX-512 block, whatever this CPU has
+    scan = sensitivity(ScanInput(CNN, CNN_DATA, labels="y"), ScanOptions(levels=(0.5,))).scan
+    conv2 = next(r for r in scan.rows if r.layer == "conv2")  # 16 channels: one block
+    assert conv2.params == scan.base.params and conv2.unchanged.startswith("kept whole: widths stay at multiples of 16")
+    conv1 = next(r for r in scan.rows if r.layer == "conv1")  # 8 channels, narrower than a block: pruned
+    assert conv1.params < scan.base.params and conv1.unchanged == ""
+    out = invoke("sensitivity", CNN, "--calib", CNN_DATA, "--levels", "0.5")
+    assert "conv2: unchanged at every level (kept whole: widths stay at multiples of 16" in out.output
+
+
 def test_greedy_prunes_the_less_sensitive_layer_first():
     levels = (0.0, 0.5, 0.9)
     robust = _Curve("robust", levels, (0.0, 0.2, 0.35), (0.0, 0.0, 0.01), (0.0, 0.1, 0.2))

@@ -132,6 +132,10 @@ def print_scan(scan) -> None:
         click.echo(f"{layer:<{width}} {saved:>10,} " + " ".join(f"{_cell(getattr(rows[lv], field), field):>7}"
                                                                 for lv in levels))
     click.echo(f"(params: saved at level {levels[-1]:g})")
+    for layer in scan.layers:
+        whys = {r.unchanged for r in scan.rows if r.layer == layer}
+        if len(whys) == 1 and "" not in whys:
+            click.echo(f"{layer}: unchanged at every level ({whys.pop()})")
 
 
 def print_allocation(a, output: str) -> None:

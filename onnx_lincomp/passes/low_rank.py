@@ -156,6 +156,7 @@ class _Site:
     min_width: int  # the total rank k * j it needs (output layers: their output width)
     override: float | None = None
     slow: bool = False  # the latency check found it slower factorised, the budget needs it anyway
+    rows: int = 0  # calibration rows its input covariance was estimated from (data-aware; 0 in weight space)
 
     @property
     def name(self) -> str:
@@ -323,6 +324,7 @@ class LowRank(Pass):
             if m is not None and m.rows > 0:
                 cov, mean = _covariance(m, self.options.ridge)
                 s.spectrum = Spectrum(s.spectrum.weight, s.spectrum.channels, cov, mean)
+                s.rows = m.rows
 
     def _table(self, site: _Site) -> dict[int, Choices]:
         """The site's choices per ``k`` (a per-layer override is a single fixed choice)."""
@@ -429,7 +431,10 @@ class LowRank(Pass):
                   f"(predicted {bound:.3g})" + (f", data error {data_err:.3g}" if data_err is not None else "")
                   + (f"; output layer cut below its {sp.out} outputs to meet the budget" if relaxed else "")
                   + ("; runs slower than the dense layer in onnxruntime, kept to meet the budget" if site.slow else "")
-                  + (f"; {why}" if why else ""))
+                  + (f"; {why}" if why else "")
+                  + (f"; whitened from {site.rows:,} calibration rows for {sp.cols:,} inputs (a rank-deficient "
+                     "covariance: the truncation may fit the calibration data too closely; more samples help)"
+                     if 0 < site.rows < sp.cols else ""))
         data = {"k": k, "rank": rank, "encoder": enc, "decoder": dec, "bias": bias, "weight": site.layer.weight,
                 "weight_error": weight_err, "data_error": data_err, "bound": bound, "params_before": before,
                 "params_after": after, "form": form, "allocation": allocation}

@@ -212,6 +212,11 @@ class PruneChannels(Pass):
         for cand, mask in zip(candidates, masks, strict=True):
             site = group_key(cand.group)
             if not mask.any():
+                if cand.level != 0.0 and removal_count(cand.group, 0.999, o.min_channels, o.multiple) == 0 \
+                        and removal_count(cand.group, 0.999, o.min_channels, 1) > 0:
+                    tally.add(f"kept whole: widths stay at multiples of {o.multiple} (onnxruntime's blocked Conv "
+                              "kernels compute whole blocks) and this group is one block wide; --channel-multiple 1 "
+                              "prunes it anyway", site)
                 continue
             problem = removal_problem(cand.group, mask)
             if problem is not None:
