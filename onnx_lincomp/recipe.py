@@ -238,8 +238,11 @@ def pass_flags() -> dict[str, PassFlag]:
                 continue
             seen = out.get(flag)
             owners = (seen.owners if seen else ()) + ((name, f.name),)
-            out[flag] = PassFlag(flag, owners, seen.help if seen else f.metadata.get("help", ""),
-                                 hints[f.name] is bool)
+            text = f.metadata.get("help", "")
+            if seen and text and text not in seen.help:  # the passes say different things: say each, by pass
+                first = seen.help if len(seen.owners) > 1 else f"{seen.owners[0][0]}: {seen.help}"
+                text = f"{first} {name}: {text}"
+            out[flag] = PassFlag(flag, owners, text if seen is None or text else seen.help, hints[f.name] is bool)
     return out
 
 

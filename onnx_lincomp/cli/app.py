@@ -173,7 +173,7 @@ common_calib = [
                  help="NAME=D1,D2,... for dynamic dimensions (random data, MACs)."),
     click.option("--threads", default=0, type=click.IntRange(0), help="onnxruntime intra-op threads (0: default)."),
     click.option("--example", type=click.Choice(["digits-mlp", "digits-cnn"]),
-                 help="Use a bundled example model and data."),
+                 help="Use a bundled example model and its data (a --calib given too replaces the data)."),
 ]
 
 

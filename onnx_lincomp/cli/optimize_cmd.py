@@ -172,14 +172,16 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @click.option("--allow-larger", is_flag=True,
               help="Keep an output that is larger or measurably slower than the input (else exit 4).")
 @click.option("--check-each-pass", is_flag=True,
-              help="Compare with the original on 64 calibration samples after every pass "
+              help="Compare with the original on 8 calibration samples after every pass "
                    "(slower; the report lists each).")
 @click.option("--explain", is_flag=True, help="Show what each pass would do (plans, skip reasons) and write nothing.")
 @click.option("--json", "json_out", help="Write the report as JSON to this file ('-' for stdout).")
 @click.option("--save-stats", metavar="FILE", help="Write the calibration statistics to this .npz.")
 @click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False),
               help="Reuse statistics saved earlier.")
-@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--no-latency", is_flag=True,
+              help="Skip the latency measurements (the report's, and the checks that drop a rewrite when it runs "
+                   "slower, e.g. fold-linear's skip paths: kept without a measurement).")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
 @with_options(exact_options)
 @with_options(search_options)

@@ -95,7 +95,23 @@ def _coerce(value: Any, hint: Any, pass_name: str, key: str) -> Any:
             return tuple(value)
         if typing.get_origin(kind) is dict and isinstance(value, Mapping):
             return dict(value)
-    raise OptionError(f"pass '{pass_name}': option '{key}' got {value!r}, expected {hint}")
+    raise OptionError(f"pass '{pass_name}': option '{key}' got {value!r}, expected {_describe(allowed)}")
+
+
+def _describe(kinds: tuple) -> str:
+    """A field type in words: 'a number', 'an integer or nothing', 'one of a, b'."""
+    words = {float: "a number", int: "an integer", str: "text", bool: "true or false", type(None): "nothing"}
+    out = []
+    for kind in [k for k in kinds if k is not type(None)] or kinds:  # "or nothing" says nothing to a user
+        if typing.get_origin(kind) is typing.Literal:
+            out.append("one of " + ", ".join(map(str, typing.get_args(kind))))
+        elif typing.get_origin(kind) is tuple:
+            out.append("a list")
+        elif typing.get_origin(kind) is dict:
+            out.append("a table")
+        else:
+            out.append(words.get(kind, getattr(kind, "__name__", str(kind))))
+    return " or ".join(out)
 
 
 @dataclass(frozen=True)

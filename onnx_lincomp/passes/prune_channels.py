@@ -61,8 +61,8 @@ class PruneChannelsOptions(PassOptions):
                                flag="--reconstruct")
     min_channels: int = option(1, "A group never goes below this many channels.")
     target_latency: float | None = option(None, "Keep this fraction of the linear layers' modelled onnxruntime time "
-                                                "(block-padded MACs weighted by kernel kind, "
-                                                ":mod:`..analysis.layer_latency`); replaces --sparsity.",
+                                                "(block-padded MACs weighted by kernel kind); replaces "
+                                                "--sparsity.",
                                           flag="--target-latency")
     channel_multiple: int = option(0, "Keep widths at multiples of this in groups at least this wide (onnxruntime's "
                                       "blocked Conv kernels compute whole blocks and leave the fast path at other "

@@ -229,9 +229,9 @@ class QuantizeInt8Options(OrtQuantizeOptions):
                                    flag="--bias-correction")
     exclude_sensitive: int | str = option(0, "Keep float the layers most sensitive to INT8 (each scored alone on "
                                              "the calibration split; needs labels): a count, or 'auto' for as "
-                                             "many as max_drop needs (0: off).", flag="--exclude-sensitive")
+                                             "many as --exclude-budget needs (0: off).", flag="--exclude-sensitive")
     max_drop: float | None = option(None, "Accuracy budget in points on the calibration split for "
-                                          "exclude_sensitive 'auto'.", flag="--exclude-budget")
+                                          "--exclude-sensitive auto.", flag="--exclude-budget")
 
     def __post_init__(self):
         super().__post_init__()

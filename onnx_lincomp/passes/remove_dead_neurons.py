@@ -40,8 +40,8 @@ class RemoveDeadOptions(PassOptions):
     dead_rate: float = option(0.0, "Also remove units active on at most this fraction of samples; their mean output "
                                    "is folded into the consumer bias (0: exact on the evidence).", flag="--dead-rate")
     keep_at_least: int = option(1, "A layer never goes below this width (its output stays well-formed).")
-    channel_multiple: int = option(1, "Keep widths at multiples of this (some dead units stay); 8 suits "
-                                      "onnxruntime's blocked Conv kernels.", flag="--channel-multiple")
+    channel_multiple: int = option(1, "Keep widths at multiples of this (some dead units stay; 1: off), e.g. "
+                                      "onnxruntime's Conv block (16 with AVX-512, else 8).", flag="--channel-multiple")
 
     def __post_init__(self):
         if not 0.0 <= self.dead_rate < 1.0:
