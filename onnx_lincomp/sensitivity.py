@@ -77,6 +77,7 @@ class Method:
     counts_nonzeros: bool  # pruning zeroes weights in place: parameters are counted as non-zeros
     # options under which the pass prunes as many units without reading data (exact counts, cheaply)
     shape_options: Mapping[str, Any] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # the user's pass options, in every candidate
 
     @property
     def saves_macs(self) -> bool:
@@ -110,10 +111,13 @@ class ScanOptions:
     jobs: int = 1
     threads: int = 0
     batch_size: int = 16  # latency feeds
+    channel_multiple: int | None = None  # channels: widths kept at multiples of this (None: the pass default)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise OptionError(f"--method: unknown method '{self.method}' (known: {', '.join(METHODS)})")
+        if self.channel_multiple is not None and (self.method != "channels" or self.channel_multiple < 0):
+            raise OptionError("--channel-multiple: a non-negative width multiple, for --method channels only")
         if not self.levels:
             raise OptionError("--levels: give at least one level in [0, 1)")
         bad = [v for v in self.levels if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0)]
@@ -129,7 +133,10 @@ class ScanOptions:
 
     @property
     def spec(self) -> Method:
-        return METHODS[self.method]
+        method = METHODS[self.method]
+        if self.channel_multiple is None:
+            return method
+        return replace(method, options={"channel_multiple": self.channel_multiple})
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class SensitivityScan:
 
 # ---- candidates -------------------------------------------------------------------------------------------
 def _pass(method: Method, layers: Mapping[str, float], extra: Mapping[str, Any] | None = None) -> PassSpec:
-    return PassSpec.of(method.pass_name, {"sparsity": 0.0, "layers": dict(layers), **(extra or {})})
+    return PassSpec.of(method.pass_name, {"sparsity": 0.0, "layers": dict(layers), **method.options, **(extra or {})})
 
 
 class _Candidates:
@@ -586,7 +593,7 @@ class _Allocator:
     def __init__(self, prep: Prepared, source: ScanInput, result: SensitivityScan, scanner: _Scanner,
                  options: AllocationOptions):
         self.prep, self.source, self.result, self.scanner, self.options = prep, source, result, scanner, options
-        self.method = METHODS[result.method]
+        self.method = scanner.options.spec
         self.greedy = _Greedy(curves(result, options.target))
         self.goal = options.keep  # what the estimate aims at, lowered by each measured shortfall
         self.base = _figure(result.base, options.target)

@@ -98,6 +98,10 @@ def test_a_group_one_block_wide_is_unchanged_with_the_reason(monkeypatch):
     assert conv1.params < scan.base.params and conv1.unchanged == ""
     out = invoke("sensitivity", CNN, "--calib", CNN_DATA, "--levels", "0.5")
     assert "conv2: unchanged at every level (kept whole: widths stay at multiples of 16" in out.output
+    # --channel-multiple 1 prunes it
+    rows = json.loads(invoke("sensitivity", CNN, "--calib", CNN_DATA, "--levels", "0.5", "--channel-multiple", "1",
+                             "--json", "-").stdout)["rows"]
+    assert all(r["params"] < scan.base.params and r["unchanged"] == "" for r in rows)
 
 
 def test_greedy_prunes_the_less_sensitive_layer_first():
@@ -118,7 +122,7 @@ def test_cli_writes_table_csv_json_plot(tmp_path):
     result = invoke("sensitivity", CNN, "--calib", CNN_DATA, "--labels", "y", "--levels", "0.3,0.6",
                     "--csv", out["csv"], "--json", out["json"], "--plot", out["png"])
     assert result.exit_code == 0, result.output
-    assert "conv1" in result.stdout and "held-out accuracy" in result.stdout
+    assert "conv1" in result.stdout and "accuracy % on 108 held-out samples" in result.stdout
     with open(out["csv"]) as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:8] == ["layer", "level", "accuracy", "agreement", "max_abs_error", "mean_abs_error",

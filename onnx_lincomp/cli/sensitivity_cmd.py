@@ -46,6 +46,9 @@ def _allocation(target_macs: float | None, target_params: float | None, target_l
 @click.option("--levels", default=",".join(f"{v:g}" for v in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
               show_default=True, help="Comma-separated pruning levels in [0, 1).")
 @click.option("--latency", is_flag=True, help="Also time each candidate (batch-1 median ms; the slow part).")
+@click.option("--channel-multiple", type=click.IntRange(0), default=None,
+              help="channels: keep widths at multiples of this (default: prune-channels' own, this CPU's NCHWc "
+                   "block; 1 to prune to any width).")
 @click.option("--jobs", default=1, show_default=True, type=int, help="Score candidates in this many processes.")
 @click.option("--csv", "csv_out", metavar="FILE", help="Write the rows as CSV.")
 @click.option("--json", "json_out", metavar="FILE", help="Write the rows (and the allocation with its recipe) as JSON "
@@ -63,8 +66,8 @@ def _allocation(target_macs: float | None, target_params: float | None, target_l
 @click.option("-o", "--output", metavar="FILE", help="Where to write the allocated model.")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
 def sensitivity(model, calib, batch_size, max_samples, input_shape, threads, example, labels, verify_split, method,
-                levels, latency, jobs, csv_out, json_out, plot, target_macs, target_params, target_latency,
-                max_accuracy_drop, output, overwrite):
+                levels, latency, channel_multiple, jobs, csv_out, json_out, plot, target_macs, target_params,
+                target_latency, max_accuracy_drop, output, overwrite):
     """Prune each layer alone at each level and score it on held-out data; with a target, allocate per-layer
     levels (less sensitive layers pruned more), build, verify and save the model with a replayable recipe."""
     from ..model_io import save_model_proto
@@ -77,7 +80,7 @@ def sensitivity(model, calib, batch_size, max_samples, input_shape, threads, exa
     model, calib = resolve(model, calib, example)
     if example and labels is None:
         labels = "y"
-    options = ScanOptions(method, parse_levels(levels), latency, jobs, threads, batch_size)
+    options = ScanOptions(method, parse_levels(levels), latency, jobs, threads, batch_size, channel_multiple)
     allocation = _allocation(target_macs, target_params, target_latency, max_accuracy_drop, output)
     if allocation is not None:
         allocation.check_method(options.spec)
@@ -122,7 +125,9 @@ def print_scan(scan) -> None:
     field, heading = scan.figure
     levels = sorted({r.level for r in scan.rows})
     width = max([len(n) for n in scan.layers] + [5])
-    click.echo(f"{scan.method} sensitivity of {len(scan.layers)} layers: {heading} on {scan.samples} {scan.split} "
+    heading = heading.removeprefix("held-out ")  # the split is named next
+    split = {"heldout": "held-out"}.get(scan.split, scan.split)
+    click.echo(f"{scan.method} sensitivity of {len(scan.layers)} layers: {heading} on {scan.samples} {split} "
                f"samples (unpruned: {_cell(getattr(scan.base, field), field)}), {scan.seconds:.1f} s")
     click.echo(f"{'layer':<{width}} {'params':>10} " + " ".join(f"{lv:>7g}" for lv in levels))
     for layer in scan.layers:
