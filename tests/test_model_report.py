@@ -226,3 +226,14 @@ def test_negative_dims_are_dynamic_and_macs_are_per_sample():
     # a batch in the given shape is not multiplied in: the figure is per sample
     assert model_report(model, {"x": (16, 3, 8, 8)}).macs == per_conv
     assert model_report(model, {"x": (1, 3, 16, 16)}).macs == 4 * per_conv
+
+
+def test_optimize_counts_macs_at_the_calibration_size_of_a_dynamic_model(tmp_path):
+    """No --input-shape: a model with dynamic sides is counted at the size its calibration samples have."""
+    from onnx_lincomp.optimize import OptimizeOptions, optimize
+    from onnx_lincomp.recipe import Recipe
+
+    model = _paddle_style_conv(np.random.default_rng(0))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).random((40, 3, 8, 8), dtype=np.float32))
+    result = optimize(model, str(tmp_path / "x.npz"), OptimizeOptions(Recipe(), latency=False, min_samples=1))
+    assert result.report.before.macs == result.report.after.macs == 4 * 3 * 9 * 8 * 8
