@@ -422,11 +422,14 @@ def main() -> None:
         for label, model, calib, settings, labels in models(Path(tmp)):
             if args.only not in label:
                 continue
+            data = calib if calib.startswith("random") else Path(calib).name
+            # rows of this model on other data (an earlier data set) no longer compare with the new ones
+            kept = [r for r in kept if r["model"] != label or r.get("data", data) == data]
             for keep in keeps:
                 for method in args.methods.split(","):
                     for aware in (False, True):
-                        row = {"model": label, **one_run(model, calib, settings, keep, method, aware,
-                                                         not args.no_latency, args.latency_check, labels)}
+                        row = {"model": label, "data": data, **one_run(model, calib, settings, keep, method, aware,
+                                                                       not args.no_latency, args.latency_check, labels)}
                         rows.append(row)
                         print(table([row]).splitlines()[-1], f"({row['seconds']:.0f}s)", flush=True)
                         fresh = {key(r) for r in rows}
