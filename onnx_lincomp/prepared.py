@@ -60,13 +60,16 @@ class Prepared:
         return len(self.source) if self.source.is_random else len(self.source) - self.n_calib
 
     def figure_shapes(self, given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        """The input shapes to count MACs at: ``given`` (``--input-shape``), else, where an input has a dynamic
-        side, its shape at one calibration sample (a model with dynamic sides has MACs only at some size)."""
-        if given or self.source is None:
-            return given
-        dynamic = any(t.shape is None or any(not (isinstance(d, (int, np.integer)) and d >= 0) for d in t.shape[1:])
-                      for t in self.loaded.graph.inputs)
-        return sample_shapes(self.loaded.graph, self.source) if dynamic else {}
+        """The input shapes to count MACs at: ``given`` (``--input-shape``), and, for the inputs it leaves out that
+        have a dynamic side, their shape at one calibration sample (a model with dynamic sides has MACs only at some
+        size)."""
+        if self.source is None:
+            return dict(given)
+        dynamic = [t.name for t in self.loaded.graph.inputs if t.name not in given and (t.shape is None or any(
+            not (isinstance(d, (int, np.integer)) and d >= 0) for d in t.shape[1:]))]
+        if not dynamic:
+            return dict(given)
+        return {**sample_shapes(self.loaded.graph, self.source), **given}
 
     def gate_count(self, gate_on: GateOn) -> int:
         if self.source is None or self.source.is_random:

@@ -239,10 +239,10 @@ def pass_flags() -> dict[str, PassFlag]:
             seen = out.get(flag)
             owners = (seen.owners if seen else ()) + ((name, f.name),)
             text = f.metadata.get("help", "")
-            if seen and text and text not in seen.help:  # the passes say different things: say each, by pass
+            if seen is not None:  # a shared flag: one help when the passes agree, else each pass's, by pass
                 first = seen.help if len(seen.owners) > 1 else f"{seen.owners[0][0]}: {seen.help}"
-                text = f"{first} {name}: {text}"
-            out[flag] = PassFlag(flag, owners, text if seen is None or text else seen.help, hints[f.name] is bool)
+                text = f"{first} {name}: {text}" if text and text not in seen.help else seen.help
+            out[flag] = PassFlag(flag, owners, text, hints[f.name] is bool)
     return out
 
 

@@ -298,6 +298,7 @@ class _Scanner:
 
     def __init__(self, prep: Prepared, options: ScanOptions, input_shapes: Mapping[str, tuple[int, ...]]):
         self.prep, self.options, self.input_shapes = prep, options, dict(input_shapes)
+        self.mac_shapes = prep.figure_shapes(self.input_shapes)  # dynamic sides counted at the data's size
         self.split = "heldout"
         evaluator = prep.evaluator("heldout", options.threads)
         if evaluator is None:
@@ -321,7 +322,7 @@ class _Scanner:
         return measure_latency(model, self._feeds, LatencyOptions(threads=max(self.options.threads, 1))).median_ms
 
     def row(self, layer: str, level: float, model: onnx.ModelProto, v: Verification) -> SensitivityRow:
-        rep = model_report(model, self.input_shapes)
+        rep = model_report(model, self.mac_shapes)
         params = rep.nonzeros if self.options.spec.counts_nonzeros and rep.nonzeros is not None else rep.params
         return SensitivityRow(layer, level, v.accuracy_after, _agreement(v), v.max_abs, _mean_abs(v), params,
                               rep.macs, self.latency_ms(model) if self.options.latency else None)
@@ -491,6 +492,9 @@ def _figure(row: SensitivityRow, target: Target) -> float:
     value = {"macs": row.macs, "params": row.params, "latency": row.latency}[target]
     if value is None:
         raise OptionError("--target-latency needs the latency of every candidate (the scan measures it then)")
+    if target == "macs" and value <= 0:
+        raise OptionError("--target-macs: the model's MACs could not be counted (dynamic input sides without shapes: "
+                          "give --input-shape NAME=D1,D2,...)")
     return float(value)
 
 
@@ -614,7 +618,7 @@ class _Allocator:
         if self.options.target == "latency":
             feeds = latency_feeds(self.prep, self.scanner.options.batch_size, self.scanner.input_shapes)[0]
             return compare_two(self.prep.original, model, feeds, self.scanner.options.threads).ratios[1].ratio
-        rep = model_report(model, self.scanner.input_shapes)
+        rep = model_report(model, self.scanner.mac_shapes)
         if self.options.target == "macs":
             return rep.macs / max(self.base, 1e-30)
         count = rep.nonzeros if self.method.counts_nonzeros and rep.nonzeros is not None else rep.params
@@ -675,7 +679,7 @@ class _Allocator:
 
     def _result(self, levels: dict[str, float], model: onnx.ModelProto, kept: float, v: Verification,
                 drop: PairedDrop | None, rounds: list[AllocationRound]) -> Allocation:
-        shapes = self.scanner.input_shapes
+        shapes = self.scanner.mac_shapes
         before = _sizes(model_report(to_model_proto(self.prep.loaded.graph, self.prep.loaded.ctx), shapes))
         after = _sizes(model_report(model, shapes))
         if self.options.target == "latency":

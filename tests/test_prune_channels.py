@@ -184,11 +184,26 @@ def test_width_multiple_min_channels_and_targets(rng):
     # must not fire where the multiple lets the group shrink
     _, records = _prune(model, x, (("prune-channels", {"sparsity": 0.5, "channel_multiple": 8}),))
     assert not any(w.startswith("kept whole") for w in records[0].result.skipped)
+    # a width between one and two blocks keeps its channels at a small level, and says so at that level
+    _, records = _prune(model, x, (("prune-channels", {"sparsity": 0.1, "channel_multiple": 16}),))
+    assert records[0].result.skipped.get("kept whole at this level: the width left would round back up to a "
+                                         "multiple of 16 (--channel-multiple; 1 prunes to any width)") == 2
     before = model_report(model).macs
     for target in (0.75, 0.5, 0.25):
         out, _ = _prune(model, x, (("prune-channels", {"target_macs": target, "channel_multiple": 1}),))
         macs = model_report(out).macs
         assert macs <= target * before and macs > 0.6 * target * before
+
+
+def test_every_group_kept_whole_is_named_in_the_plan(rng):
+    """The plan names every such group (a sensitivity scan reads its layer's reason there), not the first few."""
+    model = mlp_model(rng, [6, 8, 8, 8, 8, 8, 3])
+    loaded = model_from_proto(model)
+    canonicalize(loaded.graph)
+    plan = PruneChannels(PruneChannelsOptions(sparsity=0.5, channel_multiple=8, importance="l1",
+                                              reconstruct=False)).plan(loaded.graph, PassContext(None, None))
+    why = next(w for w in plan.skipped if w.startswith("kept whole: widths stay at multiples of 8"))
+    assert plan.skipped[why] == 5 and len(plan.examples[why]) == 5 and not plan.matches
 
 
 def _transpose_head_model(rng, side: int | str = 8) -> onnx.ModelProto:

@@ -2,7 +2,7 @@
 
 PP-OCRv4 det gives a text probability of about 5e-10 everywhere on uniform noise, so every output comparison on
 random data compares zeros; the PP-OCR direction classifier is at chance on it. Handwritten digits set side by
-side on white paper are text to both: the classifier tells upright lines from lines turned 180 degrees on 76 % of
+side on white paper are text to both: the classifier tells upright lines from lines turned 180 degrees on 74-77 % of
 them, and the detector marks the lines (about a tenth of a page's pixels above 0.3).
 
 * :func:`text_lines`: ``n x 3 x 48 x 192`` lines of 5-7 digits, half of them turned 180 degrees (label 1),

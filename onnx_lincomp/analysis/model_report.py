@@ -509,20 +509,33 @@ def _copy_without_weights(model: onnx.ModelProto, m: onnx.ModelProto) -> None:
             m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
+def _fixed(d: onnx.TensorShapeProto.Dimension) -> bool:
+    """Whether a dimension is static; exporters such as Paddle's write -1 for a dynamic one."""
+    return d.HasField("dim_value") and d.dim_value >= 0
+
+
+def _dims(inp: onnx.ValueInfoProto) -> list[int | None] | None:
+    """An input's dimensions, None where dynamic (None without a shape)."""
+    tt = inp.type.tensor_type
+    return [d.dim_value if _fixed(d) else None for d in tt.shape.dim] if tt.HasField("shape") else None
+
+
 def _with_static_batch(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    from ..runtime.feeds import batch_axis
+
     m = _structure_only(model)
     init_names = {t.name for t in m.graph.initializer}
     for inp in m.graph.input:
         if inp.name in init_names or not inp.type.tensor_type.HasField("shape"):
             continue
-        dims = inp.type.tensor_type.shape.dim
+        batch = batch_axis(_dims(inp))
         override = input_shapes.get(inp.name)
-        for i, d in enumerate(dims):
-            fixed = d.HasField("dim_value") and d.dim_value >= 0  # exporters such as Paddle's write -1 for dynamic
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            fixed = _fixed(d)
             if override is not None and i < len(override):
                 d.Clear()
                 d.dim_value = int(override[i])
-            elif i == 0 and not fixed:
+            elif i == batch and not fixed:
                 d.Clear()
                 d.dim_value = 1
             elif d.HasField("dim_value") and not fixed:
@@ -541,7 +554,7 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
         if not tt.HasField("shape"):
             table[vi.name] = None
             continue
-        dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value") and d.dim_value >= 0]
+        dims = [d.dim_value for d in tt.shape.dim if _fixed(d)]
         table[vi.name] = tuple(dims) if len(dims) == len(tt.shape.dim) else None
     for t in model.graph.initializer:
         table[t.name] = tuple(t.dims)
@@ -549,21 +562,23 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
 
 
 def _one_sample(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """``input_shapes`` at one sample: a batch given for an input whose batch axis is dynamic becomes 1, so the
-    MACs counted are per sample whatever batch the user's ``--input-shape`` names."""
+    """``input_shapes`` at one sample: a batch given on an input's batch axis (its first dynamic dimension,
+    :func:`~..runtime.feeds.batch_axis`) becomes 1, so the MACs counted are per sample whatever batch the user's
+    ``--input-shape`` names."""
+    from ..runtime.feeds import batch_axis
+
     out = dict(input_shapes)
     for inp in model.graph.input:
-        dims = out.get(inp.name)
-        if not dims:
-            continue
-        shape = inp.type.tensor_type.shape.dim if inp.type.tensor_type.HasField("shape") else []
-        if not shape or not (shape[0].HasField("dim_value") and shape[0].dim_value >= 0):
-            out[inp.name] = (1, *tuple(dims)[1:])
+        given = out.get(inp.name)
+        axis = batch_axis(_dims(inp))
+        if given and axis is not None and axis < len(given):
+            out[inp.name] = tuple(1 if i == axis else int(d) for i, d in enumerate(given))
     return out
 
 
 def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict) -> dict[str, tuple[int, ...]]:
     """Shapes of ``names`` from one onnxruntime run on random batch-1 inputs (when inference could not tell)."""
+    from ..runtime.feeds import batch_axis
     from ..runtime.session import SessionOptions, open_session
 
     m = onnx.ModelProto()
@@ -577,9 +592,12 @@ def _runtime_shapes(model: onnx.ModelProto, names: list[str], input_shapes: dict
         if inp.name in init_names:
             continue
         tt = inp.type.tensor_type
-        dims = list(input_shapes.get(inp.name, [d.dim_value if d.dim_value > 0 else (1 if i == 0 else 0)
-                                                for i, d in enumerate(tt.shape.dim)]))
-        if 0 in dims:  # a dynamic side: MACs at an invented size would be wrong, so they stay uncounted
+        dims = input_shapes.get(inp.name)
+        if dims is None:
+            own = _dims(inp) or []
+            batch = batch_axis(own)
+            dims = [1 if i == batch else d for i, d in enumerate(own)]
+        if None in dims:  # a dynamic side: MACs at an invented size would be wrong, so they stay uncounted
             return {}
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[inp.name] = rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)

@@ -51,7 +51,7 @@ class Judge:
         self.evidence = UnitEvidence.from_stats(StatsSet.load(spec.stats_path))
         self.heldout = (self.prep.evaluator("heldout", spec.threads)
                         or self.prep.evaluator("calibration", spec.threads))
-        self.shapes = dict(spec.calibration.input_shapes)
+        self.shapes = self.prep.figure_shapes(dict(spec.calibration.input_shapes))  # MACs at the data's size
 
     def __call__(self, recipe: dict) -> Outcome:
         start = time.perf_counter()

@@ -35,7 +35,8 @@ def print_plans(plans) -> None:
             click.echo(f"  {m.action:<13} {m.site[:40]:<40} {m.units:>6} units  ~{m.params_saved:>10,} params  "
                        f"{m.detail}")
         for why, n in plan.skipped.items():
-            names = ", ".join(plan.examples.get(why, ()))
+            shown = plan.examples.get(why, ())
+            names = ", ".join(shown[:3]) + (f", … ({len(shown)} in all)" if len(shown) > 3 else "")
             click.echo(f"  skipped {n}x: {why}" + (f" (e.g. {names})" if names else ""))
 
 
@@ -76,7 +77,7 @@ def _print_passes(r) -> None:
             click.echo(f"{'':<14} {note}")
     if partial:
         click.echo(f"{'':<14} MACs after ending in +: nodes without static shapes in the rewritten graph are not "
-                   "counted there (the totals below count them by a run)")
+                   "counted there (the totals below may count them by a run of the model)")
 
 
 def _print_sizes(r) -> None:

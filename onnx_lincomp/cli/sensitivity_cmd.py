@@ -138,7 +138,7 @@ def print_scan(scan) -> None:
                                                                 for lv in levels))
     click.echo(f"(params: saved at level {levels[-1]:g})")
     for layer in scan.layers:
-        whys = {r.unchanged for r in scan.rows if r.layer == layer}
+        whys = {r.unchanged for r in scan.rows if r.layer == layer and r.level > 0}
         if len(whys) == 1 and "" not in whys:
             click.echo(f"{layer}: unchanged at every level ({whys.pop()})")
 

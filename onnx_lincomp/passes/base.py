@@ -99,7 +99,7 @@ def _coerce(value: Any, hint: Any, pass_name: str, key: str) -> Any:
 
 
 def _describe(kinds: tuple) -> str:
-    """A field type in words: 'a number', 'an integer or nothing', 'one of a, b'."""
+    """A field type in words: 'a number', 'an integer or text', 'one of a, b' (None left out beside others)."""
     words = {float: "a number", int: "an integer", str: "text", bool: "true or false", type(None): "nothing"}
     out = []
     for kind in [k for k in kinds if k is not type(None)] or kinds:  # "or nothing" says nothing to a user

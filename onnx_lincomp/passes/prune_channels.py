@@ -66,7 +66,8 @@ class PruneChannelsOptions(PassOptions):
                                           flag="--target-latency")
     channel_multiple: int = option(0, "Keep widths at multiples of this in groups at least this wide (onnxruntime's "
                                       "blocked Conv kernels compute whole blocks and leave the fast path at other "
-                                      "widths); 0: this CPU's NCHWc block (16 with AVX-512, else 8); 1 to disable.",
+                                      "widths); 0: this CPU's NCHWc block (16 with AVX-512, else 8), recorded in the "
+                                      "recipe as that number; 1 to disable.",
                                    flag="--channel-multiple")
     layers: dict[str, float] = option({}, "Per-layer sparsity overrides: producer node name -> fraction (recipe "
                                           "only; 0 leaves a layer alone).")
@@ -88,11 +89,13 @@ class PruneChannelsOptions(PassOptions):
                               f"got {self.importance!r}")
         if self.min_channels < 1 or self.channel_multiple < 0 or self.ridge < 0:
             raise OptionError("prune-channels: min_channels must be >= 1, channel_multiple >= 0, ridge >= 0")
+        if self.channel_multiple == 0:  # resolved here, so a recipe records the number and replays it anywhere
+            object.__setattr__(self, "channel_multiple", nchwc_block())
 
     @property
     def multiple(self) -> int:
-        """The channel multiple in force: ``channel_multiple``, or this CPU's NCHWc block when it is 0."""
-        return self.channel_multiple or nchwc_block()
+        """The channel multiple in force (0 was resolved to this CPU's NCHWc block when the options were made)."""
+        return self.channel_multiple
 
     @property
     def needs_data(self) -> bool:
@@ -189,7 +192,8 @@ class PruneChannels(Pass):
 
     # ---- plan -------------------------------------------------------------------------------------------
     def plan(self, graph: gs.Graph, ctx: PassContext) -> Plan:
-        o, tally = self.options, SkipTally()
+        # every skipped site named (not the first three): a sensitivity scan reads why its layer was left whole
+        o, tally = self.options, SkipTally(examples=1 << 30)
         if o.needs_data and ctx.data is None:
             raise OptionError(f"prune-channels with importance '{o.importance}'"
                               f"{' and reconstruction' if o.reconstruct else ''} needs calibration data (--calib); "
@@ -212,11 +216,10 @@ class PruneChannels(Pass):
         for cand, mask in zip(candidates, masks, strict=True):
             site = group_key(cand.group)
             if not mask.any():
-                if cand.level != 0.0 and removal_count(cand.group, 0.999, o.min_channels, o.multiple) == 0 \
-                        and removal_count(cand.group, 0.999, o.min_channels, 1) > 0:
-                    tally.add(f"kept whole: widths stay at multiples of {o.multiple} (onnxruntime's blocked Conv "
-                              "kernels compute whole blocks) and this group is one block wide; --channel-multiple 1 "
-                              "prunes it anyway", site)
+                why = self._kept_whole(cand, targeted=any(t is not None for t in (o.target_macs, o.target_params,
+                                                                                    o.target_latency)))
+                if why:
+                    tally.add(why, site)
                 continue
             problem = removal_problem(cand.group, mask)
             if problem is not None:
@@ -232,6 +235,20 @@ class PruneChannels(Pass):
         matches = [Match(m.site, m.action, m.units, m.params_saved, m.detail, dict(m.data, shared=shared))
                    for m in matches]
         return tally.plan(self.name, matches, approximate=bool(matches))
+
+    def _kept_whole(self, cand: _Candidate, targeted: bool) -> str:
+        """Why a group the level would prune keeps every channel because of the width multiple ('' otherwise).
+        Under a target the level is the allocation's, so only a group no level can shrink is named."""
+        o, g = self.options, cand.group
+        level = cand.level if cand.level is not None else (0.999 if targeted else o.sparsity)
+        if level <= 0 or removal_count(g, level, o.min_channels, o.multiple) > 0 \
+                or removal_count(g, level, o.min_channels, 1) == 0:
+            return ""
+        if g.width == o.multiple:
+            return (f"kept whole: widths stay at multiples of {o.multiple} (onnxruntime's blocked Conv kernels compute "
+                    "whole blocks) and this group is one block wide; --channel-multiple 1 prunes it anyway")
+        return (f"kept whole at this level: the width left would round back up to a multiple of {o.multiple} "
+                "(--channel-multiple; 1 prunes to any width)")
 
     def _overrides(self, groups: list[ChannelGroup], found) -> dict[str, float]:
         """Per-layer levels keyed by group; a name that is no layer, or a layer that cannot be pruned, is an error."""
@@ -330,7 +347,8 @@ class PruneChannels(Pass):
                           counts={"units_removed": removed, "groups_pruned": rewritten,
                                   ("layers_refit" if self.options.reconstruct else "biases_shifted"): refits,
                                   **({"layers_refit_again": again} if again else {})},
-                          kept=kept)
+                          kept=kept, notes=(f"{again} layer(s) refit again: a group pruned after their refit (a side "
+                                            "branch) changed what they read",) if again else ())
 
     def _refit_stale(self, graph: gs.Graph, names: NameSource, shared: dict, fitted: dict[str, int],
                      pruned: list[list[str]], rows: dict[str, np.ndarray], tally: SkipTally) -> int:
