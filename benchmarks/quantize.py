@@ -341,7 +341,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         acc = (f"{r['acc_before']:.2f} -> {r['acc_after']:.2f} ({r['acc_change']:+.2f})" if "acc_change" in r
-               else "n/a (random inputs)")
+               else "n/a (no labels)")
         lines.append(f"| {r['model']} | {r['quantizer']} | {_ratio(r['latency_b1'])} | {_ratio(r['latency_b32'])} | "
                      f"{r['pass_verdict'].split(' (')[0]} | {acc} | {r['agreement']:.4f} | "
                      f"{r['max_abs_error']:.3g} / {r['output_scale']:.3g} | "
