@@ -38,7 +38,8 @@ def require_budget_support(prep: Prepared, budget: float, gate_on: GateOn | None
 
 
 def check_gates(gate: Verification | None, max_abs_error: float | None, max_accuracy_drop: float | None,
-                max_output_change: float | None = None, min_agreement: float | None = None) -> None:
+                max_output_change: float | None = None, min_agreement: float | None = None,
+                max_mean_error: float | None = None) -> None:
     """Raise when the output error, the relative output change or the paired accuracy-drop bound on the gate
     split exceeds its limit."""
     if gate is None:
@@ -54,6 +55,9 @@ def check_gates(gate: Verification | None, max_abs_error: float | None, max_accu
             "--max-accuracy-drop; nothing written")
     if max_abs_error is not None and gate.max_abs > max_abs_error:
         raise VerificationGateError(f"max abs error {gate.max_abs:.3g} exceeds --max-abs-error {max_abs_error:g}; "
+                                    "no output written")
+    if max_mean_error is not None and gate.mean_abs > max_mean_error:
+        raise VerificationGateError(f"mean abs error {gate.mean_abs:.3g} exceeds --max-mean-error {max_mean_error:g}; "
                                     "no output written")
     if min_agreement is not None and (gate.agreement is None or gate.agreement < min_agreement):
         found = "no classifier-shaped output" if gate.agreement is None else f"{gate.agreement:.4f}"

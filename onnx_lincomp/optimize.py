@@ -71,6 +71,7 @@ class OptimizeOptions:
     allow_larger: bool = False  # a larger or measurably slower output is an error unless allowed
     check_each_pass: bool = False  # compare with the original on calibration samples after every pass
     min_agreement: float | None = None  # gate: top-1 agreement with the original on the gate split
+    max_mean_error: float | None = None  # gate: mean absolute output error on the gate split (dense outputs)
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -98,7 +99,7 @@ class OptimizeOptions:
         the default (a guard for passes meant to be exact) does not apply to a recipe with a lossy pass."""
         if self.max_output_change == DEFAULT_MAX_OUTPUT_CHANGE and (
                 self.max_abs_error is not None or self.max_accuracy_drop is not None or self.lossy_passes
-                or self.min_agreement is not None):
+                or self.min_agreement is not None or self.max_mean_error is not None):
             return None
         return self.max_output_change
 
@@ -290,7 +291,8 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
         messages.append("the model has no Relu in its main graph: remove-dead and fold-linear have nothing to do "
                         "(merge-affine may still merge layers; the pass table says what changed)")
     if options.lossy_passes and options.output_change_limit is None and options.max_abs_error is None \
-            and options.max_accuracy_drop is None and options.min_agreement is None:
+            and options.max_accuracy_drop is None and options.min_agreement is None \
+            and options.max_mean_error is None:
         messages.append(f"lossy pass(es) {', '.join(options.lossy_passes)}: the output change is reported, not gated "
                         "(gate it with --max-accuracy-drop, --max-abs-error or --max-output-change)")
     recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages)
@@ -302,7 +304,8 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
     else:
         on_cal, on_held, on_gate = _verify(prep, optimized, options, exact)
     check_gates(on_gate, options.max_abs_error, options.max_accuracy_drop,
-                options.output_change_limit if exact is None else None, options.min_agreement)
+                options.output_change_limit if exact is None else None, options.min_agreement,
+                options.max_mean_error)
     lat = (latencies(prep, optimized, options.batch_size, options.threads, options.input_shapes)
            if options.latency and not unchanged else ((None, None), (None, None, None, None)))
     report = OptimizeReport(

@@ -121,6 +121,7 @@ def test_cli_search_writes_a_recipe_that_replays(tmp_path):
     (["--objective", "speed", "--min-agreement", "0.9"], 2, "speed"),
     (["--objective", "macs"], 2, "exactly one budget"),
     (["--objective", "macs", "--min-agreement", "0.9", "--max-output-error", "1"], 2, "exactly one budget"),
+    (["--objective", "macs", "--max-mean-error", "0.1", "--max-output-error", "1"], 2, "exactly one budget"),
     (["--objective", "macs", "--min-agreement", "0.9", "--jobs", "0"], 2, "--jobs"),
     (["--objective", "macs", "--min-agreement", "0.9", "--passes", "remove-dead"], 2, "builds the recipe"),
     (["--jobs", "2"], 2, "add --objective"),
@@ -135,6 +136,30 @@ def test_bad_search_input_writes_nothing(tmp_path, args, code, words):
     res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", str(out), "--no-latency"] + args)
     assert res.exit_code == code, res.output
     assert words in res.output and not os.path.exists(out)
+
+
+def test_mean_error_budget_judges_the_mean_not_the_max():
+    """A dense output: one flipped pixel sets the max; the mean budget reads what the whole map lost."""
+    from onnx_lincomp.evaluate.evaluator import OutputError, Verification
+
+    flip = Verification(100, (OutputError("map", max_abs=1.0, mean_abs=0.002, rel_max=1.0, top1_agreement=None),))
+    assert Budget("mean_error", 0.01).within(flip) and not Budget("output_error", 0.3).within(flip)
+    assert Budget("mean_error", 0.01).damage(flip) == 0.002
+    assert not Budget("mean_error", 0.001).within(flip)  # must not fire only on the max
+    assert "mean abs output error <= 0.01" == Budget("mean_error", 0.01).describe()
+
+
+def test_mean_error_gate_and_search(tmp_path):
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", str(out), "--no-latency",
+                                    "--passes", "prune-channels", "--target-macs", "0.3", "--max-mean-error", "1e-6"])
+    assert res.exit_code == 4 and "exceeds --max-mean-error" in res.output and not out.exists()
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", str(out), "--no-latency",
+                                    "--objective", "macs", "--max-mean-error", "0.5", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verification_heldout"]["outputs"][0]["mean_abs"] <= 0.5
+    assert any("mean abs output error <= 0.5" in m for m in report["messages"])
 
 
 def test_ray_missing_is_a_usage_error(tmp_path, monkeypatch):

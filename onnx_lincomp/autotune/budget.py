@@ -1,6 +1,6 @@
 """What a search may lose: an accuracy drop (paired upper bound, labels), a minimum top-1 agreement with the
-original, or a largest output error. A candidate is inside the budget or not; its *damage* orders candidates
-(how much of the budget it uses)."""
+original, a largest output error, or a mean output error (dense outputs such as detection maps). A candidate
+is inside the budget or not; its *damage* orders candidates (how much of the budget it uses)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ from typing import Literal
 from ..errors import OptionError
 from ..evaluate.evaluator import Verification
 
-BudgetKind = Literal["accuracy_drop", "agreement", "output_error"]
+BudgetKind = Literal["accuracy_drop", "agreement", "output_error", "mean_error"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Budget:
         if self.kind == "agreement":
             a = v.agreement
             return a is not None and a >= self.value
-        return v.max_abs <= self.value
+        return self.damage(v) <= self.value
 
     def damage(self, v: Verification) -> float:
         """How much of the budget the candidate uses (same unit as the budget; larger is worse)."""
@@ -42,9 +42,10 @@ class Budget:
         if self.kind == "agreement":
             a = v.agreement
             return 1.0 - a if a is not None else float("inf")
-        return float(v.max_abs)
+        return float(v.mean_abs if self.kind == "mean_error" else v.max_abs)
 
     def describe(self) -> str:
         return {"accuracy_drop": f"accuracy drop <= {self.value:g} points (paired upper bound)",
                 "agreement": f"top-1 agreement >= {self.value:g}",
-                "output_error": f"max abs output error <= {self.value:g}"}[self.kind]
+                "output_error": f"max abs output error <= {self.value:g}",
+                "mean_error": f"mean abs output error <= {self.value:g}"}[self.kind]

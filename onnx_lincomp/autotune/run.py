@@ -18,7 +18,8 @@ def gate_options(options: OptimizeOptions, budget: Budget) -> OptimizeOptions:
     return replace(options, search=False,
                    max_accuracy_drop=budget.value if budget.kind == "accuracy_drop" else options.max_accuracy_drop,
                    max_abs_error=budget.value if budget.kind == "output_error" else options.max_abs_error,
-                   min_agreement=budget.value if budget.kind == "agreement" else options.min_agreement)
+                   min_agreement=budget.value if budget.kind == "agreement" else options.min_agreement,
+                   max_mean_error=budget.value if budget.kind == "mean_error" else options.max_mean_error)
 
 
 def optimize_within_budget(model: str, calib: str, options: OptimizeOptions, search: SearchOptions,

@@ -46,7 +46,8 @@ exact_options = [
 search_options = [
     click.option("--objective", type=click.Choice(["latency", "size", "macs"]),
                  help="Search across passes (pruning, low-rank, quantization) for the fastest / smallest / cheapest "
-                      "model within the budget (--max-accuracy-drop, --min-agreement or --max-output-error).",),
+                      "model within the budget (--max-accuracy-drop, --min-agreement, --max-output-error or "
+                      "--max-mean-error).",),
     click.option("--min-agreement", type=click.FloatRange(0, 1, min_open=True),
                  help="Budget / gate: top-1 agreement with the original on the held-out split at least this."),
     click.option("--max-output-error", type=click.FloatRange(0),
@@ -164,6 +165,10 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
                    "still come from the calibration part only).")
 @click.option("--max-abs-error", type=click.FloatRange(0),
               help="Gate: fail (exit 4) if any held-out output differs by more.")
+@click.option("--max-mean-error", type=click.FloatRange(0),
+              help="Gate (and, with --objective, the search budget): fail (exit 4) if the mean absolute held-out "
+                   "output error exceeds this (dense outputs such as detection or segmentation maps, where one "
+                   "flipped pixel sets the max).")
 @click.option("--max-output-change", metavar="R|off",
               help="Gate: fail (exit 4) if held-out outputs change by more than R of their scale (default 0.01 "
                    "unless --max-abs-error or --max-accuracy-drop is given; 'off' disables it).")
@@ -187,7 +192,8 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @with_options(search_options)
 @click.pass_context
 def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, example, output, recipe_file, passes,
-             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, max_output_change, min_samples,
+             verify_split, labels, max_accuracy_drop, gate_on, max_abs_error, max_mean_error, max_output_change,
+             min_samples,
              allow_larger, check_each_pass, explain,
              json_out, save_stats, stats_file, no_latency, overwrite, exact, input_range, milp_time_limit, no_milp,
              check_points, unit_time_limit, milp_method, objective, min_agreement, max_output_error, pareto_out,
@@ -213,7 +219,8 @@ def optimize(ctx, model, calib, batch_size, max_samples, input_shape, threads, e
                               gate_on=gate_on, max_output_change=_output_change(max_output_change),
                               min_samples=min_samples, batch_size=batch_size, threads=threads, latency=not no_latency,
                               search=max_accuracy_drop is not None and not rates_given and not recipe_file,
-                              allow_larger=allow_larger, check_each_pass=check_each_pass, min_agreement=min_agreement)
+                              allow_larger=allow_larger, check_each_pass=check_each_pass, min_agreement=min_agreement,
+                              max_mean_error=max_mean_error)
     if objective is not None:
         return _search(ctx, model, calib, output, options, objective, max_output_error, pareto_out, plot_out,
                        time_budget, jobs, backend, address, json_out, overwrite, explain or exact or stats_file,
@@ -284,10 +291,11 @@ def _search(ctx, model, calib, output, options, objective, max_output_error, par
     if given:
         raise OptionError(f"--objective builds the recipe itself: drop {given[0]}")
     budgets = [(k, v) for k, v in (("accuracy_drop", options.max_accuracy_drop), ("agreement", options.min_agreement),
-                                   ("output_error", max_output_error)) if v is not None]
+                                   ("output_error", max_output_error), ("mean_error", options.max_mean_error))
+               if v is not None]
     if len(budgets) != 1:
-        raise OptionError("--objective needs exactly one budget: --max-accuracy-drop (with --labels), --min-agreement "
-                          "or --max-output-error")
+        raise OptionError("--objective needs exactly one budget: --max-accuracy-drop (with --labels), --min-agreement, "
+                          "--max-output-error or --max-mean-error")
     if backend == "ray":
         require_ray()
     if latency_batch > 1 and objective != "latency":

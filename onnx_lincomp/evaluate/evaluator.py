@@ -70,6 +70,12 @@ class Verification:
         return max((o.rel_max for o in self.outputs), default=0.0)
 
     @property
+    def mean_abs(self) -> float:
+        """Mean absolute error over every value of an output (the largest over outputs): what a dense output
+        (a detection or segmentation map) loses, where one flipped pixel sets the max."""
+        return max((o.mean_abs for o in self.outputs), default=0.0)
+
+    @property
     def non_finite(self) -> int:
         return sum(o.non_finite for o in self.outputs)
 
