@@ -63,7 +63,7 @@ def models(tmp: Path, quick: bool):
             pages = calibration_file(RealModel(det, "text-pages", 64, {"x": (1, 3, 160, 160)}), tmp)
             out.append(("ppocr-det", str(SHARED / "models" / det), pages, None,
                         CalibrationSettings(verify_split=0.5, input_shapes=(("x", (1, 3, 160, 160)),)),
-                        ("output_error", (0.05, 0.3))))
+                        ("mean_error", (0.005, 0.02))))  # a text map: one flipped pixel sets the max error
     return out
 
 

@@ -146,7 +146,7 @@ def test_mean_error_budget_judges_the_mean_not_the_max():
     assert Budget("mean_error", 0.01).within(flip) and not Budget("output_error", 0.3).within(flip)
     assert Budget("mean_error", 0.01).damage(flip) == 0.002
     assert not Budget("mean_error", 0.001).within(flip)  # must not fire only on the max
-    assert "mean abs output error <= 0.01" == Budget("mean_error", 0.01).describe()
+    assert Budget("mean_error", 0.01).describe() == "mean abs output error <= 0.01"
 
 
 def test_mean_error_gate_and_search(tmp_path):
@@ -155,7 +155,8 @@ def test_mean_error_gate_and_search(tmp_path):
                                     "--passes", "prune-channels", "--target-macs", "0.3", "--max-mean-error", "1e-6"])
     assert res.exit_code == 4 and "exceeds --max-mean-error" in res.output and not out.exists()
     res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", str(out), "--no-latency",
-                                    "--objective", "macs", "--max-mean-error", "0.5", "--json", str(tmp_path / "r.json")])
+                                    "--objective", "macs", "--max-mean-error", "0.5",
+                                    "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verification_heldout"]["outputs"][0]["mean_abs"] <= 0.5
