@@ -225,10 +225,19 @@ def test_int8_exclude_a_fixed_count_and_a_loose_budget(fixed_latency, rng):
     assert any("no layer kept float" in n for n in result.notes)
 
 
-def test_int8_exclusion_needs_labels(fixed_latency, rng):
+def test_int8_exclusion_without_labels_ranks_by_output_error(fixed_latency, rng):
+    """No labels: a count keeps float the layers whose INT8 moves the outputs most; 'auto' (an accuracy budget)
+    still needs labels."""
     model, x, _ = _fragile_mlp(rng)
+    plain, _ = _quantize(model, x, "quantize-int8", {})
+    out, result = _quantize(model, x, "quantize-int8", {"exclude_sensitive": 1})
+    assert _float_weight(out, "fc0") and not _float_weight(out, "fc1")
+    ref = run(model, {"x": x})[0]
+    assert np.abs(run(out, {"x": x})[0] - ref).mean() < 0.5 * np.abs(run(plain, {"x": x})[0] - ref).mean()
+    notes = " ".join(result.notes)
+    assert "mean abs output error with one layer alone in INT8" in notes and "most sensitive: fc0" in notes
     with pytest.raises(Exception, match="needs labels"):
-        _quantize(model, x, "quantize-int8", {"exclude_sensitive": 1})
+        _quantize(model, x, "quantize-int8", {"exclude_sensitive": "auto", "max_drop": 1.0})
 
 
 @pytest.mark.parametrize("values,match", [({"exclude_sensitive": "most"}, "count >= 0 or 'auto'"),

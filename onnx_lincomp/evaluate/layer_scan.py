@@ -18,7 +18,7 @@ from .evaluator import Evaluator, Verification
 
 Progress = Callable[[int, int], None]
 COLUMNS = ("layer", "kind", "weights", "bits", "float_bytes", "shared_bytes", "accuracy", "drop_points",
-           "drop_low", "drop_high", "agreement", "max_abs", "rel_max")
+           "drop_low", "drop_high", "agreement", "max_abs", "rel_max", "mean_abs")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class BitsRow:
     agreement: float | None
     max_abs: float
     rel_max: float
+    mean_abs: float = 0.0  # mean absolute output error (the largest over outputs)
 
     def as_dict(self) -> dict:
         return {c: getattr(self, c) for c in COLUMNS}
@@ -88,7 +89,7 @@ def _row(layer: LinearLayer, bits: int, stored: int, v: Verification) -> BitsRow
     return BitsRow(layer.name, layer.kind, int(layer.size), bits,
                    int(layer.nodes[0].inputs[1].values.nbytes), stored,
                    v.accuracy_after, p.drop_points if p else None, p.lower_points if p else None,
-                   p.upper_points if p else None, agree, v.max_abs, v.rel_max)
+                   p.upper_points if p else None, agree, v.max_abs, v.rel_max, v.mean_abs)
 
 
 def scan_layers(evaluator: Evaluator, quantizer: LayerQuantizer, widths: tuple[int, ...], model: str,

@@ -28,7 +28,8 @@ layer's expected output shift from the weight rounding, ``(W - W_q) E[x]`` with 
 mean on the calibration data, is folded into its (int32) bias (:mod:`..rewrite.quant_bias_correction`). The
 shift the activation quantization adds is not corrected.
 
-**Automatic exclusion** (``exclude_sensitive``; needs labels in the calibration data): each layer is quantized
+**Automatic exclusion** (``exclude_sensitive``; 'auto' needs labels, a count ranks by the mean output error
+without them): each layer is quantized
 alone and scored on the calibration split; the most sensitive are kept float, a fixed number of them, or
 (``auto``) as many as it takes for the predicted and then the measured drop on the calibration split to fit
 ``max_drop`` points (:mod:`..rewrite.int8_build`). The layers kept float and their one-layer drops are in the
@@ -228,8 +229,9 @@ class QuantizeInt8Options(OrtQuantizeOptions):
                                          "(W - W_q) E[x] on the calibration data, into its bias (QDQ).",
                                    flag="--bias-correction")
     exclude_sensitive: int | str = option(0, "Keep float the layers most sensitive to INT8 (each scored alone on "
-                                             "the calibration split; needs labels): a count, or 'auto' for as "
-                                             "many as --exclude-budget needs (0: off).", flag="--exclude-sensitive")
+                                             "the calibration split: accuracy drop with labels, else mean output "
+                                             "error): a count, or 'auto' for as many as --exclude-budget needs "
+                                             "(labels; 0: off).", flag="--exclude-sensitive")
     max_drop: float | None = option(None, "Accuracy budget in points on the calibration split for "
                                           "--exclude-sensitive auto.", flag="--exclude-budget")
 

@@ -125,11 +125,16 @@ class Exclusion:
     samples: int
     model: onnx.ModelProto = dataclasses.field(repr=False)
     correction: Correction | None = None
+    errors: Mapping[str, float] = dataclasses.field(default_factory=dict)  # no labels: layer -> mean abs error
 
     def notes(self) -> tuple[str, ...]:
-        ranked = ", ".join(f"{n} {d:+.2f}" for n, d in sorted(self.drops.items(), key=lambda kv: -kv[1]))
         why = (f"kept float as the most sensitive: {', '.join(self.excluded)}" if self.excluded
                else "no layer kept float")
+        if self.errors:  # no labels: ranked by the output error each layer alone in INT8 causes
+            ranked = ", ".join(f"{n} {e:.3g}" for n, e in sorted(self.errors.items(), key=lambda kv: -kv[1]))
+            return (f"INT8 sensitivity on {self.samples} calibration samples (mean abs output error with one layer "
+                    f"alone in INT8): {ranked}", why)
+        ranked = ", ".join(f"{n} {d:+.2f}" for n, d in sorted(self.drops.items(), key=lambda kv: -kv[1]))
         goal = f" within the budget {self.budget:g}" if self.budget is not None else ""
         measured = f", measured {self.measured:.2f}" if self.measured is not None else ""
         return (f"INT8 sensitivity on {self.samples} calibration samples (accuracy drop in points with one layer "
@@ -142,16 +147,23 @@ def exclude_sensitive(builder: Int8Builder, evaluator, exclude: Sequence[str], c
     """Scan the layers one at a time and keep float the most sensitive ``count`` ("auto": as many as ``budget``
     needs, checked on the combined model), as the module docstring says."""
 
-    if evaluator.accuracy is None:
-        raise OptionError("quantize-int8: exclude_sensitive needs labels in the calibration data (--labels KEY) and "
-                          "a classifier output")
+    labelled = evaluator.accuracy is not None
+    if count == "auto" and not labelled:
+        raise OptionError("quantize-int8: exclude_sensitive 'auto' spends an accuracy budget, which needs labels in "
+                          "the calibration data (--labels KEY) and a classifier output; without labels give a count "
+                          "(the layers whose INT8 moves the outputs most are kept float)")
     scan = scan_layers(evaluator, OneLayerInt8(builder, exclude), (8,), "quantize-int8", method="int8")
     drops = {r.layer: float(r.drop_points or 0.0) for r in scan.rows}
-    order = [r.layer for r in sorted(scan.rows, key=lambda r: (-(r.drop_points or 0.0), -r.rel_max))]
+    # with labels: the largest one-layer accuracy drop first; without: the largest mean output error (a dense
+    # map's max error is one flipped pixel for almost every layer)
+    order = [r.layer for r in sorted(scan.rows, key=lambda r: (-(r.drop_points or 0.0), -r.rel_max) if labelled
+                                     else (-r.mean_abs, -r.rel_max))]
+    errors = {} if labelled else {r.layer: float(r.mean_abs) for r in scan.rows}
     if count != "auto":
         chosen = order[:int(count)]
         model, corr = builder.build(list(exclude) + chosen)
-        return Exclusion(tuple(chosen), drops, _predicted(drops, chosen), None, budget, scan.samples, model, corr)
+        return Exclusion(tuple(chosen), drops, _predicted(drops, chosen), None, budget, scan.samples, model, corr,
+                         errors)
     assert budget is not None  # the options require it with "auto"
     chosen = []
     while _predicted(drops, chosen) > budget and len(chosen) < len(order):
