@@ -1,7 +1,7 @@
 """The onnxruntime-backed quantizers on real models: latency against FP32, accuracy or output agreement, file size,
 and the peak memory of calibration at 256 and 4,096 samples.
 
-    python benchmarks/quantize.py [--only NAME[,NAME...]] [--threads 2] [--skip-memory]
+    python benchmarks/quantize.py [--only NAME[,NAME...]] [--threads 2] [--skip-memory] [--calib-methods m,...]
     python benchmarks/quantize.py --bias-correction-ab [--only NAME[,NAME...]]
     python benchmarks/quantize.py --exclude-sensitive BUDGET [--only NAME[,NAME...]]
 
@@ -188,14 +188,23 @@ def latency(float_model, q_model, source, inputs, batch: int, threads: int) -> d
             "ratio": r.ratio, "low": r.low, "high": r.high, "verdict": r.verdict}
 
 
-def run_case(case: Case, threads: int, workdir: Path) -> list[dict]:
+def with_methods(passes: tuple, methods: list[str]) -> tuple:
+    """The INT8 entries once per activation calibration method (``--calib-methods``); other passes as they are."""
+    if not methods:
+        return passes
+    return tuple((f"{label} {m}", name, dict(options, calib_method=m)) if name == "quantize-int8"
+                 else (label, name, options) for label, name, options in passes for m in methods
+                 if name == "quantize-int8" or m == methods[0])
+
+
+def run_case(case: Case, threads: int, workdir: Path, methods: list[str] | None = None) -> list[dict]:
     loaded, path, source, n_calib, labels = open_case(case, workdir)
     inputs = loaded.graph.inputs
     float_model = to_model_proto(loaded.graph, loaded.ctx)
     float_bytes = path.stat().st_size
     fixed = fixed_batch(inputs, source.per_sample) is not None
     rows = []
-    for label, pass_name, options in case.passes:
+    for label, pass_name, options in with_methods(case.passes, methods or []):
         q_model, result, seconds = quantize(loaded, source, n_calib, pass_name, options, threads)
         row = {"model": case.name, "quantizer": label, "pass": pass_name, "options": options,
                "pass_seconds": seconds, "layers_quantized": result.count("layers_quantized"),
@@ -354,6 +363,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="Comma-separated case names (default: all).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--calib-methods", default="", help="INT8 once per activation calibration method, e.g. "
+                                                        "minmax,percentile,entropy (default: the pass default)")
     ap.add_argument("--bias-correction-ab", action="store_true", help="Bias correction off/on on the labelled cases.")
     ap.add_argument("--exclude-sensitive", type=float, metavar="BUDGET",
                     help="quantize-int8 with exclude_sensitive auto within BUDGET points, against plain INT8.")
@@ -367,7 +378,7 @@ def main() -> None:
         for case in CASES:
             if only and case.name not in only:
                 continue
-            rows.extend(run_case(case, args.threads, Path(tmp)))
+            rows.extend(run_case(case, args.threads, Path(tmp), [m for m in args.calib_methods.split(",") if m]))
         if not args.skip_memory:
             mem = memory(Path(tmp))
     print()
