@@ -52,7 +52,7 @@ def check_gates(gate: Verification | None, max_abs_error: float | None, max_accu
             f"outputs changed by up to {gate.rel_max:.3g} of their scale on {gate.samples} verification samples "
             f"(limit {max_output_change:g}): the statistics do not hold beyond the calibration data; use more or "
             "real calibration data, exact rates, or loosen with --max-output-change / --max-abs-error / "
-            "--max-accuracy-drop; nothing written")
+            "--max-mean-error / --max-accuracy-drop; nothing written")
     if max_abs_error is not None and gate.max_abs > max_abs_error:
         raise VerificationGateError(f"max abs error {gate.max_abs:.3g} exceeds --max-abs-error {max_abs_error:g}; "
                                     "no output written")

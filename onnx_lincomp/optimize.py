@@ -294,7 +294,8 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
             and options.max_accuracy_drop is None and options.min_agreement is None \
             and options.max_mean_error is None:
         messages.append(f"lossy pass(es) {', '.join(options.lossy_passes)}: the output change is reported, not gated "
-                        "(gate it with --max-accuracy-drop, --max-abs-error or --max-output-change)")
+                        "(gate it with --max-accuracy-drop, --max-abs-error, --max-mean-error or "
+                        "--max-output-change)")
     recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages)
     unchanged = exact is None and not any(r.result.changed for r in records)
     if unchanged:  # the output is the canonical graph: exact rewrites only, so spot-check instead of verifying

@@ -189,3 +189,27 @@ def test_budget_refusal_hints_what_the_command_has(runner, tmp_path):
     assert result.exit_code == 4
     assert "cannot support a 1-point budget" in result.output and "--verify-split" in result.output
     assert "--gate-on" not in result.output and not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("shape, words", [("x=1,3,0,8", "dimensions must be positive"),
+                                          ("x=1,3,abc", "expected NAME=D1,D2,... with integers")])
+def test_bad_input_shape_is_a_usage_error(runner, tmp_path, shape, words):
+    from test_model_report import _paddle_style_conv
+
+    path = tmp_path / "paddle.onnx"
+    onnx.save(_paddle_style_conv(np.random.default_rng(0)), path)
+    result = invoke(runner, "report", path, "--input-shape", shape)
+    assert result.exit_code == 2 and words in result.output
+    twice = invoke(runner, "report", path, "--input-shape", "x=1,3,8,8", "--input-shape", "x=1,3,9,9")
+    assert twice.exit_code == 2 and "names input 'x' twice" in twice.output
+
+
+def test_report_lines_show_the_mean_error_and_an_unverified_split(runner, tmp_path):
+    pruned = invoke(runner, "optimize", "--example", "digits-cnn", "--passes", "prune-channels", "--sparsity", "0.5",
+                    "--channel-multiple", "1", "-o", tmp_path / "p.onnx", "--no-latency")
+    assert pruned.exit_code == 0, pruned.output
+    assert "mean abs error" in pruned.output and "held-out: 108 samples" in pruned.output
+    # a model no pass changes: its held-out split is not verified, and the report says so (not "0 samples")
+    same = invoke(runner, "optimize", "--example", "digits-cnn", "--passes", "merge-affine", "-o", tmp_path / "s.onnx",
+                  "--no-latency")
+    assert same.exit_code == 0 and "held-out: not verified (no pass changed the graph)" in same.output

@@ -243,7 +243,9 @@ def test_int8_exclusion_without_labels_ranks_by_output_error(fixed_latency, rng)
 @pytest.mark.parametrize("values,match", [({"exclude_sensitive": "most"}, "count >= 0 or 'auto'"),
                                           ({"exclude_sensitive": -1}, "count >= 0 or 'auto'"),
                                           ({"exclude_sensitive": "auto"}, "needs the budget max_drop"),
-                                          ({"max_drop": -1.0}, "max_drop must be >= 0")])
+                                          ({"exclude_sensitive": "auto", "max_drop": -1.0}, "max_drop must be >= 0"),
+                                          ({"max_drop": 1.0}, "spent by exclude_sensitive 'auto'"),
+                                          ({"exclude_sensitive": 2, "max_drop": 1.0}, "spent by exclude_sensitive")])
 def test_int8_exclusion_option_errors(values, match):
     with pytest.raises(OptionError, match=match):
         QuantizeInt8Options(**values)

@@ -352,9 +352,12 @@ def parse_input_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[in
         try:
             if not sep:
                 raise ValueError
-            shapes[name] = tuple(int(d) for d in dims.split(","))
+            value = tuple(int(d) for d in dims.split(","))
         except ValueError as exc:
-            raise CalibrationDataError(f"--input-shape '{item}': expected NAME=D1,D2,... with integers") from exc
+            raise OptionError(f"--input-shape '{item}': expected NAME=D1,D2,... with integers") from exc
+        if name in shapes:
+            raise OptionError(f"--input-shape names input '{name}' twice")
+        shapes[name] = value
     return shapes
 
 

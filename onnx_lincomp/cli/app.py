@@ -143,7 +143,7 @@ def checked_shapes(items, specs) -> dict[str, tuple[int, ...]]:
             raise CalibrationDataError(f"{flag}: the model has no input '{name}' (inputs: "
                                        f"{', '.join(s.name + ' ' + s.describe() for s in specs)})")
         if any(d <= 0 for d in dims):
-            raise CalibrationDataError(f"{flag}: dimensions must be positive")
+            raise OptionError(f"{flag}: dimensions must be positive")
         if spec.shape is None:
             continue
         if len(dims) != len(spec.shape):

@@ -171,7 +171,8 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
                    "flipped pixel sets the max).")
 @click.option("--max-output-change", metavar="R|off",
               help="Gate: fail (exit 4) if held-out outputs change by more than R of their scale (default 0.01 "
-                   "unless --max-abs-error or --max-accuracy-drop is given; 'off' disables it).")
+                   "unless --max-abs-error, --max-mean-error, --min-agreement or --max-accuracy-drop is given; 'off' "
+                   "disables it).")
 @click.option("--min-samples", type=click.IntRange(1), default=32, show_default=True,
               help="Gate: statistics resting on fewer calibration samples fail (exit 4).")
 @click.option("--allow-larger", is_flag=True,

@@ -112,7 +112,8 @@ def _print_verification(r) -> None:
             acc = (f", accuracy {p.accuracy_before.describe(unit='%')} -> {p.accuracy_after.describe(unit='%')}, "
                    f"drop {p.describe()}")
         agree = [o.top1_agreement for o in v.outputs if o.top1_agreement is not None]
-        click.echo(f"{label}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}) on {v.samples} samples"
+        click.echo(f"{label}: max abs error {v.max_abs:.3g} (relative {v.rel_max:.3g}), mean abs error "
+                   f"{v.mean_abs:.3g} on {v.samples} samples"
                    + (f", top-1 agreement {100 * min(agree):.2f}%" if agree else "") + acc)
 
 
@@ -129,8 +130,9 @@ def print_canonical(c) -> None:
 
 def print_optimize(r, output: str) -> None:
     click.echo(f"{r.model} -> {output}")
-    click.echo(f"evidence: {r.evidence}"
-               + (f"; held-out: {r.heldout_samples} samples" if r.certificate is None else ""))
+    held = ("" if r.certificate is not None else f"; held-out: {r.heldout_samples} samples" if r.on_heldout
+            else "; held-out: not verified (no pass changed the graph)")
+    click.echo(f"evidence: {r.evidence}{held}")
     c = r.canonicalize
     print_canonical(c)
     _print_passes(r)
@@ -164,6 +166,7 @@ def print_report(model: str, rep, per_node: bool) -> None:
     click.echo(f"{model}\nparameters {rep.params:,}{dtypes}\nMACs/sample {rep.macs:,}{unknown}"
                f"\nfile bytes {rep.size_bytes:,}\nops: " + ", ".join(f"{k} {v}" for k, v in rep.op_histogram.items()))
     if per_node:
+        click.echo(f"  {'node':<40} {'op':<18} {'MACs':>14} {'params':>10}")
         for n in rep.nodes:
             click.echo(f"  {n.name[:40]:<40} {n.op:<18} {fmt_int(n.macs):>14} {n.params:>10,}")
 

@@ -249,6 +249,9 @@ class QuantizeInt8Options(OrtQuantizeOptions):
         count = self.exclude_sensitive
         if isinstance(count, bool) or not (count == "auto" or (isinstance(count, int) and count >= 0)):
             raise OptionError(f"quantize-int8: exclude_sensitive must be a count >= 0 or 'auto', got {count!r}")
+        if self.max_drop is not None and count != "auto":
+            raise OptionError("quantize-int8: --exclude-budget (max_drop) is spent by exclude_sensitive 'auto'; give "
+                              "--exclude-sensitive auto, or drop the budget")
         if count == "auto" and self.max_drop is None:
             raise OptionError("quantize-int8: exclude_sensitive 'auto' needs the budget max_drop (--exclude-budget P)")
         if self.max_drop is not None and (isinstance(self.max_drop, bool) or self.max_drop < 0):
