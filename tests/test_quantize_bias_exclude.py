@@ -314,3 +314,25 @@ def test_optimize_budget_reaches_int8_exclusion(fixed_latency, rng, tmp_path):
     again = optimize(str(path), str(data), OptimizeOptions(fixed, labels="y", max_accuracy_drop=5.0, latency=False,
                                                            min_samples=8))
     assert again.report.recipe.spec("quantize-int8").options.max_drop is None
+
+
+def test_float_regions_follow_the_excluded_layers():
+    """The ops between layers kept float stay float too (else their activations keep Q/DQ); an op next to a
+    quantized layer stays quantizable (must not fire)."""
+    from conftest import cnn_model
+    from onnx_lincomp.model_io import graph_from_proto
+    from onnx_lincomp.rewrite.int8_build import float_regions
+
+    graph = graph_from_proto(cnn_model(np.random.default_rng(0)))
+    ops = ("Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Flatten")
+    assert float_regions(graph, [], ops) == []
+    assert set(float_regions(graph, ["conv1", "conv2", "fc"], ops)) == {"relu1", "pool1", "relu2", "flatten"}
+    assert set(float_regions(graph, ["conv1", "conv2"], ops)) == {"relu1", "pool1"}  # relu2, flatten lead to fc
+    assert float_regions(graph, ["conv2"], ops) == []  # every op touches a quantized layer
+
+
+def test_excluding_every_layer_gives_the_float_model(fixed_latency, rng):
+    model, x, labels = _fragile_mlp(rng)
+    out, _ = _quantize(model, x, "quantize-int8", {"exclude_sensitive": 2}, labels)
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in out.graph.node)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)

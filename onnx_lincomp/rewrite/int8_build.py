@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from ..calibration.activations import CalibrationData
 from ..errors import OptionError
@@ -45,6 +46,51 @@ class Int8Settings:
     qoperator: bool
     calib_method: str
     op_types: tuple[str, ...]
+
+
+def float_regions(graph: gs.Graph, exclude: Sequence[str], op_types: Sequence[str]) -> list[str]:
+    """The quantizable nodes that are not linear layers (Add, Mul, pooling, activations, ...) whose nearest linear
+    layers, upstream and downstream, are all kept float: excluding only the layers would leave their activations
+    in Q/DQ, so a model with every layer excluded would still be quantized."""
+    kept = set(exclude)
+    if not kept:
+        return []
+
+    def linear(node: gs.Node) -> bool:
+        layer = match_linear_layer(graph, node) if node.op in ("Conv", "Gemm", "MatMul") else None
+        return isinstance(layer, LinearLayer) and layer.nodes[0] is node
+
+    def neighbours(node: gs.Node, up: bool) -> set[str] | None:
+        """The nearest linear layers in one direction (None where a path reaches a graph input or output)."""
+        found, seen, todo = set(), {id(node)}, [node]
+        while todo:
+            n = todo.pop()
+            tensors = n.inputs if up else n.outputs
+            for t in tensors:
+                if isinstance(t, gs.Constant):
+                    continue
+                nxt = list(t.inputs) if up else list(t.outputs)
+                if not nxt or (not up and t in graph.outputs):
+                    return None
+                for m in nxt:
+                    if id(m) in seen:
+                        continue
+                    seen.add(id(m))
+                    if linear(m):
+                        found.add(m.name)
+                    else:
+                        todo.append(m)
+        return found
+
+    out = []
+    for node in graph.nodes:
+        if node.op not in op_types or node.name in kept or linear(node):
+            continue
+        around = [neighbours(node, up) for up in (True, False)]
+        names = set().union(*(a for a in around if a is not None))
+        if names and names <= kept:
+            out.append(node.name)
+    return out
 
 
 class Int8Builder:
@@ -87,7 +133,8 @@ class Int8Builder:
         with ort_errors("onnxruntime quantize_static"):
             quantize_static(str(self.pre), str(out), None, quant_format=fmt, op_types_to_quantize=list(s.op_types),
                             per_channel=s.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
+                            nodes_to_exclude=list(exclude) + float_regions(self.graph, exclude, s.op_types),
+                            nodes_to_quantize=list(only) if only else None,
                             calibrate_method=ort_method(s.calib_method), calibration_cache_path=str(self.cache))
         model = onnx.load(str(out))
         out.unlink()
