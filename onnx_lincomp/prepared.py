@@ -33,6 +33,7 @@ from .evaluate.evaluator import BATCH_SIZE as EVAL_BATCH_SIZE
 from .evaluate.evaluator import Evaluator
 from .model_io import LoadedModel, load_model, model_from_proto, to_model_proto
 from .recipe import Recipe
+from .runtime.feeds import batch_axis
 
 GateOn = Literal["heldout", "all"]
 CALIBRATION_CHECK_SAMPLES = 8  # the rewrite is exact on the calibration part by construction: a bug check
@@ -51,6 +52,7 @@ class Prepared:
     labels: str | None = None
     batch_size: int = EVAL_BATCH_SIZE  # samples per verification run (the user's --batch-size in optimize)
     _evaluators: dict = field(default_factory=dict, repr=False)
+    _sample_shapes: dict | None = field(default=None, repr=False)  # one calibration sample's input shapes, read once
 
     @property
     def heldout_count(self) -> int:
@@ -63,13 +65,12 @@ class Prepared:
         """The input shapes to count MACs at: ``given`` (``--input-shape``), and, for the inputs it leaves out that
         have a dynamic side, their shape at one calibration sample (a model with dynamic sides has MACs only at some
         size)."""
-        if self.source is None:
+        if self.source is None or not any(t.name not in given and _dynamic_side(t.shape)
+                                          for t in self.loaded.graph.inputs):
             return dict(given)
-        dynamic = [t.name for t in self.loaded.graph.inputs if t.name not in given and (t.shape is None or any(
-            not (isinstance(d, (int, np.integer)) and d >= 0) for d in t.shape[1:]))]
-        if not dynamic:
-            return dict(given)
-        return {**sample_shapes(self.loaded.graph, self.source), **given}
+        if self._sample_shapes is None:  # every caller (before, after, candidates) counts at the same size
+            self._sample_shapes = sample_shapes(self.loaded.graph, self.source)
+        return {**self._sample_shapes, **given}
 
     def gate_count(self, gate_on: GateOn) -> int:
         if self.source is None or self.source.is_random:
@@ -112,6 +113,14 @@ class Prepared:
         if self.n_calib >= len(s):
             return None
         return Capture(s, self.n_calib, None, self.batch_size, self.labels)
+
+
+def _dynamic_side(shape) -> bool:
+    """Whether an input has a dynamic dimension besides its batch axis (:func:`~.runtime.feeds.batch_axis`)."""
+    if shape is None:
+        return True
+    axis = batch_axis(shape)
+    return any(i != axis and not (isinstance(d, (int, np.integer)) and d > 0) for i, d in enumerate(shape))
 
 
 def prepare(model: str | Path | onnx.ModelProto, calib: str | Path | None, recipe: Recipe,

@@ -64,18 +64,16 @@ def _lat(lat) -> str:
 def _print_passes(r) -> None:
     click.echo(f"{'pass':<14} {'removed':>8} {'folded':>7} {'params before':>14} {'after':>12} {'MACs after':>12} "
                f"{'time':>8}")
-    partial = False
     for p in r.passes:
         res = p.result
         macs = fmt_int(p.after.macs) + ("+" if p.after.nodes_without_shapes else "")
-        partial |= bool(p.after.nodes_without_shapes)
         click.echo(f"{res.name:<14} {res.neurons_removed:>8} {res.neurons_folded:>7} {p.params_before:>14,} "
                    f"{p.params_after:>12,} {macs:>12} {p.seconds * 1000:>6.1f}ms")
         for why, n in res.skipped.items():
             click.echo(f"{'':<14} skipped {n}x: {why}")
         for note in res.notes + tuple(x for x in (p.shapes, p.check) if x):
             click.echo(f"{'':<14} {note}")
-    if partial:
+    if any(p.after.nodes_without_shapes for p in r.passes):
         click.echo(f"{'':<14} MACs after ending in +: nodes without static shapes in the rewritten graph are not "
                    "counted there (the totals below may count them by a run of the model)")
 

@@ -145,7 +145,6 @@ class LowRankOptions(PassOptions):
         return None if self.rank_ratio is not None or self.energy is not None else DEFAULT_KEEP
 
 
-
 @dataclass(eq=False)
 class _Site:
     """A layer that may be factorised: its view, folded spectrum, cost weight and allowed choices."""

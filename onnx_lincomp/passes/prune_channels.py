@@ -82,7 +82,7 @@ class PruneChannelsOptions(PassOptions):
                             ("target_latency", self.target_latency)):
             if value is not None and not 0.0 < value <= 1.0:
                 raise OptionError(f"prune-channels: {what} is a keep fraction in (0, 1], got {value}")
-        if sum(v is not None for v in (self.target_macs, self.target_params, self.target_latency)) > 1:
+        if sum(v is not None for v in self.targets) > 1:
             raise OptionError("prune-channels: give one of target_macs, target_params and target_latency")
         if self.importance not in ("l1", "l2", "activation", "reconstruction"):
             raise OptionError(f"prune-channels: importance must be l1, l2, activation or reconstruction, "
@@ -91,6 +91,11 @@ class PruneChannelsOptions(PassOptions):
             raise OptionError("prune-channels: min_channels must be >= 1, channel_multiple >= 0, ridge >= 0")
         if self.channel_multiple == 0:  # resolved here, so a recipe records the number and replays it anywhere
             object.__setattr__(self, "channel_multiple", nchwc_block())
+
+    @property
+    def targets(self) -> tuple[float | None, float | None, float | None]:
+        """(target_macs, target_params, target_latency): at most one is set, and it replaces ``sparsity``."""
+        return self.target_macs, self.target_params, self.target_latency
 
     @property
     def multiple(self) -> int:
@@ -216,8 +221,7 @@ class PruneChannels(Pass):
         for cand, mask in zip(candidates, masks, strict=True):
             site = group_key(cand.group)
             if not mask.any():
-                why = self._kept_whole(cand, targeted=any(t is not None for t in (o.target_macs, o.target_params,
-                                                                                    o.target_latency)))
+                why = self._kept_whole(cand)
                 if why:
                     tally.add(why, site)
                 continue
@@ -236,10 +240,11 @@ class PruneChannels(Pass):
                    for m in matches]
         return tally.plan(self.name, matches, approximate=bool(matches))
 
-    def _kept_whole(self, cand: _Candidate, targeted: bool) -> str:
+    def _kept_whole(self, cand: _Candidate) -> str:
         """Why a group the level would prune keeps every channel because of the width multiple ('' otherwise).
         Under a target the level is the allocation's, so only a group no level can shrink is named."""
         o, g = self.options, cand.group
+        targeted = any(t is not None for t in o.targets)
         level = cand.level if cand.level is not None else (0.999 if targeted else o.sparsity)
         if level <= 0 or removal_count(g, level, o.min_channels, o.multiple) > 0 \
                 or removal_count(g, level, o.min_channels, 1) == 0:
@@ -275,7 +280,7 @@ class PruneChannels(Pass):
         def masks(n: list[int]) -> list[np.ndarray]:
             return [removal_mask(c, k) for c, k in zip(candidates, n, strict=True)]
 
-        targets = (o.target_macs, o.target_params, o.target_latency)
+        targets = o.targets
         which = next((i for i, t in enumerate(targets) if t is not None), None)
         if which is None:
             return masks(counts(o.sparsity))

@@ -48,6 +48,17 @@ class Int8Settings:
     op_types: tuple[str, ...]
 
 
+def weighted_layers(graph: gs.Graph, op_types: Sequence[str]) -> list[LinearLayer]:
+    """The weighted layers (Conv / Gemm / MatMul with a constant weight) among the quantizable ops, one per head."""
+    out = []
+    for node in graph.nodes:
+        if node.op in op_types:
+            layer = match_linear_layer(graph, node)
+            if isinstance(layer, LinearLayer) and layer.nodes[0] is node:
+                out.append(layer)
+    return out
+
+
 def float_regions(graph: gs.Graph, exclude: Sequence[str], op_types: Sequence[str]) -> list[str]:
     """The quantizable nodes that are not linear layers (Add, Mul, pooling, activations, ...) whose nearest linear
     layers, upstream and downstream, are all kept float: excluding only the layers would leave their activations
@@ -55,10 +66,10 @@ def float_regions(graph: gs.Graph, exclude: Sequence[str], op_types: Sequence[st
     kept = set(exclude)
     if not kept:
         return []
+    heads = {layer.nodes[0].name for layer in weighted_layers(graph, op_types)}
 
     def linear(node: gs.Node) -> bool:
-        layer = match_linear_layer(graph, node) if node.op in ("Conv", "Gemm", "MatMul") else None
-        return isinstance(layer, LinearLayer) and layer.nodes[0] is node
+        return node.name in heads
 
     def neighbours(node: gs.Node, up: bool) -> set[str] | None:
         """The nearest linear layers in one direction (None where a path reaches a graph input or output)."""
@@ -112,13 +123,8 @@ class Int8Builder:
 
     def layers(self, exclude: Sequence[str]) -> list[LinearLayer]:
         """The weighted layers of the pre-processed model that a build quantizes (not in ``exclude``)."""
-        out = []
-        for node in self.graph.nodes:
-            if node.op in self.settings.op_types and node.name not in exclude:
-                layer = match_linear_layer(self.graph, node)
-                if isinstance(layer, LinearLayer) and layer.nodes[0] is node:
-                    out.append(layer)
-        return out
+        return [layer for layer in weighted_layers(self.graph, self.settings.op_types)
+                if layer.nodes[0].name not in exclude]
 
     def build(self, exclude: Sequence[str], only: Sequence[str] | None = None) -> tuple[onnx.ModelProto,
                                                                                          Correction | None]:
