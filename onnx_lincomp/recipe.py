@@ -271,6 +271,11 @@ def recipe_from_flags(passes: tuple[str, ...], flags: Mapping[str, Any], calibra
     specs = []
     for name in passes:
         mine = {f: (fld, v) for f, v in given.items() for p, fld in table[f].owners if p == name}
+        # a flag another listed pass also owns may be meant for that pass: only flags solely this pass's conflict
+        alone = {fld for f, (fld, _) in mine.items() if [p for p, _ in table[f].owners if p in passes] == [name]}
+        clash = PASSES[name].Options.conflict(alone) if name in PASSES else None
+        if clash:
+            raise OptionError(f"{name}: {clash}")
         try:
             specs.append(PassSpec.of(name, {fld: _flag_value(v) for fld, v in mine.values()}))
         except OptionError as exc:

@@ -103,12 +103,28 @@ def test_report_recipe_reproduces_the_model_byte_for_byte(tmp_path):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
+def test_calibration_flag_beside_recipe_replaces_only_that_setting(tmp_path):
+    runner = CliRunner()
+    first = runner.invoke(main, ["optimize", "--example", "digits-mlp", "-o", str(tmp_path / "a.onnx"),
+                                 "--verify-split", "0.3", "--max-samples", "500", "--max-abs-error", "10",
+                                 "--no-latency", "--json", str(tmp_path / "a.json")])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(main, ["optimize", "--example", "digits-mlp", "-o", str(tmp_path / "b.onnx"), "--recipe",
+                                 str(tmp_path / "a.json"), "--verify-split", "0.4", "--max-abs-error", "10",
+                                 "--no-latency", "--json", str(tmp_path / "b.json")])
+    assert again.exit_code == 0, again.output
+    calibration = json.loads((tmp_path / "b.json").read_text())["recipe"]["calibration"]
+    assert calibration["verify_split"] == 0.4
+    assert calibration["max_samples"] == 500  # kept from the recipe, not reset to the flag's default
+
+
 @pytest.mark.parametrize("args,message", [
     (["--exact", "--input-range", "0,1", "--dead-rate", "0.1"], "--dead-rate applies to statistics only"),
     (["--exact", "--input-range", "0,1", "--verify-split", "0.5"], "--verify-split applies to statistics only"),
     (["--input-range", "0,1"], "--input-range applies to exact mode only"),
     (["--passes", ""], "--passes is empty"),
     (["--passes", "remove-dead", "--linear-rate", "0.5"], "not in --passes"),
+    (["--passes", "prune-channels", "--sparsity", "0.3", "--target-macs", "0.5"], "not both"),
 ])
 def test_usage_errors_exit_2_and_write_nothing(tmp_path, rng, args, message):
     onnx.save(mlp_model(rng, [4, 5, 2]), tmp_path / "m.onnx")

@@ -1,6 +1,8 @@
 """``optimize``: build a recipe from ``--recipe`` or ``--passes`` and the per-pass flags, run it, gate, save."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from ..errors import OptionError
@@ -134,9 +136,10 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
         if given:
             raise OptionError(f"--recipe already sets the passes and their options: drop {given[0]}")
         recipe = load_recipe(recipe_file)
-        return Recipe(recipe.passes,
-                      recipe.calibration if not _given(ctx, ("--verify-split", "--max-samples", "--input-shape"))
-                      else calibration, exact or recipe.exact)
+        # a calibration flag given beside --recipe replaces that one setting; the recipe keeps the others
+        fields = {"--verify-split": "verify_split", "--max-samples": "max_samples", "--input-shape": "input_shapes"}
+        changed = {fields[f]: getattr(calibration, fields[f]) for f in _given(ctx, tuple(fields))}
+        return Recipe(recipe.passes, dataclasses.replace(recipe.calibration, **changed), exact or recipe.exact)
     names = tuple(p.strip() for p in passes.split(",") if p.strip())
     if not names:
         raise OptionError("--passes is empty (give NAME[,NAME...], e.g. remove-dead,fold-linear,merge-affine)")

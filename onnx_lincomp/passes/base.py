@@ -65,6 +65,13 @@ class PassOptions:
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(v, hints[k], pass_name, k) for k, v in values.items()})
 
+    @classmethod
+    def conflict(cls, given: set[str]) -> str | None:
+        """Why fields the user set explicitly (flags, not a saved recipe, which stores every field) cannot go
+        together, or None. A saved recipe holds defaults beside the fields that replace them, so the check is
+        on what was given, not on the options."""
+        return None
+
     def to_mapping(self) -> dict[str, Any]:
         """Every field, as plain JSON/TOML values (the form recipes store)."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

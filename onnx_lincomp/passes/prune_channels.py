@@ -92,6 +92,13 @@ class PruneChannelsOptions(PassOptions):
         if self.channel_multiple == 0:  # resolved here, so a recipe records the number and replays it anywhere
             object.__setattr__(self, "channel_multiple", nchwc_block())
 
+    @classmethod
+    def conflict(cls, given: set[str]) -> str | None:
+        targets = [t for t in ("target_macs", "target_params", "target_latency") if t in given]
+        if "sparsity" in given and targets:
+            return f"give --sparsity or --{targets[0].replace('_', '-')}, not both (a target replaces --sparsity)"
+        return None
+
     @property
     def targets(self) -> tuple[float | None, float | None, float | None]:
         """(target_macs, target_params, target_latency): at most one is set, and it replaces ``sparsity``."""
