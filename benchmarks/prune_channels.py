@@ -14,14 +14,17 @@ UltraFace on random data (64 samples calibrate, 64 fresh ones verify: output err
 models on MNIST digits set as text (``tests/text_images.py``; random data gives PP-OCRv4 det an all-zero output):
 PP-OCR cls on 512 lines of 48x192, half turned 180 degrees (its label; 256 calibrate, 256 held out: accuracy), PP-OCRv4
 det on 64 pages of 160x160 (32 calibrate, 32 held out: output error; at 320x320 with 64 samples one
-reconstructing run took over 15 minutes on 2 cores). Latency: onnxruntime, one pinned thread, interleaved
-rounds (the optimize report's ratios, after / before; below 1 is faster) at batch 1 and batch 32 (batch 32 only
-where the model takes a batch axis). A run whose output the report's not-worse gate rejects (slower at batch 1)
-is rerun with allow_larger and marked so. ``channel_multiple`` is the pass default unless given: 0, this CPU's
-NCHWc block (16 with AVX-512, 8 otherwise; :mod:`onnx_lincomp.analysis.layer_latency`). ``--conv-widths``
-times single Conv layers (3x3, 1x1, depthwise; 40x40, one thread) at widths 24..72 to show the block steps
-that model is built on. Prints a table and the targets, writes
-benchmarks/results/prune_channels.json after every run (``--merge`` keeps other models' rows there).
+reconstructing run took over 15 minutes on 2 cores). Latency: onnxruntime, one pinned thread, interleaved rounds
+(the optimize report's ratios, after / before; below 1 is faster) at batch 1 and batch 32 (batch 32 only where the
+model takes a batch axis). A ``floor`` row per model prunes every channel group to one channel (plain removal): the
+time no pruning goes below (per-run and per-node costs). From it the targets print the best speed-up any pruning to
+50 % of the MACs could give, taking time as affine in MACs above the floor. A run whose output the report's not-
+worse gate rejects (slower at batch 1) is rerun with allow_larger and marked so. ``channel_multiple`` is the pass
+default unless given: 0, this CPU's NCHWc block (16 with AVX-512, 8 otherwise;
+:mod:`onnx_lincomp.analysis.layer_latency`). ``--conv-widths`` times single Conv layers (3x3, 1x1, depthwise;
+40x40, one thread) at widths 24..72 to show the block steps that model is built on. Prints a table and the targets,
+writes benchmarks/results/prune_channels.json after every run (``--merge`` keeps the rows there this run does not
+redo).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ MAC_TARGETS = (0.75, 0.5, 0.25)  # keep fractions: 25 / 50 / 75 % of the MACs re
 SPARSITIES = (0.25, 0.5, 0.75)
 FMNIST_TARGETS = {0.25: 0.8933, 0.5: 0.8869, 0.75: 0.8645}  # accuracy at each per-layer sparsity (the issue)
 SPEEDUP_TARGET = 1.6  # at 50 % of the MACs removed
+FLOOR_SPARSITY = 0.999  # every channel group down to one channel (min_channels)
 BATCH = 32
 LEVEL_NAMES = {"target_macs": "macs", "target_latency": "lat", "sparsity": "units"}
 
@@ -111,6 +115,8 @@ def _options(case: Case, prune: dict, allow_larger: bool, threads: int) -> Optim
 def run_one(case: Case, calib: str, level: tuple[str, float], reconstruct: bool, extra: dict, threads: int) -> dict:
     kind, value = level
     prune = {kind: value, "reconstruct": reconstruct, **extra}
+    if kind == "floor":  # every group at one channel, no block rounding: what the time cannot drop below
+        prune = {**extra, "sparsity": value, "channel_multiple": 1, "reconstruct": False}
     row = {"model": case.name, "level": kind, "value": value, "reconstruct": reconstruct, "options": prune,
            "data": calib if calib.startswith("random") else Path(calib).name, "threads": threads}
     start = time.perf_counter()
@@ -174,7 +180,7 @@ def print_table(rows: list[dict], header: bool = True) -> None:
         print(head)
         print("-" * len(head))
     for r in rows:
-        level = f"{LEVEL_NAMES.get(r['level'], r['level'])} {r['value']:g}"
+        level = "floor" if r["level"] == "floor" else f"{LEVEL_NAMES.get(r['level'], r['level'])} {r['value']:g}"
         rec = "yes" if r["reconstruct"] else "no"
         if "error" in r:
             print(f"{r['model'][:28]:<28} {level:<10} {rec:<3} FAILED: {r['error'][:110]}")
@@ -200,9 +206,11 @@ def targets(rows: list[dict]) -> dict:
         if r is not None:
             speed = {k: (None if r[k] is None else 1.0 / r[k]) for k in ("lat_ratio_b1", "lat_ratio_batch")}
             met = all(v is None or v >= SPEEDUP_TARGET for v in speed.values())
+            floor = next((x for x in rows if x["model"] == model and x["level"] == "floor" and "error" not in x), None)
             out["speedup_at_50pct_macs"].append({"model": model, "macs_ratio": r["macs_after"] / r["macs_before"],
                                                  "speedup_b1": speed["lat_ratio_b1"],
-                                                 "speedup_b32": speed["lat_ratio_batch"], "met": met})
+                                                 "speedup_b32": speed["lat_ratio_batch"], "met": met,
+                                                 **(_bounds(floor) if floor is not None else {})})
         for value in (0.5, 0.25):
             rec, plain = (_find(rows, model, "target_macs", value, x) for x in (True, False))
             entry = {"model": model, "macs_removed": f"{100 * (1 - value):.0f}%"}
@@ -227,12 +235,31 @@ def targets(rows: list[dict]) -> dict:
     return out
 
 
+def _bounds(floor: dict) -> dict:
+    """The floor row's figures (every group at one channel: its speed-up is what no pruning beats; per-run and
+    per-node costs that do not shrink with channels set it) and an estimate of the speed-up at 50 % of the MACs:
+    with time affine in MACs between the floor and the original, ``t(m) = f + (1 - f)(m - m_f)/(1 - m_f)`` (``f``,
+    ``m_f``: the floor's time and MAC ratios), ``1 / t(0.5)``. Blocked kernels make time step rather than slope
+    with width, so the estimate is a guide, not a limit."""
+    m_f = floor["macs_after"] / floor["macs_before"]
+    out = {"floor_macs_ratio": m_f}
+    for key, name in (("lat_ratio_b1", "b1"), ("lat_ratio_batch", "b32")):
+        f = floor[key]
+        out[f"floor_ratio_{name}"] = f
+        out[f"bound_{name}"] = None if f is None or m_f >= 0.5 else 1.0 / (f + (1 - f) * (0.5 - m_f) / (1 - m_f))
+    return out
+
+
 def print_targets(t: dict) -> None:
-    print(f"\nTarget: >= {SPEEDUP_TARGET}x faster at 50 % of the MACs removed (with reconstruction)")
+    print(f"\nTarget: >= {SPEEDUP_TARGET}x faster at 50 % of the MACs removed (with reconstruction). floor: the "
+          "speed-up with every channel group at one channel, which no pruning beats; at 50%: the speed-up if time "
+          "were affine in MACs above the floor (an estimate)")
     for e in t["speedup_at_50pct_macs"]:
+        floor = "".join(f"  {name}: floor {1 / e['floor_ratio_' + name]:.2f}x, at 50% {_f(e['bound_' + name], '.2f')}x"
+                        for name in ("b1", "b32") if e.get("floor_ratio_" + name) is not None)
         print(f"  {e['model']:<30} MACs {e['macs_ratio']:.3f}x  b1 {_f(e['speedup_b1'], '.2f')}x  "
               f"b32 {_f(e['speedup_b32'], '.2f') + 'x' if e['speedup_b32'] else 'n/a (fixed batch)'}  "
-              f"{'met' if e['met'] else 'MISSED'}")
+              f"{'met' if e['met'] else 'MISSED'}{floor}")
     print("Target: reconstruction clearly better than plain removal at 50 / 75 % of the MACs removed")
     for e in t["reconstruct_vs_plain"]:
         if e.get("met") is None:
@@ -259,15 +286,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads (pinned) for the latency rounds")
     ap.add_argument("--channel-multiple", type=int, default=None,
                     help="prune-channels channel_multiple (default: the pass's, 0 = the CPU's NCHWc block)")
-    ap.add_argument("--rows", default="target_macs",
-                    help="comma-separated level kinds to run: target_macs and/or target_latency")
+    ap.add_argument("--rows", default="target_macs,floor",
+                    help="comma-separated level kinds to run: target_macs, target_latency, floor (every group at "
+                         "one channel, plain removal: the time pruning cannot go below)")
     ap.add_argument("--values", default="0.75,0.5,0.25", help="comma-separated keep fractions of the target rows")
     ap.add_argument("--recon", default="yes,no", help="reconstruct settings to run: yes, no or yes,no")
     ap.add_argument("--conv-widths", action="store_true", help="time single Conv layers at many widths, then exit")
     ap.add_argument("--importance", default="reconstruction", help="prune-channels importance")
     ap.add_argument("--det-samples", type=int, default=32,
                     help="PP-OCRv4 det's calibration pages (as many held out; the slowest)")
-    ap.add_argument("--merge", action="store_true", help="keep the other models' rows already in --out")
+    ap.add_argument("--merge", action="store_true", help="keep the rows already in --out that this run does not redo")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--table-only", action="store_true", help="print the table and targets of --out, run nothing")
     args = ap.parse_args()
@@ -287,8 +315,10 @@ def main() -> None:
     extra = {"importance": args.importance}
     if args.channel_multiple is not None:
         extra["channel_multiple"] = args.channel_multiple
-    names = {c.name for c in chosen}
-    kept = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] not in names] \
+    kinds = args.rows.split(",")
+    redo = {(c.name, kind) for c in chosen
+            for kind in kinds + (["sparsity"] if c.sparsity_rows and "target_macs" in kinds else [])}
+    kept = [r for r in json.loads(args.out.read_text())["rows"] if (r["model"], r["level"]) not in redo] \
         if args.merge and args.out.exists() else []
     rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,10 +326,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in chosen:
             calib = case.calib(Path(tmp))
-            levels = [(kind, float(t)) for kind in args.rows.split(",") for t in args.values.split(",")]
-            levels += [("sparsity", s) for s in SPARSITIES] if case.sparsity_rows else []
+            levels = [(kind, float(t)) for kind in kinds if kind != "floor" for t in args.values.split(",")]
+            levels += [("sparsity", s) for s in SPARSITIES] if case.sparsity_rows and "target_macs" in kinds else []
+            levels += [("floor", FLOOR_SPARSITY)] if "floor" in kinds else []
             for level in levels:
-                for reconstruct in [r == "yes" for r in args.recon.split(",")]:
+                for reconstruct in [r == "yes" for r in args.recon.split(",")] if level[0] != "floor" else [False]:
                     rows.append(run_one(case, calib, level, reconstruct, extra, args.threads))
                     print_table(rows[-1:], header=False)
                     sys.stdout.flush()
