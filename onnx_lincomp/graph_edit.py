@@ -41,7 +41,50 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(out is tensor for out in graph.outputs)
+    """Whether ``tensor`` is part of the graph's fixed interface: one of its outputs, or a tensor an If / Loop /
+    Scan body reads from the outer scope (graphsurgeon lists such a body's nodes among the tensor's consumers,
+    but a rewrite of the top-level graph cannot see, and must not change, what the body does with it)."""
+    return any(out is tensor for out in graph.outputs) or tensor.name in subgraph_reads(graph)
+
+
+def interface_role(graph: gs.Graph, tensor: gs.Tensor) -> str:
+    """How ``tensor`` is part of the fixed interface (for skip reasons): 'a graph output' or 'read inside an
+    If/Loop/Scan body'."""
+    return "a graph output" if any(out is tensor for out in graph.outputs) else "read inside an If/Loop/Scan body"
+
+
+def _bodies(node: gs.Node):
+    for value in node.attrs.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(sub, gs.Graph):
+                yield sub
+
+
+def _outer_reads(body: gs.Graph) -> set[str]:
+    """Names ``body`` (and the bodies nested in it) reads without computing or receiving them itself."""
+    local = {t.name for t in body.inputs} | {t.name for n in body.nodes for t in n.outputs}
+    reads = {t.name for n in body.nodes for t in n.inputs if t.name}
+    for node in body.nodes:
+        for inner in _bodies(node):
+            reads |= _outer_reads(inner)
+    return reads - local
+
+
+def subgraph_reads(graph: gs.Graph) -> frozenset[str]:
+    """Names of ``graph``'s tensors that a node's body (If branches, Loop / Scan bodies, recursively) reads from
+    the outer scope. Kept on the graph object while its node count is unchanged (``is_graph_output`` asks for
+    every tensor an analysis visits; graphs without bodies cost one scan)."""
+    count = len(graph.nodes)
+    cached = graph.__dict__.get("_lincomp_subgraph_reads")
+    if cached is not None and cached[0] == count:
+        return cached[1]
+    names: set[str] = set()
+    for node in graph.nodes:
+        for body in _bodies(node):
+            names |= _outer_reads(body)
+    found = frozenset(names)
+    graph.__dict__["_lincomp_subgraph_reads"] = (count, found)
+    return found
 
 
 def only_consumer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:

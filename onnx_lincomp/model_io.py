@@ -275,10 +275,11 @@ def size_on_disk(path: str | os.PathLike) -> int:
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of a model (data included) without serialising over the protobuf limit."""
+    """Serialized size of a model (data included) without serialising over the protobuf limit. Weights mapped
+    from an input's external data are references in the proto and count at their array size."""
     if tensor_bytes(model) >= PROTO_LIMIT_BYTES // 2:
         return tensor_bytes(model)
-    return model.ByteSize()
+    return model.ByteSize() + tensor_bytes(model) - tensor_bytes(model, mapped=False)
 
 
 def save_model_proto(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph_edit import is_graph_output, only_consumer
+from .graph_edit import interface_role, is_graph_output, only_consumer
 from .linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer
 
 CHANNEL_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
@@ -91,7 +91,7 @@ def _walk_consumers(graph: gs.Graph, tensor: gs.Tensor, width: int, path: tuple,
                     reshape: gs.Node | None, offset: int, out: list) -> Skip | None:
     """Follow ``tensor`` (``width`` channels, the producer's starting at ``offset``) to linear consumers."""
     if is_graph_output(graph, tensor):
-        return Skip(tensor.name, "activation is also a graph output")
+        return Skip(tensor.name, f"activation is also {interface_role(graph, tensor)}")
     if not tensor.outputs:
         return Skip(tensor.name, "activation has no readers")
     for node in tensor.outputs:

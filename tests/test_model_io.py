@@ -101,6 +101,14 @@ def test_constant_nodes_are_lifted_and_initializer_inputs_dropped(tmp_path, rng)
     x = rng.random((2, 4), dtype=np.float32)
     b = onnx.numpy_helper.to_array(model.graph.initializer[0])
     np.testing.assert_allclose(run(back, {"x": x})[0], run(model, {"x": x, "b": b})[0], rtol=1e-6)
+    # the interface change is said, not silent
+    from click.testing import CliRunner
+
+    from onnx_lincomp.cli import main
+    res = CliRunner().invoke(main, ["optimize", str(src), "--calib", "random:16", "-o", str(tmp_path / "o.onnx"),
+                                    "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert "1 initializer(s) the input also lists as graph inputs" in res.output
 
 
 def test_write_external_leaves_the_model_alone_and_runs(tmp_path, rng):
@@ -148,3 +156,24 @@ def test_external_data_in_subgraphs_is_read_and_outer_weights_run(tmp_path, rng)
     onnx.checker.check_model(str(out))
     y = open_session(str(out)).run(None, {"x": x, "c": np.array(False)})[0]
     np.testing.assert_allclose(y, x @ big, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_counts_an_external_data_input_at_its_size_on_disk(tmp_path, rng):
+    # dead units give remove-dead something to remove; the not-worse gate must compare the output with the
+    # input's bytes on disk (data file included), not with the proto that only references them
+    import json
+
+    from click.testing import CliRunner
+
+    from onnx_lincomp.cli import main
+    from onnx_lincomp.model_io import size_on_disk
+
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(mlp_model(rng, [32, 64, 8], dead={0: list(range(32))}), src, save_as_external_data=True,
+                    location="ext.onnx.data", size_threshold=0)
+    np.savez(tmp_path / "d.npz", x=rng.random((64, 32), dtype=np.float32))  # [0, 1): the planted units are dead
+    res = CliRunner().invoke(main, ["optimize", str(src), "--calib", str(tmp_path / "d.npz"), "-o",
+                                    str(tmp_path / "o.onnx"), "--no-latency", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    before = json.loads((tmp_path / "r.json").read_text())["before"]["size_bytes"]
+    assert abs(before - size_on_disk(src)) < 1024

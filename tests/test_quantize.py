@@ -240,6 +240,44 @@ def test_int8_matmul_add_with_row_bias(fixed_latency, rng):
     assert rel < 0.05, f"relative error {rel:.4f}"
 
 
+def test_int8_bias_correction_of_a_3d_matmul_goes_into_its_quantized_bias(fixed_latency, rng):
+    """A 3-D MatMul + Add stays unfused, its bias an 8-bit constant behind a DequantizeLinear: the correction is
+    folded into that constant (no Add of its own, no parameter added) and lowers the output error."""
+    w1, w2 = rng.normal(0, 0.3, (6, 8)).astype(np.float32), rng.normal(0, 0.3, (8, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
+    inits = [init("w1", w1), init("w2", w2), init("b1", rng.normal(size=8).astype(np.float32)),
+             init("b2", rng.normal(size=3).astype(np.float32))]
+    model = make_model(nodes, [vinfo("x", ["N", 5, 6])], [vinfo("y", ["N", 5, 3])], inits)
+    x = (rng.random((256, 5, 6)) + 0.5).astype(np.float32)  # a mean far from 0: a visible correction
+    errors = {}
+    for correct in (True, False):
+        out, records = _quantize(model, x, [("quantize-int8", {"bias_correction": correct})])
+        assert not any("bias_correction" in n.name for n in out.graph.node)
+        assert sum(n.op_type == "Add" for n in out.graph.node) == 2
+        errors[correct] = float(np.abs(run(out, {"x": x})[0] - run(model, {"x": x})[0]).mean())
+    assert errors[True] < errors[False]
+
+
+@pytest.mark.parametrize("bias_shape,attrs", [((), {"beta": 0.5}), ((1, 1), {}), ((1,), {"alpha": 2.0})])
+def test_int8_gemm_with_a_broadcast_bias(fixed_latency, rng, bias_shape, attrs):
+    """A Gemm bias that broadcasts along rows (a scalar, (1,), (1, 1)) and beta != 1: onnxruntime's per-channel
+    quantizer indexes the bias per output channel, so the bias becomes a vector of N with beta folded in."""
+    w1 = rng.normal(0, 0.3, (6, 8)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g1"], name="gemm1", **attrs),
+             helper.make_node("Relu", ["g1"], ["y"], name="relu1")]
+    inits = [init("w1", w1), init("b1", rng.normal(size=bias_shape).astype(np.float32))]
+    model = make_model(nodes, [vinfo("x", ["N", 6])], [vinfo("y", ["N", 8])], inits)
+    x = rng.normal(size=(128, 6)).astype(np.float32)
+    out, records = _quantize(model, x, [("quantize-int8", {})])
+    assert records[-1].result.count("layers_quantized") == 1
+    ya, yb = run(model, {"x": x})[0], run(out, {"x": x})[0]
+    assert np.abs(ya - yb).max() < 0.05 * np.abs(ya).max()
+
+
 def test_int8_opset_below_13_is_raised_for_per_channel(fixed_latency, rng):
     model = cnn_model(rng)
     model.opset_import[0].version = 11

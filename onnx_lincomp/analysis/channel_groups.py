@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_edit import is_graph_output
+from ..graph_edit import interface_role, is_graph_output
 from ..linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer
 
 LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -414,7 +414,7 @@ class _Explorer:
                 raise _Stop(t.name, "channels reach the tensor by two paths at different offsets")
             return
         if is_graph_output(self.graph, t):
-            raise _Stop(t.name, "a tensor of the group is a graph output")
+            raise _Stop(t.name, f"a tensor of the group is {interface_role(self.graph, t)}")
         if t.shape is not None and (len(t.shape) != s.rank or _dim(t, s.axis) not in (None, s.width)):
             raise _Stop(t.name, "tensor shape does not match the group's channel axis (stale shapes?)")
         self.seen[t.name] = (t, m)
@@ -618,7 +618,7 @@ class _Explorer:
         """Gemm/MatMul consumers of a flattened group tensor (through Identity/Dropout)."""
         block, width = block_width
         if is_graph_output(self.graph, x):
-            raise _Stop(x.name, "a flattened group tensor is a graph output")
+            raise _Stop(x.name, f"a flattened group tensor is {interface_role(self.graph, x)}")
         for r in list(x.outputs):
             if r.op in ("Identity", "Dropout") and r.inputs[0] is x:
                 _constant_inputs(r, 1)

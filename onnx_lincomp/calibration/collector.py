@@ -92,7 +92,8 @@ def subgraph_relus(graph: gs.Graph) -> list[tuple[str, str]]:
                 if isinstance(sub, gs.Graph):
                     for inner in sub.nodes:
                         if inner.op == "Relu":
-                            found.append((inner.name, f"inside the subgraph of {node.op} '{node.name}'"))
+                            found.append((inner.name or f"Relu -> {inner.outputs[0].name}",
+                                          f"inside the subgraph of {node.op} '{node.name or node.outputs[0].name}'"))
                     found.extend(subgraph_relus(sub))
     return found
 

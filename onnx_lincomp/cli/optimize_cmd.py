@@ -189,8 +189,9 @@ def _recipe(ctx, recipe_file, passes, pass_values, calibration, exact) -> Recipe
 @click.option("--stats", "stats_file", type=click.Path(exists=True, dir_okay=False),
               help="Reuse statistics saved earlier.")
 @click.option("--no-latency", is_flag=True,
-              help="Skip the latency measurements (the report's, and the checks that drop a rewrite when it runs "
-                   "slower, e.g. fold-linear's skip paths: kept without a measurement).")
+              help="Skip the report's latency measurements and fold-linear's skip-path check (skip paths kept "
+                   "without a measurement). quantize-int8 still times itself: whether INT8 runs slower decides "
+                   "whether it keeps the graph (--keep-slower keeps it regardless).")
 @click.option("--overwrite", is_flag=True, help="Allow writing over the input model.")
 @with_options(exact_options)
 @with_options(search_options)

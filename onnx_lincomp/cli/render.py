@@ -121,6 +121,9 @@ def print_canonical(c) -> None:
     click.echo(f"canonicalised: {c.batchnorms_folded} BatchNorm folded, {c.constants_lifted} Constant nodes lifted, "
                f"{f.nodes_folded} constant nodes folded ({f.bytes_folded:,} bytes), {c.conv_bias_adds_fused} bias Adds "
                f"fused, {c.conv_pads_made_explicit} auto_pad made explicit")
+    if c.initializer_inputs_dropped:
+        click.echo(f"  {c.initializer_inputs_dropped} initializer(s) the input also lists as graph inputs (values a "
+                   "caller may override) are constants in the output: it no longer takes them as inputs")
     for why, n in c.skipped.items():
         names = ", ".join(c.examples.get(why, ()))
         click.echo(f"  skipped {n}x: {why}" + (f" (e.g. {names})" if names else ""))

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 from ..calibration.activations import CalibrationData
 from ..errors import OptionError
 from ..evaluate.layer_scan import scan_layers
+from ..graph_edit import subgraph_reads
 from ..linear_layer import LinearLayer, match_linear_layer
 from ..model_io import graph_from_proto
 from .ort_quantize import Workspace, export_context, ort_errors, ort_method
@@ -113,6 +114,10 @@ class Int8Builder:
         self.graph = graph_from_proto(self.pre_model)
         self.means: LayerMeans | None = None
         self._count = 0
+        # nodes writing a tensor an If/Loop/Scan body reads stay float: onnxruntime's quantizer does not see that
+        # reader, and folds a Relu it thinks only quantized nodes read into the range of the layer before it
+        reads = subgraph_reads(self.graph)
+        self.body_feeders = [n.name for n in self.graph.nodes if any(t.name in reads for t in n.outputs)]
 
     def collect_means(self, data: CalibrationData) -> LayerMeans:
         """Each layer's float weight and input mean on the calibration part (once; every build reuses them)."""
@@ -139,7 +144,8 @@ class Int8Builder:
         with ort_errors("onnxruntime quantize_static"):
             quantize_static(str(self.pre), str(out), None, quant_format=fmt, op_types_to_quantize=list(s.op_types),
                             per_channel=s.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude) + float_regions(self.graph, exclude, s.op_types),
+                            nodes_to_exclude=list(exclude) + float_regions(self.graph, exclude, s.op_types)
+                            + self.body_feeders,
                             nodes_to_quantize=list(only) if only else None,
                             calibrate_method=ort_method(s.calib_method), calibration_cache_path=str(self.cache))
         model = onnx.load(str(out))

@@ -209,26 +209,40 @@ def pre_process(model: onnx.ModelProto, ws: Workspace, name: str = "pre.onnx") -
 
 
 def squeeze_gemm_biases(model: onnx.ModelProto) -> int:
-    """Give every Gemm bias of shape ``(1, N)`` the shape ``(N,)`` (the same broadcast, exact), in place; how many.
+    """Give every Gemm bias that broadcasts along rows only (a scalar, ``(1,)``, ``(1, 1)``, ``(1, N)``) the shape
+    ``(N,)``, with ``beta`` folded in (``beta * C`` then ``beta = 1``), in place; how many. The same function up to
+    float rounding.
 
-    onnxruntime's pre-processing fuses ``MatMul`` + ``Add(b[1, N])`` into such a Gemm, and its per-channel QDQ
-    quantizer then fails on the 2-D bias (``bias[i]`` is a row, not a number)."""
+    onnxruntime's pre-processing fuses ``MatMul`` + ``Add(b[1, N])`` into such a Gemm, exporters write scalar
+    biases, and its per-channel QDQ quantizer indexes the bias per output channel: it fails on anything but a
+    vector of ``N``."""
     inits = {t.name: t for t in model.graph.initializer}
     readers = Counter(i for n in model.graph.node for i in n.input)
     done = 0
     for node in model.graph.node:
-        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits or node.input[1] not in inits:
             continue
-        bias = inits[node.input[2]]
-        if len(bias.dims) != 2 or bias.dims[0] != 1:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight, bias = inits[node.input[1]], inits[node.input[2]]
+        n = int(weight.dims[0] if attrs.get("transB", 0) else weight.dims[1])
+        beta = float(attrs.get("beta", 1.0))
+        dims = list(bias.dims)
+        if (dims == [n] and beta == 1.0) or len(dims) > 2 or (len(dims) == 2 and dims[0] != 1) \
+                or int(np.prod(dims)) not in (1, n):
             continue
-        flat = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias).reshape(-1), bias.name)
+        value = onnx.numpy_helper.to_array(bias)
+        flat = onnx.numpy_helper.from_array(np.broadcast_to(value.reshape(-1) * value.dtype.type(beta), (n,)).copy(),
+                                            bias.name)
         if readers[bias.name] == 1:
             bias.CopyFrom(flat)
         else:
             flat.name = f"{bias.name}_{node.name or 'gemm'}_1d"
             model.graph.initializer.append(flat)
             node.input[2] = flat.name
+        if beta != 1.0:
+            kept = [a for a in node.attribute if a.name != "beta"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
         done += 1
     return done
 

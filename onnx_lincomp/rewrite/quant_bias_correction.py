@@ -268,15 +268,47 @@ def _new_bias(m: _Model, node: onnx.NodeProto, delta: np.ndarray) -> None:
 
 
 def _into_reading_add(m: _Model, node: onnx.NodeProto, shift: np.ndarray) -> bool:
-    """Add ``shift`` to the constant of an Add that alone reads ``node``'s output (its bias); False if none."""
-    reader = m.only_reader(node.output[0])
+    """Add ``shift`` to the constant of an Add that alone reads ``node``'s output (its bias), also where the output
+    goes through its QuantizeLinear / DequantizeLinear pair first (a 3-D MatMul + Add that onnxruntime leaves
+    unfused: the bias is then an 8-bit constant behind its own DequantizeLinear, quantized again with a range that
+    holds the shifted values); False if none."""
+    tensor = node.output[0]
+    reader = m.only_reader(tensor)
+    if reader is not None and reader.op_type == "QuantizeLinear":
+        dq = m.only_reader(reader.output[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return False
+        tensor, reader = dq.output[0], m.only_reader(dq.output[0])
     if reader is None or reader.op_type != "Add":
         return False
-    other = reader.input[1] if reader.input[0] == node.output[0] else reader.input[0]
+    other = reader.input[1] if reader.input[0] == tensor else reader.input[0]
     bias = m.array(other)
-    if bias is None or m.readers[other] != 1 or bias.size != shift.size:
+    if bias is None:
+        return _into_quantized_constant(m, other, shift)
+    if m.readers[other] != 1 or bias.size != shift.size:
         return False
     m.set_array(other, (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
+    return True
+
+
+def _into_quantized_constant(m: _Model, name: str, shift: np.ndarray) -> bool:
+    """Add ``shift`` to ``DequantizeLinear(q, s, z)`` of constants read by nothing else (per tensor, 8-bit): ``q``,
+    ``s`` and ``z`` are set again for the shifted values; False if the pattern differs."""
+    dq = m.producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or m.readers[name] != 1:
+        return False
+    q, scale, zero = (m.array(i) for i in dq.input[:3])
+    if q is None or scale is None or zero is None or scale.size != 1 or zero.size != 1 or q.size != shift.size \
+            or q.dtype not in (np.uint8, np.int8) or any(m.readers[i] != 1 for i in dq.input[:3]):
+        return False
+    values = (q.astype(np.float64) - float(zero.reshape(-1)[0])) * float(scale.reshape(-1)[0]) + shift.reshape(q.shape)
+    info = np.iinfo(q.dtype)
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    step = (high - low) / (info.max - info.min) or 1.0
+    z = int(np.clip(round(info.min - low / step), info.min, info.max))
+    m.set_array(dq.input[0], np.clip(np.round(values / step) + z, info.min, info.max).astype(q.dtype))
+    m.set_array(dq.input[1], np.asarray(step, dtype=scale.dtype).reshape(scale.shape))
+    m.set_array(dq.input[2], np.asarray(z, dtype=zero.dtype).reshape(zero.shape))
     return True
 
 
