@@ -47,6 +47,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import OptionError
+from .fuse_activations import fuse_hard_activations
 from .graph_edit import NameSource, is_graph_output, only_consumer
 from .linear_layer import LinearLayer, Skip, match_linear_layer, producer_layer, write_linear_layer
 from .model_io import ModelContext
@@ -147,6 +148,7 @@ class CanonicalizeReport:
     conv_pads_made_explicit: int = 0
     folding: FoldReport = field(default_factory=FoldReport)
     quantized: dict[str, int] = field(default_factory=dict)  # integer ops found: the model is quantized already
+    activations_fused: int = 0  # hard-sigmoid / hard-swish chains made one op (fuse_activations)
 
     def as_dict(self) -> dict:
         return {"constants_lifted": self.constants_lifted,
@@ -154,7 +156,8 @@ class CanonicalizeReport:
                 "constant_folding": self.folding.as_dict(), "conv_bias_adds_fused": self.conv_bias_adds_fused,
                 "conv_pads_made_explicit": self.conv_pads_made_explicit,
                 "batchnorms_folded": self.batchnorms_folded, "skipped": dict(self.skipped),
-                "examples": {k: list(v) for k, v in self.examples.items()}, "quantized": dict(self.quantized)}
+                "examples": {k: list(v) for k, v in self.examples.items()}, "quantized": dict(self.quantized),
+                "activations_fused": self.activations_fused}
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
@@ -617,9 +620,10 @@ def canonicalize(graph: gs.Graph, fold_bn: bool = True, ctx: ModelContext | None
         fold = FoldOptions(fold.enabled, fold.size_limit_bytes, dequantize=False)
     folding = fold_constants(graph, fold)
     explicit = explicit_conv_pads(graph)
+    activations = fuse_hard_activations(graph)
     fused, tally = fuse_conv_bias_adds(graph)
     folded, bn_tally = fold_batchnorms(graph) if fold_bn else (0, ReasonTally())
     tally.merge(bn_tally.skipped, bn_tally.examples)
     tally.merge(folding.skipped, folding.examples, prefix="constant folding: ")
     return CanonicalizeReport(lifted, dropped, folded, tally.skipped, tally.examples, fused, explicit, folding,
-                              quantized)
+                              quantized, activations)

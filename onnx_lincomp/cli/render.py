@@ -120,7 +120,8 @@ def print_canonical(c) -> None:
     f = c.folding
     click.echo(f"canonicalised: {c.batchnorms_folded} BatchNorm folded, {c.constants_lifted} Constant nodes lifted, "
                f"{f.nodes_folded} constant nodes folded ({f.bytes_folded:,} bytes), {c.conv_bias_adds_fused} bias Adds "
-               f"fused, {c.conv_pads_made_explicit} auto_pad made explicit")
+               f"fused, {c.conv_pads_made_explicit} auto_pad made explicit"
+               + (f", {c.activations_fused} hard-sigmoid/hard-swish chains fused" if c.activations_fused else ""))
     if c.initializer_inputs_dropped:
         click.echo(f"  {c.initializer_inputs_dropped} initializer(s) the input also lists as graph inputs (values a "
                    "caller may override) are constants in the output: it no longer takes them as inputs")
