@@ -408,7 +408,8 @@ def rotations(count: int, only: str, keeps: list[float], methods: list[str]) -> 
             with np.load(calib) as z:
                 data = {k: z[k] for k in z.files}
             block = round(len(data[labels]) * (1 - settings.verify_split))
-            for i in range(count):
+            splits = min(count, len(data[labels]) // block)  # beyond that the rotation repeats a split
+            for i in range(splits):
                 path = Path(tmp) / f"{label}_rot{i}.npz"
                 np.savez(path, **{k: np.roll(v, -i * block, axis=0) for k, v in data.items()})
                 for keep in keeps:

@@ -316,9 +316,19 @@ def main() -> None:
     if args.channel_multiple is not None:
         extra["channel_multiple"] = args.channel_multiple
     kinds = args.rows.split(",")
-    redo = {(c.name, kind) for c in chosen
-            for kind in kinds + (["sparsity"] if c.sparsity_rows and "target_macs" in kinds else [])}
-    kept = [r for r in json.loads(args.out.read_text())["rows"] if (r["model"], r["level"]) not in redo] \
+    recon = [r == "yes" for r in args.recon.split(",")]
+
+    def levels_of(case: Case) -> list[tuple[str, float]]:
+        out = [(kind, float(t)) for kind in kinds if kind != "floor" for t in args.values.split(",")]
+        out += [("sparsity", s) for s in SPARSITIES] if case.sparsity_rows and "target_macs" in kinds else []
+        return out + ([("floor", FLOOR_SPARSITY)] if "floor" in kinds else [])
+
+    def runs_of(case: Case) -> list[tuple[tuple[str, float], bool]]:
+        return [(level, rec) for level in levels_of(case) for rec in (recon if level[0] != "floor" else [False])]
+
+    redo = {(c.name, kind, value, rec) for c in chosen for (kind, value), rec in runs_of(c)}
+    kept = [r for r in json.loads(args.out.read_text())["rows"]
+            if (r["model"], r["level"], r["value"], r["reconstruct"]) not in redo] \
         if args.merge and args.out.exists() else []
     rows: list[dict] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,15 +336,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in chosen:
             calib = case.calib(Path(tmp))
-            levels = [(kind, float(t)) for kind in kinds if kind != "floor" for t in args.values.split(",")]
-            levels += [("sparsity", s) for s in SPARSITIES] if case.sparsity_rows and "target_macs" in kinds else []
-            levels += [("floor", FLOOR_SPARSITY)] if "floor" in kinds else []
-            for level in levels:
-                for reconstruct in [r == "yes" for r in args.recon.split(",")] if level[0] != "floor" else [False]:
-                    rows.append(run_one(case, calib, level, reconstruct, extra, args.threads))
-                    print_table(rows[-1:], header=False)
-                    sys.stdout.flush()
-                    _write(args, kept + rows)
+            for level, reconstruct in runs_of(case):
+                rows.append(run_one(case, calib, level, reconstruct, extra, args.threads))
+                print_table(rows[-1:], header=False)
+                sys.stdout.flush()
+                _write(args, kept + rows)
     print()
     print_table(kept + rows)
     print_targets(_write(args, kept + rows))

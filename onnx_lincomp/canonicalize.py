@@ -150,6 +150,12 @@ class CanonicalizeReport:
     quantized: dict[str, int] = field(default_factory=dict)  # integer ops found: the model is quantized already
     activations_fused: int = 0  # hard-sigmoid / hard-swish chains made one op (fuse_activations)
 
+    @property
+    def rewrote(self) -> bool:
+        """Whether the canonical graph computes differently from the input (not just stores it differently;
+        constant folding is left out: onnxruntime folds those constants itself when it opens a session)."""
+        return bool(self.batchnorms_folded or self.conv_bias_adds_fused or self.activations_fused)
+
     def as_dict(self) -> dict:
         return {"constants_lifted": self.constants_lifted,
                 "initializer_inputs_dropped": self.initializer_inputs_dropped,

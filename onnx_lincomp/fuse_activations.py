@@ -11,22 +11,28 @@ it cannot run blocked: on PP-OCR's direction classifier the chains took about a 
 fused forms compute the same function (``HardSigmoid(x; 1/6, 1/2) = max(0, min(1, x/6 + 1/2))``; float rounding
 differs by an ulp): ``HardSigmoid`` (opset 6) for the first, ``x * HardSigmoid(x)`` for the second, and
 ``HardSwish`` where the graph's opset has it (14 and later). A chain is fused only where every intermediate
-tensor has the chain's next op as its only reader and is no graph output, and its constants are scalars
-(shape ``()`` or all ones, no wider than ``x``): anything else is left as it is.
+tensor has the chain's next op as its only reader and is no graph output, and its constants are float32 or
+float16 scalars (shape ``()`` or all ones, no wider than ``x``; onnxruntime has no double kernels for the fused
+ops): anything else is left as it is.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph_edit import NameSource, is_graph_output
 
 SIXTH = 1.0 / 6.0
-_TOL = 1e-6
+_TOL = 4 * float(np.finfo(np.float16).eps)
+
+
+FUSED_DTYPES = (np.float32, np.float16)  # onnxruntime's CPU HardSigmoid / HardSwish kernels: no double
 
 
 def _scalar(t: gs.Tensor, x: gs.Tensor) -> float | None:
-    """The value of a constant that broadcasts as a scalar against ``x`` (None otherwise)."""
-    if not isinstance(t, gs.Constant) or t.values.size != 1 or t.values.dtype.kind != "f":
+    """The value of a constant that broadcasts as a scalar against ``x`` (None otherwise; only float32 and
+    float16 constants, the types the fused ops run in: a chain's constants have its tensor's type)."""
+    if not isinstance(t, gs.Constant) or t.values.size != 1 or t.values.dtype not in FUSED_DTYPES:
         return None
     rank = len(x.shape) if x.shape is not None else 1  # unknown rank: only () and (1,) are surely scalars
     if t.values.ndim > rank:
@@ -35,6 +41,7 @@ def _scalar(t: gs.Tensor, x: gs.Tensor) -> float | None:
 
 
 def _is(value: float | None, want: float) -> bool:
+    """``value`` is ``want`` to float16 precision (1/6 stored in float16 is 0.16663)."""
     return value is not None and abs(value - want) <= _TOL * max(1.0, abs(want))
 
 
@@ -43,14 +50,6 @@ def _sole(graph: gs.Graph, t: gs.Tensor, op: str) -> gs.Node | None:
     if len(t.inputs) != 1 or t.inputs[0].op != op or len(t.outputs) != 1 or is_graph_output(graph, t):
         return None
     return t.inputs[0]
-
-
-def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
-    """The input of a binary ``node`` that is not ``t``."""
-    if len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    return b if a is t else a if b is t else None
 
 
 def _clip_bounds(clip: gs.Node) -> tuple[float | None, float | None]:

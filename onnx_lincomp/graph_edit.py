@@ -72,9 +72,9 @@ def _outer_reads(body: gs.Graph) -> set[str]:
 
 def subgraph_reads(graph: gs.Graph) -> frozenset[str]:
     """Names of ``graph``'s tensors that a node's body (If branches, Loop / Scan bodies, recursively) reads from
-    the outer scope. Kept on the graph object while its node count is unchanged (``is_graph_output`` asks for
-    every tensor an analysis visits; graphs without bodies cost one scan)."""
-    count = len(graph.nodes)
+    the outer scope. Kept on the graph object while its node list is the same (``is_graph_output`` asks for
+    every tensor an analysis visits; a scan of the nodes whenever their list or count changed)."""
+    count = (id(graph.nodes), len(graph.nodes))
     cached = graph.__dict__.get("_lincomp_subgraph_reads")
     if cached is not None and cached[0] == count:
         return cached[1]

@@ -298,17 +298,20 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
                         "--max-output-change)")
     recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages)
     unchanged = exact is None and not any(r.result.changed for r in records)
+    # the canonical graph runs differently from the input where canonicalisation rewrote computation (BatchNorm
+    # folded, activation chains fused, ...): then its latency is still worth measuring
+    timed = options.latency and (not unchanged or prep.canon.rewrote)
     if unchanged:  # the output is the canonical graph: exact rewrites only, so spot-check instead of verifying
         on_cal, on_held, on_gate = _spot_check(prep, optimized, options), None, None
         messages.append("no pass changed the graph: the output is the canonical model (exact rewrites only); "
-                        "verification reduced to a spot check and latency skipped")
+                        "verification reduced to a spot check" + ("" if timed else " and latency skipped"))
     else:
         on_cal, on_held, on_gate = _verify(prep, optimized, options, exact)
     check_gates(on_gate, options.max_abs_error, options.max_accuracy_drop,
                 options.output_change_limit if exact is None else None, options.min_agreement,
                 options.max_mean_error)
     lat = (latencies(prep, optimized, options.batch_size, options.threads, options.input_shapes)
-           if options.latency and not unchanged else ((None, None), (None, None, None, None)))
+           if timed else ((None, None), (None, None, None, None)))
     report = OptimizeReport(
         model=prep.source_name, evidence=evidence.description, random_calibration=bool(stats and stats.random),
         calibration_samples=prep.n_calib if exact is None else 0,

@@ -92,3 +92,48 @@ def test_a_constant_wider_than_x_is_not_a_scalar(rng):
     g = gs.import_onnx(_model(rng, "hsigmoid_div"))
     g.tensors()["six"].values = np.full((1, 1, 1, 1, 1), 6.0, np.float32)  # rank 5 against x's 4: broadcasts up
     assert fuse_hard_activations(g) == 0
+
+
+def _typed(rng, dtype, six_op: str = "Div") -> onnx.ModelProto:
+    """Gemm then hard-swish (x * Clip(x + 3, 0, 6), then / 6 or * 1/6) in ``dtype`` throughout."""
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    scale = ("six", 6.0) if six_op == "Div" else ("sixth", 1 / 6)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["c"], name="gemm"),
+             helper.make_node("Add", ["c", "three"], ["a"], name="add"),
+             helper.make_node("Clip", ["a", "zero", "six_max"], ["r6"], name="clip"),
+             helper.make_node("Mul", ["c", "r6"], ["m"], name="mul"),
+             helper.make_node(six_op, ["m", scale[0]], ["y"], name="scale")]
+    inits = [init("w", rng.normal(size=(5, 4)).astype(dtype)), init("three", np.array(3.0, dtype)),
+             init("zero", np.array(0.0, dtype)), init("six_max", np.array(6.0, dtype)),
+             init(scale[0], np.array(scale[1], dtype))]
+    return make_model(nodes, [vinfo("x", ["N", 5], elem)], [vinfo("y", ["N", 4], elem)], inits)
+
+
+@pytest.mark.parametrize("dtype,six_op,fused", [(np.float16, "Mul", 1), (np.float16, "Div", 1),
+                                                (np.float64, "Div", 0)])
+def test_float16_fuses_and_double_does_not(rng, dtype, six_op, fused):
+    """1/6 in float16 is 0.16663 and still fuses; onnxruntime has no double HardSigmoid, so float64 stays."""
+    model = _typed(rng, dtype, six_op)
+    out, count = _fused(model)
+    assert count == fused
+    x = rng.normal(0, 2, (6, 5)).astype(dtype)
+    np.testing.assert_allclose(run(out, {"x": x})[0].astype(np.float32), run(model, {"x": x})[0].astype(np.float32),
+                               rtol=2e-2 if dtype == np.float16 else 1e-7, atol=2e-2 if dtype == np.float16 else 1e-7)
+
+
+def test_clip_bounds_as_attributes_and_a_missing_bound(rng):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "three"], ["a"], name="add"),
+             helper.make_node("Clip", ["a"], ["r6"], name="clip", min=0.0, max=6.0),  # opset < 11: attributes
+             helper.make_node("Div", ["r6", "six"], ["y"], name="div")]
+    inits = [init("w", rng.normal(0, 1, (4, 2, 3, 3)).astype(np.float32)), init("three", np.array(3.0, np.float32)),
+             init("six", np.array(6.0, np.float32))]
+    model = make_model(nodes, [vinfo("x", ["N", 2, 8, 8])], [vinfo("y", ["N", 4, 6, 6])], inits, opset=10)
+    out, fused = _fused(model)
+    assert fused == 1 and "HardSigmoid" in {n.op_type for n in out.graph.node}
+    x = rng.normal(0, 2, (2, 2, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    nodes[2] = helper.make_node("Clip", ["a", "zero"], ["r6"], name="clip")  # no upper bound: not relu6
+    inits.append(init("zero", np.array(0.0, np.float32)))
+    _, fused = _fused(make_model(nodes, [vinfo("x", ["N", 2, 8, 8])], [vinfo("y", ["N", 4, 6, 6])], inits))
+    assert fused == 0

@@ -567,3 +567,19 @@ def test_already_quantized_detects_integer_ops(rng):
     assert ort_quantize.already_quantized(loaded.graph) is None
     loaded.graph.nodes[0].op = "MatMulInteger"
     assert "MatMulInteger" in ort_quantize.already_quantized(loaded.graph)
+
+
+def test_float16_model_is_skipped_with_a_reason(tmp_path, rng):
+    """onnxruntime's quantizers read float32: on float16 weights they quantized at run time and grew the file."""
+    f16 = onnx.TensorProto.FLOAT16
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="gemm", transB=1),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    inits = [init("w", rng.normal(size=(8, 6)).astype(np.float16)), init("b", rng.normal(size=8).astype(np.float16))]
+    model = make_model(nodes, [vinfo("x", ["N", 6], f16)], [vinfo("y", ["N", 8], f16)], inits)
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(main, ["optimize", str(tmp_path / "m.onnx"), "--calib", "random:32", "-o",
+                                    str(tmp_path / "o.onnx"), "--passes", "quantize-int8", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert "float16 weights: onnxruntime's quantizers take float32 models" in res.output
+    ops = {n.op_type for n in onnx.load(tmp_path / "o.onnx").graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear"}

@@ -40,7 +40,8 @@ Progress = Callable[[int, int], None]
 _BIG = float(2.0**127)
 _CHANNEL_FIRST_OPS = {"Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool",
                       "AveragePool", "Resize", "Upsample", "Concat"}
-_PASS_THROUGH_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Clip", "Relu", "LeakyRelu", "Neg"}
+_PASS_THROUGH_OPS = {"Add", "Sub", "Mul", "Div", "Identity", "Dropout", "Clip", "Relu", "LeakyRelu", "Neg",
+                     "HardSigmoid", "HardSwish"}
 
 
 @dataclass(frozen=True)

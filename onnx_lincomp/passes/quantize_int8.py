@@ -98,6 +98,17 @@ class OrtQuantizeOptions(PassOptions):
             raise OptionError(f"latency_batch must be at least 1, got {self.latency_batch}")
 
 
+def _half_precision(graph: gs.Graph, layer_ops: frozenset[str]) -> str | None:
+    """Why a float16 / bfloat16 model is left alone (None for float32): onnxruntime's quantizers read float32
+    weights; on float16 ones they kept the weights and quantized them at run time, so the file grew."""
+    for node in graph.nodes:
+        if node.op in layer_ops and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant) \
+                and node.inputs[1].values.dtype.kind in "fV" and node.inputs[1].values.dtype.itemsize == 2:
+            return (f"{node.inputs[1].values.dtype} weights: onnxruntime's quantizers take float32 models (export "
+                    "the model in float32 to quantize it)")
+    return None
+
+
 @dataclass(frozen=True)
 class Quantized:
     """What a quantizer produced: the float model it started from, the quantized one, notes."""
@@ -125,7 +136,7 @@ class OrtQuantizePass(Pass):
         tally = SkipTally()
         if self.needs_data and ctx.data is None:
             raise OptionError(f"{self.name} needs calibration data (--calib DATA)")
-        reason = already_quantized(graph)
+        reason = already_quantized(graph) or _half_precision(graph, self.layer_ops)
         if reason is not None:
             tally.add(reason, "model")
             return tally.plan(self.name, [])

@@ -127,9 +127,10 @@ class Int8Builder:
         return self.means
 
     def layers(self, exclude: Sequence[str]) -> list[LinearLayer]:
-        """The weighted layers of the pre-processed model that a build quantizes (not in ``exclude``)."""
+        """The weighted layers of the pre-processed model that a build quantizes (not in ``exclude``, none that
+        writes a tensor a body reads)."""
         return [layer for layer in weighted_layers(self.graph, self.settings.op_types)
-                if layer.nodes[0].name not in exclude]
+                if layer.nodes[0].name not in exclude and not any(n.name in self.body_feeders for n in layer.nodes)]
 
     def build(self, exclude: Sequence[str], only: Sequence[str] | None = None) -> tuple[onnx.ModelProto,
                                                                                          Correction | None]:
