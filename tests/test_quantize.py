@@ -221,18 +221,23 @@ def test_quantize_must_run_last():
         Recipe((PassSpec.of("quantize-int8"), PassSpec.of("remove-dead")))
 
 
-def test_int8_matmul_add_with_row_bias(fixed_latency, rng):
-    """MatMul + Add(b[1, N]) (onnxruntime's pre-processing fuses it into a Gemm with a 2-D bias, on which its
-    per-channel quantizer fails): quantized, close to float."""
+def _matmul_add_mlp(rng, lead: list, bias_lead: tuple) -> onnx.ModelProto:
+    """x (``lead`` + [6]) -> MatMul+Add -> Relu -> MatMul+Add -> y; biases of shape ``bias_lead`` + [N]."""
     w1, w2 = rng.normal(0, 0.3, (6, 8)).astype(np.float32), rng.normal(0, 0.3, (8, 3)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
              helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
              helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
              helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
              helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
-    inits = [init("w1", w1), init("w2", w2), init("b1", rng.normal(size=(1, 8)).astype(np.float32)),
-             init("b2", rng.normal(size=(1, 3)).astype(np.float32))]
-    model = make_model(nodes, [vinfo("x", ["N", 6])], [vinfo("y", ["N", 3])], inits)
+    inits = [init("w1", w1), init("w2", w2), init("b1", rng.normal(size=(*bias_lead, 8)).astype(np.float32)),
+             init("b2", rng.normal(size=(*bias_lead, 3)).astype(np.float32))]
+    return make_model(nodes, [vinfo("x", [*lead, 6])], [vinfo("y", [*lead, 3])], inits)
+
+
+def test_int8_matmul_add_with_row_bias(fixed_latency, rng):
+    """MatMul + Add(b[1, N]) (onnxruntime's pre-processing fuses it into a Gemm with a 2-D bias, on which its
+    per-channel quantizer fails): quantized, close to float."""
+    model = _matmul_add_mlp(rng, ["N"], (1,))
     x = rng.normal(size=(128, 6)).astype(np.float32)
     out, records = _quantize(model, x, [("quantize-int8", {})])
     assert records[-1].result.count("layers_quantized") == 2
@@ -243,15 +248,7 @@ def test_int8_matmul_add_with_row_bias(fixed_latency, rng):
 def test_int8_bias_correction_of_a_3d_matmul_goes_into_its_quantized_bias(fixed_latency, rng):
     """A 3-D MatMul + Add stays unfused, its bias an 8-bit constant behind a DequantizeLinear: the correction is
     folded into that constant (no Add of its own, no parameter added) and lowers the output error."""
-    w1, w2 = rng.normal(0, 0.3, (6, 8)).astype(np.float32), rng.normal(0, 0.3, (8, 3)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
-             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
-             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
-             helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
-             helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
-    inits = [init("w1", w1), init("w2", w2), init("b1", rng.normal(size=8).astype(np.float32)),
-             init("b2", rng.normal(size=3).astype(np.float32))]
-    model = make_model(nodes, [vinfo("x", ["N", 5, 6])], [vinfo("y", ["N", 5, 3])], inits)
+    model = _matmul_add_mlp(rng, ["N", 5], ())
     x = (rng.random((256, 5, 6)) + 0.5).astype(np.float32)  # a mean far from 0: a visible correction
     errors = {}
     for correct in (True, False):
