@@ -370,6 +370,18 @@ def test_dynamic_mlp_uses_integer_matmuls(fixed_latency):
     assert records[-1].result.count("layers_quantized") == 3
 
 
+def test_dynamic_weight_scales_are_quantization_parameters(fixed_latency):
+    """The weight scale onnxruntime's dynamic quantizer multiplies with the input's scale is no parameter: with
+    it counted, every kept result had more parameters than its input and the not-worse gate refused it."""
+    from onnx_lincomp.analysis.model_report import model_report
+
+    model, x, _ = _example("digits-mlp")
+    out, _ = _quantize(model, x, [("quantize-dynamic", {})])
+    before, after = model_report(model), model_report(out)
+    assert after.params == before.params
+    assert after.quant_params >= 6  # per layer: the weight's zero point and its scale
+
+
 def test_dynamic_leaves_conv_float_unless_asked(fixed_latency, rng):
     model = cnn_model(rng)
     x = rng.random((32, 1, 6, 6), dtype=np.float32)

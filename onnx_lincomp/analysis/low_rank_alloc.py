@@ -45,6 +45,23 @@ def _linalg():
     return scipy.linalg
 
 
+def _cholesky(y: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of the symmetric PSD ``y``, with a diagonal shift grown from 1e-12 of its norm
+    until the factorisation succeeds: codes the calibration data never excites (inputs a dead unit feeds, a
+    layer whose input hardly varies, rank above the data's) make ``y`` singular to working precision, its
+    smallest eigenvalues rounding noise of either sign. Last resort: the eigenvalues clipped at that noise."""
+    scale = max(float(np.linalg.norm(y)), 1e-300)
+    eye = np.eye(y.shape[0])
+    for shift in (1e-12, 1e-9, 1e-6):
+        try:
+            return _linalg().cholesky(y + shift * scale * eye, lower=True)
+        except np.linalg.LinAlgError:
+            continue
+    values, vectors = np.linalg.eigh((y + y.T) / 2)
+    floor = 1e-6 * max(float(np.abs(values).max()), 1e-300)
+    return _linalg().cholesky((vectors * np.maximum(values, floor)) @ vectors.T + floor * eye, lower=True)
+
+
 def divisors(n: int, limit: int) -> tuple[int, ...]:
     """Divisors of ``n`` not above ``limit``."""
     return tuple(d for d in range(1, min(n, limit) + 1) if n % d == 0)
@@ -142,11 +159,11 @@ class Spectrum:
             x[:, i::k] = h @ us[i]
             for i2 in range(k) if self.cov is not None else (i,):
                 y[i::k, i2::k] = us[i].T @ blocks[i][i2] @ us[i2]
-        y[np.diag_indices_from(y)] += 1e-12 * max(float(np.trace(y)) / y.shape[0], 1e-300)
         if self.cov is None:  # groups see disjoint columns: Y is diagonal (the squared singular values)
+            y[np.diag_indices_from(y)] += 1e-12 * max(float(np.trace(y)) / y.shape[0], 1e-300)
             z = x / np.sqrt(np.diag(y))[None, :]
         else:
-            low = _linalg().cholesky(y, lower=True)
+            low = _cholesky(y)
             z = _linalg().solve_triangular(low, x.T, lower=True).T
         total = sum(blocks[a][b] for a in range(k) for b in range(k))
         grid = sorted({*range(1, min(r, EXACT_GRID) + 1),
@@ -190,7 +207,11 @@ class Spectrum:
             cb = self.cov @ block.T
             gram = block @ cb
             gram[np.diag_indices_from(gram)] += 1e-10 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
-            dec = _linalg().solve(gram, (self.weight @ cb).T, assume_a="pos").T
+            rhs = (self.weight @ cb).T
+            try:
+                dec = _linalg().solve(gram, rhs, assume_a="pos").T
+            except np.linalg.LinAlgError:  # codes the data never excites (a dead input): the minimum-norm fit
+                dec = np.linalg.lstsq(gram, rhs, rcond=None)[0].T
         e_norm, d_norm = np.linalg.norm(enc, axis=1), np.linalg.norm(dec, axis=0)
         scale = np.sqrt(np.where((e_norm > 0) & (d_norm > 0), d_norm / np.where(e_norm > 0, e_norm, 1.0), 1.0))
         return enc * scale[:, None], dec / scale[None, :]

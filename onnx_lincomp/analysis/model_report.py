@@ -12,7 +12,8 @@ sparse initializer, or the value of a ``Constant`` node. Each input slot of a no
   ``_SHAPE_INPUTS`` below), or it is a data input of a shape-arithmetic node (``_SHAPE_ARITH``:
   Concat, Gather, Unsqueeze, Add, Cast, ...) whose every output is itself read only shape-like;
 * *quantization*: a scale or zero point of QuantizeLinear / DequantizeLinear / QLinear* /
-  *Integer / MatMulNBits (table ``_QUANT_INPUTS``);
+  *Integer / MatMulNBits (table ``_QUANT_INPUTS``), or a weight's scale that a Mul multiplies with a
+  DynamicQuantizeLinear scale (onnxruntime's dynamic quantization);
 * *data*: every other input.
 
 A constant is a **parameter** when at least one node reads it at a data input (or it is itself a
@@ -184,10 +185,15 @@ def _consumers(nodes: Sequence[_NodeIO]) -> dict[str, list[tuple[_NodeIO, int]]]
     return out
 
 
-def _read_role(node: _NodeIO, index: int, shape_valued: set[str]) -> Role:
+def _read_role(node: _NodeIO, index: int, shape_valued: set[str], dynamic_scales: frozenset[str] = frozenset()
+               ) -> Role:
+    """``dynamic_scales``: the scale outputs of DynamicQuantizeLinear nodes; a constant multiplied with one is a
+    weight's scale (onnxruntime's dynamic quantization: ``Mul(x_scale, w_scale)``)."""
     role = _input_role(node.op, index)
     if role is not None:
         return role
+    if node.op == "Mul" and any(n in dynamic_scales for j, n in enumerate(node.inputs) if j != index):
+        return "quant"
     if node.op in _SHAPE_ARITH and node.outputs and all(o in shape_valued for o in node.outputs if o):
         return "shape"
     return "weight"
@@ -216,13 +222,15 @@ def _constant_roles(view: _View) -> dict[str, tuple[Role, _NodeIO | None, int]]:
     """
     consumers = _consumers(view.nodes)
     valued = _shape_valued(view, consumers)
+    dynamic_scales = frozenset(n.outputs[1] for n in view.nodes if n.op == "DynamicQuantizeLinear"
+                               and len(n.outputs) > 1 and n.outputs[1])
     rank = {"weight": 2, "quant": 1, "shape": 0}
     roles: dict[str, tuple[Role, _NodeIO | None, int]] = {}
     for name, const in view.consts.items():
         if const.data_type == TensorProto.STRING:
             continue
         for node, i in consumers.get(name, ()):
-            role = _read_role(node, i, valued)
+            role = _read_role(node, i, valued, dynamic_scales)
             if name not in roles or rank[role] > rank[roles[name][0]]:
                 roles[name] = (role, node, i)
         if name in view.sinks and (name not in roles or roles[name][0] != "weight"):
