@@ -37,6 +37,7 @@ from .gates import (
 from .model_io import LoadedModel, to_model_proto
 from .optimize_report import OptimizeReport, SizeFigures
 from .passes import PASSES, PassContext
+from .passes.base import StepProgress
 from .pipeline import PassRecord, plan_pipeline, run_pipeline
 from .prepared import GateOn, Prepared, calibrate, calibration_data, pass_check, prepare
 from .recipe import ExactSettings, PassSpec, Recipe
@@ -120,11 +121,13 @@ class Result:
 
 
 def compress(prep: Prepared, evidence: UnitEvidence, recipe: Recipe, ctx_metadata: dict[str, str] | None = None,
-             check_each_pass: bool = False, threads: int = 0) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """Run the recipe's passes on a copy of the canonical graph; the prepared model is not touched."""
+             check_each_pass: bool = False, threads: int = 0, progress: StepProgress | None = None
+             ) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Run the recipe's passes on a copy of the canonical graph; the prepared model is not touched.
+    ``progress``: where the passes' long steps (decompositions, refits) report, one label each."""
     graph = prep.loaded.graph.copy()
     check = pass_check(prep) if check_each_pass and prep.source is not None else None
-    ctx = PassContext(evidence, calibration_data(prep, threads=threads))
+    ctx = PassContext(evidence, calibration_data(prep, threads=threads), progress)
     records = run_pipeline(graph, recipe.passes, ctx, check=check)
     model_ctx = prep.loaded.ctx.with_metadata(ctx_metadata) if ctx_metadata else prep.loaded.ctx
     # unchanged weights mapped from the input's external data stay references (Result.model docstring)
@@ -202,7 +205,7 @@ def _data_messages(prep: Prepared) -> list[str]:
 
 
 def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exact: ExactOutcome | None,
-           messages: list[str]):
+           messages: list[str], progress: StepProgress | None = None):
     """(recipe, model, records, search rows): the search's pick, or the recipe as given; skip paths by cost."""
     recipe, rows, chosen = _int8_within_budget(options), [], None
     if options.search and options.max_accuracy_drop is not None and not options.lossy_passes:
@@ -213,7 +216,7 @@ def _build(prep: Prepared, evidence: UnitEvidence, options: OptimizeOptions, exa
     metadata = exact.metadata if exact is not None else None
     model, records = ((chosen.model, list(chosen.records)) if chosen is not None
                       else compress(prep, evidence, recipe, metadata, options.check_each_pass,
-                                options.threads))
+                                    options.threads, progress))
     if options.latency and any(r.result.count("skip_params") for r in records):
         recipe, model, records, note = _cheaper_without_skips(prep, evidence, recipe, metadata, model, records, options)
         messages.append(note)
@@ -282,8 +285,10 @@ def _spot_check(prep: Prepared, model: onnx.ModelProto, options: OptimizeOptions
 
 def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
              options: OptimizeOptions = OptimizeOptions(),
-             stats: StatsSet | None = None, progress: Progress | None = None, certificate=None) -> Result:
-    """Compress ``model``; raises on a failed verification gate (nothing is returned to write)."""
+             stats: StatsSet | None = None, progress: Progress | None = None, certificate=None,
+             step_progress: StepProgress | None = None) -> Result:
+    """Compress ``model``; raises on a failed verification gate (nothing is returned to write). ``progress``:
+    the calibration pass; ``step_progress``: the passes' long steps (a fresh callback per label)."""
     prep = _prepare(model, calib, options)
     evidence, stats, exact = _evidence(prep, options, stats, progress, certificate)
     messages = _data_messages(prep)
@@ -296,7 +301,7 @@ def optimize(model: str | Path | onnx.ModelProto, calib: str | Path | None,
         messages.append(f"lossy pass(es) {', '.join(options.lossy_passes)}: the output change is reported, not gated "
                         "(gate it with --max-accuracy-drop, --max-abs-error, --max-mean-error or "
                         "--max-output-change)")
-    recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages)
+    recipe, optimized, records, search_rows = _build(prep, evidence, options, exact, messages, step_progress)
     unchanged = exact is None and not any(r.result.changed for r in records)
     # the canonical graph runs differently from the input where canonicalisation rewrote computation (BatchNorm
     # folded, activation chains fused, ...): then its latency is still worth measuring

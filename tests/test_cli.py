@@ -213,3 +213,14 @@ def test_report_lines_show_the_mean_error_and_an_unverified_split(runner, tmp_pa
     same = invoke(runner, "optimize", "--example", "digits-cnn", "--passes", "merge-affine", "-o", tmp_path / "s.onnx",
                   "--no-latency")
     assert same.exit_code == 0 and "held-out: not verified (no pass changed the graph)" in same.output
+
+
+def test_long_pass_steps_report_progress(tmp_path):
+    """Decompositions, moment passes and group refits draw a bar each on stderr (a label where it is no TTY)."""
+    res = CliRunner().invoke(main, ["optimize", "--example", "digits-cnn", "-o", str(tmp_path / "o.onnx"), "--passes",
+                                    "low-rank,prune-channels", "--keep-params", "0.6", "--sparsity", "0.3",
+                                    "--channel-multiple", "1", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    for label in ("low-rank: input covariances", "low-rank: layers decomposed", "prune-channels: layer moments",
+                  "prune-channels: groups pruned and refit"):
+        assert label in res.output

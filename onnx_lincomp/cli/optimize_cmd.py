@@ -264,7 +264,7 @@ def _run_and_stage(outputs: Outputs, model: str, calib: str | None, options, sta
                               options.threads, progress("calibrating"), capture=False)
         with outputs.writing("--save-stats") as path:
             stats.save(path)
-    result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"))
+    result = run_optimize(model, calib, options, stats=stats, progress=progress("calibrating"), step_progress=progress)
     with outputs.writing("-o") as path:
         save_model_proto(result.model, path)
     return result.report

@@ -25,7 +25,7 @@ import re
 import types
 import typing
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -121,14 +121,28 @@ def _describe(kinds: tuple) -> str:
     return " or ".join(out)
 
 
+Progress = Callable[[int, int], None]  # (done, total)
+StepProgress = Callable[[str], Progress]  # label -> a fresh progress callback (the CLI draws a bar per label)
+
+
+def _no_progress(done: int, total: int) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class PassContext:
     """Read-only inputs shared by every pass: which units are dead or linear, and from what evidence
-    (calibration statistics or a certificate over an input domain), and the calibration samples that
-    data-aware passes (pruning with refits, quantization) read. Nothing pass-specific lives here."""
+    (calibration statistics or a certificate over an input domain), the calibration samples that
+    data-aware passes (pruning with refits, quantization) read, and where long steps report progress.
+    Nothing pass-specific lives here."""
 
     evidence: UnitEvidence | None = None
     data: CalibrationData | None = None
+    progress: StepProgress | None = None
+
+    def bar(self, label: str) -> Progress:
+        """A progress callback for one long step (a no-op without a reporter)."""
+        return self.progress(label) if self.progress is not None else _no_progress
 
 
 @dataclass(frozen=True, eq=False)

@@ -212,7 +212,7 @@ class LowRank(Pass):
         if o.data_aware and sites:
             self._whiten(graph, ctx, sites)
         total = self._total(graph, shape) if o.keep is not None and sites else 0.0
-        tables, relaxed = self._tables(total, sites)
+        tables, relaxed = self._tables(total, sites, ctx.bar("low-rank: layers decomposed") if sites else None)
         judge = None
         if o.choose_on_data and o.method == "alds" and o.keep is not None and ctx.data is not None and sites:
             judge = _OutputErrorJudge(graph, ctx.data, sites, self._factorised)
@@ -237,10 +237,15 @@ class LowRank(Pass):
                                        form, why, judge.summary if judge is not None else ""))
         return tally.plan(self.name, matches, approximate=bool(matches))
 
-    def _tables(self, total: float, sites: list[_Site]) -> tuple[list[dict[int, Choices]], set[str]]:
+    def _tables(self, total: float, sites: list[_Site], progress=None) -> tuple[list[dict[int, Choices]], set[str]]:
         """Every site's choices; when the budget cannot be met with the output layers at their output width,
-        their minimum rank is lowered just enough (those layers are named, and their matches say so)."""
-        tables = [self._table(s) for s in sites]
+        their minimum rank is lowered just enough (those layers are named, and their matches say so).
+        ``progress(done, total)`` after each site's decompositions (the slow part on wide layers)."""
+        tables = []
+        for s in sites:
+            tables.append(self._table(s))
+            if progress is not None:
+                progress(len(tables), len(sites))
         keep = self.options.keep
         if keep is None or not sites:
             return tables, set()
@@ -317,7 +322,8 @@ class LowRank(Pass):
 
     def _whiten(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site]) -> None:
         wide = [s for s in sites if s.spectrum.cols <= MAX_WHITEN_COLS]
-        moments = collect_layer_moments(graph, ctx.data, [s.layer for s in wide], seed=self.options.seed)
+        moments = collect_layer_moments(graph, ctx.data, [s.layer for s in wide], seed=self.options.seed,
+                                        progress=ctx.bar("low-rank: input covariances") if wide else None)
         for s in wide:
             m = moments.get(s.name)
             if m is not None and m.rows > 0:

@@ -220,7 +220,8 @@ class PruneChannels(Pass):
             # with the consumers' own outputs as targets when refitting: the first group apply rewrites sees
             # the graph planned here, so its refit reuses these moments instead of another data pass
             links = [c.layer for g in groups for c in g.consumers if refittable(c)]
-            moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed, own_targets=o.reconstruct)
+            moments = collect_layer_moments(graph, ctx.data, _unique(links), seed=o.seed, own_targets=o.reconstruct,
+                                            progress=ctx.bar("prune-channels: layer moments"))
         candidates = [_Candidate(g, removal_order(g, o.importance, moments), overrides.get(group_key(g)))
                       for g in groups]
         masks = self._masks(graph, candidates, ctx.data.input_shapes(graph) if ctx.data is not None else None)
@@ -239,7 +240,7 @@ class PruneChannels(Pass):
             n = int(mask.sum())
             matches.append(Match(site, "prune", n, 0, f"{n} of {cand.group.width} channels ({o.importance})",
                                  {"remove": mask, "relus": cand.group.relus}))
-        shared = {"data": ctx.data,
+        shared = {"data": ctx.data, "progress": ctx.bar("prune-channels: groups pruned and refit") if matches else None,
                   "reference": to_model_proto(graph, ctx.data.ctx, infer_shapes=False)
                   if ctx.data is not None and o.reconstruct and matches else None,
                   "moments": moments if matches else {}}
@@ -348,6 +349,8 @@ class PruneChannels(Pass):
             removed += result.removed
             rewritten += 1
             refresh_shapes(graph)
+            if match.data["shared"]["progress"] is not None:
+                match.data["shared"]["progress"](rewritten, len(plan.matches))
         again = 0
         if self.options.reconstruct and plan.matches and plan.matches[0].data["shared"]["data"] is not None:
             again = self._refit_stale(graph, names, plan.matches[0].data["shared"], fitted, pruned, rows, tally)
