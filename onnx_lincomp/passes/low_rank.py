@@ -56,7 +56,7 @@ from ..calibration.moments import Moments, collect_layer_moments
 from ..errors import OptionError
 from ..graph_edit import NameSource, is_graph_output
 from ..linear_layer import LinearLayer, match_linear_layer
-from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, SkipTally, node_named, option
+from .base import Match, Pass, PassContext, PassOptions, PassResult, Plan, Progress, SkipTally, node_named, option
 
 Method = Literal["alds", "uniform", "energy"]
 ErrorKind = Literal["exact", "bound"]
@@ -237,7 +237,8 @@ class LowRank(Pass):
                                        form, why, judge.summary if judge is not None else ""))
         return tally.plan(self.name, matches, approximate=bool(matches))
 
-    def _tables(self, total: float, sites: list[_Site], progress=None) -> tuple[list[dict[int, Choices]], set[str]]:
+    def _tables(self, total: float, sites: list[_Site], progress: Progress | None = None
+                ) -> tuple[list[dict[int, Choices]], set[str]]:
         """Every site's choices; when the budget cannot be met with the output layers at their output width,
         their minimum rank is lowered just enough (those layers are named, and their matches say so).
         ``progress(done, total)`` after each site's decompositions (the slow part on wide layers)."""
