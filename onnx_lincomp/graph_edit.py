@@ -44,16 +44,21 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     """Whether ``tensor`` is part of the graph's fixed interface: one of its outputs, or a tensor an If / Loop /
     Scan body reads from the outer scope (graphsurgeon lists such a body's nodes among the tensor's consumers,
     but a rewrite of the top-level graph cannot see, and must not change, what the body does with it)."""
-    return any(out is tensor for out in graph.outputs) or tensor.name in subgraph_reads(graph)
+    return _output(graph, tensor) or tensor.name in subgraph_reads(graph)
 
 
 def interface_role(graph: gs.Graph, tensor: gs.Tensor) -> str:
     """How ``tensor`` is part of the fixed interface (for skip reasons): 'a graph output' or 'read inside an
     If/Loop/Scan body'."""
-    return "a graph output" if any(out is tensor for out in graph.outputs) else "read inside an If/Loop/Scan body"
+    return "a graph output" if _output(graph, tensor) else "read inside an If/Loop/Scan body"
 
 
-def _bodies(node: gs.Node):
+def _output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def node_bodies(node: gs.Node):
+    """The graphs a node holds in its attributes (If branches, Loop / Scan bodies)."""
     for value in node.attrs.values():
         for sub in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(sub, gs.Graph):
@@ -65,7 +70,7 @@ def _outer_reads(body: gs.Graph) -> set[str]:
     local = {t.name for t in body.inputs} | {t.name for n in body.nodes for t in n.outputs}
     reads = {t.name for n in body.nodes for t in n.inputs if t.name}
     for node in body.nodes:
-        for inner in _bodies(node):
+        for inner in node_bodies(node):
             reads |= _outer_reads(inner)
     return reads - local
 
@@ -80,7 +85,7 @@ def subgraph_reads(graph: gs.Graph) -> frozenset[str]:
         return cached[1]
     names: set[str] = set()
     for node in graph.nodes:
-        for body in _bodies(node):
+        for body in node_bodies(node):
             names |= _outer_reads(body)
     found = frozenset(names)
     graph.__dict__["_lincomp_subgraph_reads"] = (count, found)

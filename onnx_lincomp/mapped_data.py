@@ -26,6 +26,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from .graph_edit import node_bodies
+
 MARK = "_lincomp_reference"  # attribute of a mapped array: its reference TensorProto
 _CHUNK = 64 << 20
 
@@ -142,11 +144,9 @@ def _nested_tensors(graph: onnx.GraphProto):
 def _subgraphs(graph):
     """The graphsurgeon graphs nested in ``graph``'s node attributes (If/Loop/Scan bodies), recursively."""
     for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if hasattr(sub, "tensors") and hasattr(sub, "nodes"):  # a graphsurgeon Graph
-                    yield sub
-                    yield from _subgraphs(sub)
+        for sub in node_bodies(node):
+            yield sub
+            yield from _subgraphs(sub)
 
 
 def attach(graph, arrays: dict[str, np.ndarray]) -> None:

@@ -70,6 +70,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper
 
+from ..graph_edit import node_bodies
 from ..mapped_data import is_mapped, tensor_array
 from ..model_io import PROTO_LIMIT_BYTES, model_size_bytes, tensor_bytes
 
@@ -395,10 +396,8 @@ def _add_gs_graph(view: _View, graph: gs.Graph, owner: int | None) -> None:
             const = _gs_attr_constant(node.outputs[0].name, node.attrs, here)
             if const is not None:
                 view.consts[const.name] = const
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if isinstance(sub, gs.Graph):
-                    _add_gs_graph(view, sub, here)
+        for sub in node_bodies(node):
+            _add_gs_graph(view, sub, here)
 
 
 def _gs_view(graph: gs.Graph) -> _View:

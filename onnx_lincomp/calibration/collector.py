@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from ..errors import CalibrationDataError, OptionError
+from ..graph_edit import node_bodies
 from ..model_io import ModelContext, refresh_value_info, to_model_proto
 from ..runtime.feeds import feeds_samples, fixed_batch, iterate_feeds, model_feeds
 from ..runtime.session import SessionOptions, SessionScope, ort_message, run_session
@@ -88,14 +89,12 @@ def subgraph_relus(graph: gs.Graph) -> list[tuple[str, str]]:
     """Relus inside If/Loop/Scan bodies: reported as not analysed, never touched."""
     found = []
     for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(sub, gs.Graph):
-                    for inner in sub.nodes:
-                        if inner.op == "Relu":
-                            found.append((inner.name or f"Relu -> {inner.outputs[0].name}",
-                                          f"inside the subgraph of {node.op} '{node.name or node.outputs[0].name}'"))
-                    found.extend(subgraph_relus(sub))
+        for sub in node_bodies(node):
+            for inner in sub.nodes:
+                if inner.op == "Relu":
+                    found.append((inner.name or f"Relu -> {inner.outputs[0].name}",
+                                  f"inside the subgraph of {node.op} '{node.name or node.outputs[0].name}'"))
+            found.extend(subgraph_relus(sub))
     return found
 
 
